@@ -1,0 +1,101 @@
+"""The user-facing SDK: :class:`Client` and :class:`Job`."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TextIO
+
+import torch
+from torch import nn
+
+from psgrid.client.job_client import JobServiceClient
+from psgrid.client.progress import Progress
+from psgrid.errors import JobCancelled, JobFailed
+from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
+
+
+class Job:
+    """A handle on one submitted job."""
+
+    def __init__(self, client: "Client", info: JobInfo):
+        self._client = client
+        self.job_id = info.job_id
+        self.spec = info.spec
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"Job({self.job_id!r}, {self._info.state.value})"
+
+    def status(self) -> JobInfo:
+        """A fresh snapshot from the server."""
+        self._info = self._client._rpc.get(self.job_id)
+        return self._info
+
+    def events(self, from_seq: int = 0, timeout: float | None = None) -> Iterator[JobEvent]:
+        """Progress events (step, loss, samples/s, state changes) until the job ends."""
+        yield from self._client._rpc.watch(self.job_id, from_seq, timeout)
+
+    def cancel(self) -> JobInfo:
+        self._info = self._client._rpc.cancel(self.job_id)
+        return self._info
+
+    def wait(self, timeout: float | None = None, progress: bool = True,
+             stream: TextIO | None = None) -> JobInfo:
+        """Block until the job ends; show progress. Raises JobFailed / JobCancelled."""
+        bar = Progress(self.job_id, stream) if progress else None
+        info = self._info
+        try:
+            for event in self.events(timeout=timeout):
+                info = event.job
+                if bar:
+                    bar.update(info)
+            info = self.status()
+        finally:
+            if bar:
+                bar.close(info)
+        self._info = info
+        if info.state is JobState.FAILED:
+            raise JobFailed(f"job {self.job_id} failed: {info.error}")
+        if info.state is JobState.CANCELLED:
+            raise JobCancelled(f"job {self.job_id} was cancelled")
+        return info
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The job's current parameters, by name (copies; safe to keep)."""
+        pulled = self._client._rpc.fetch(self.job_id)
+        return {k: v.clone() for k, v in pulled.layout.views(pulled.buffer).items()}
+
+    def model(self) -> nn.Module:
+        """The job's model built from its import path, with the trained weights loaded."""
+        from psgrid.worker.loader import build_model
+
+        model = build_model(self.spec)
+        model.load_state_dict(self.state_dict(), strict=False)
+        model.eval()
+        return model
+
+
+class Client:
+    """Talks to a psgrid cluster's JobService at ``address`` ("host:port")."""
+
+    def __init__(self, address: str, timeout: float = 30.0):
+        self.address = address
+        self._rpc = JobServiceClient(address, timeout_s=timeout)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._rpc.close()
+
+    def submit(self, spec: JobSpec) -> Job:
+        return Job(self, self._rpc.submit(spec))
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job; NotFound when there is none."""
+        return Job(self, self._rpc.get(job_id))
+
+    def list_jobs(self) -> list[JobInfo]:
+        return self._rpc.list()

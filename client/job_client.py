@@ -1,0 +1,78 @@
+"""The SDK's side of the JobService: the only gRPC in the client package."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from psgrid import codec, rpc
+from psgrid.codec import Pulled
+from psgrid.spec import JobEvent, JobInfo, JobSpec
+from psgrid.v1 import job_pb2
+from psgrid.v1 import job_service_pb2 as js
+
+_SERVICE = "/psgrid.v1.JobService/"
+
+
+class JobServiceClient:
+    """Typed calls of psgrid.v1.JobService; failures raise psgrid exceptions."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 30.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retry_for_s = retry_for_s
+        self.channel = rpc.make_channel(address)
+        unary = lambda name, req, resp: self.channel.unary_unary(  # noqa: E731
+            _SERVICE + name, request_serializer=req.SerializeToString,
+            response_deserializer=resp.FromString)
+        self._submit = unary("SubmitJob", js.SubmitJobRequest, js.SubmitJobResponse)
+        self._get = unary("GetJob", js.GetJobRequest, js.GetJobResponse)
+        self._cancel = unary("CancelJob", js.CancelJobRequest, js.CancelJobResponse)
+        self._list = unary("ListJobs", js.ListJobsRequest, js.ListJobsResponse)
+        self._watch = self.channel.unary_stream(
+            _SERVICE + "WatchJob", request_serializer=js.WatchJobRequest.SerializeToString,
+            response_deserializer=job_pb2.JobEvent.FromString)
+        self._fetch = self.channel.unary_stream(
+            _SERVICE + "FetchParameters", request_serializer=js.FetchParametersRequest.SerializeToString,
+            response_deserializer=rpc.identity)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, fn, request, retry: bool = True):
+        return rpc.call(fn, request, timeout=self.timeout_s,
+                        retry_for=self.retry_for_s if retry else 0.0)
+
+    def submit(self, spec: JobSpec) -> JobInfo:
+        # Not retried: a lost reply would submit the job twice.
+        reply = self._call(self._submit, js.SubmitJobRequest(spec=codec.spec_to_proto(spec)), retry=False)
+        return codec.info_from_proto(reply.job)
+
+    def get(self, job_id: str) -> JobInfo:
+        return codec.info_from_proto(self._call(self._get, js.GetJobRequest(job_id=job_id)).job)
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return codec.info_from_proto(self._call(self._cancel, js.CancelJobRequest(job_id=job_id)).job)
+
+    def list(self) -> list[JobInfo]:
+        return [codec.info_from_proto(j) for j in self._call(self._list, js.ListJobsRequest()).jobs]
+
+    def watch(self, job_id: str, from_seq: int = 0, timeout_s: float | None = None) -> Iterator[JobEvent]:
+        """Events from ``from_seq`` until the job is terminal (or the deadline)."""
+        stream = self._watch(js.WatchJobRequest(job_id=job_id, from_seq=from_seq), timeout=timeout_s)
+        try:
+            for msg in stream:
+                yield codec.event_from_proto(msg)
+        except grpc.RpcError as exc:
+            raise rpc.to_psgrid_error(exc) from None
+        finally:
+            stream.cancel()
+
+    def fetch(self, job_id: str) -> Pulled:
+        def once(request, timeout):
+            return codec.decode_pull(self._fetch(request, timeout=timeout),
+                                     lambda n: torch.empty(n, dtype=torch.uint8))
+
+        return rpc.call(once, js.FetchParametersRequest(job_id=job_id),
+                        timeout=self.timeout_s + 300.0, retry_for=self.retry_for_s)

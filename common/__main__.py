@@ -1,0 +1,3 @@
+from psgrid.cli import main
+
+main()

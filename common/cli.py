@@ -1,0 +1,270 @@
+"""The ``psgrid`` command: one entry point, a subcommand per role or action.
+
+Precedence: defaults < config file (``--config``) < flags. Only this module
+reads the environment (``PSGRID_SERVER``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from psgrid import __version__
+from psgrid.log import setup_logging
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7070
+
+
+def _server_address(args: argparse.Namespace) -> str:
+    return args.server or os.environ.get("PSGRID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}"
+
+
+# --- psgrid server / worker ---------------------------------------------------------
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from psgrid.server.app import serve
+    from psgrid.server.config import ServerConfig
+
+    config = ServerConfig.load(
+        args.config, host=args.host, port=args.port, port_file=args.port_file,
+        update_log=args.update_log, max_payload_bytes=args.max_payload_bytes,
+    )
+    serve(config)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from psgrid.worker.device import default_threads, set_threads
+    from psgrid.worker.ps_client import ParameterServerClient
+    from psgrid.worker.runner import Worker
+
+    set_threads(args.threads or default_threads(args.local_workers))
+    client = ParameterServerClient(_server_address(args))
+    worker = Worker(client, device=args.device, name=args.name)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop.set())
+    try:
+        worker.run()
+    finally:
+        client.close()
+    return 0
+
+
+# --- psgrid submit / jobs / job / cancel ----------------------------------------------
+
+
+def _spec_from_args(args: argparse.Namespace):
+    from psgrid.spec import JobSpec
+
+    if args.example:
+        from psgrid.examples import spec_path
+
+        data = _toml(spec_path(args.example))
+    elif args.spec:
+        data = _toml(args.spec)
+    else:
+        data = {}
+    flags = {
+        "name": args.name, "model": args.model, "dataset": args.dataset,
+        "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
+        "num_workers": args.workers, "seed": args.seed, "device": args.device,
+    }
+    if args.epochs is not None and args.steps is None:
+        flags["steps"] = 0
+    if args.steps is not None and args.epochs is None:
+        flags["epochs"] = 0
+    data.update({k: v for k, v in flags.items() if v is not None})
+    for key in ("model_kwargs", "dataset_kwargs"):
+        value = getattr(args, key)
+        if value is not None:
+            data[key] = json.loads(value)
+    if args.staleness is not None:
+        data["staleness"] = args.staleness if args.staleness in ("inf", "async") else int(args.staleness)
+    opt = dict(data.get("optimizer", {}))
+    for key in ("lr", "momentum", "weight_decay"):
+        if getattr(args, key) is not None:
+            opt[key] = getattr(args, key)
+    if args.optimizer:
+        opt["name"] = args.optimizer
+    data["optimizer"] = opt
+    return JobSpec.from_dict(data)
+
+
+def _toml(path) -> dict:
+    from psgrid.spec import tomllib
+
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def _print_result(info) -> None:
+    from psgrid.client.progress import describe
+
+    print(f"{info.job_id}: {describe(info)}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from psgrid.client import Client
+
+    spec = _spec_from_args(args)
+    with Client(_server_address(args)) as client:
+        job = client.submit(spec)
+        print(job.job_id)
+        if args.wait:
+            _print_result(job.wait())
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from psgrid.client import Client
+    from psgrid.client.progress import describe
+
+    with Client(_server_address(args)) as client:
+        jobs = client.list_jobs()
+    if args.json:
+        print(json.dumps([_info_json(j) for j in jobs], indent=2))
+        return 0
+    print(f"{'JOB':<16} {'NAME':<20} {'STATE':<11} PROGRESS")
+    for j in jobs:
+        print(f"{j.job_id:<16} {j.spec.name[:20]:<20} {j.state.value:<11} {describe(j)}")
+    return 0
+
+
+def _info_json(info) -> dict:
+    import dataclasses
+
+    out = dataclasses.asdict(info)
+    out["state"] = info.state.value
+    return out
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from psgrid.client import Client
+
+    with Client(_server_address(args)) as client:
+        info = client.job(args.job_id).status()
+    print(json.dumps(_info_json(info), indent=2, default=str))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from psgrid.client import Client
+
+    with Client(_server_address(args)) as client:
+        _print_result(client.job(args.job_id).cancel())
+    return 0
+
+
+# --- psgrid demo ----------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from psgrid.client import Client
+    from psgrid.examples import spec_path
+    from psgrid.local import LocalCluster
+    from psgrid.spec import JobSpec
+
+    spec = JobSpec.from_toml(spec_path(args.example)).replace(num_workers=args.workers)
+    print(f"starting a parameter server and {args.workers} workers (logs in {args.run_dir}/)")
+    with LocalCluster(args.run_dir, workers=args.workers) as cluster:
+        print(f"server listening on {cluster.address}; submitting {spec.name}")
+        with Client(cluster.address) as client:
+            job = client.submit(spec)
+            info = job.wait()
+    _print_result(info)
+    for name, value in sorted(info.metrics.items()):
+        print(f"{name}: {value:.4f}")
+    return 0
+
+
+# --- argument parsing -------------------------------------------------------------------------
+
+
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="job spec TOML file")
+    p.add_argument("--example", help="a packaged example spec: digits, linear")
+    p.add_argument("--name")
+    p.add_argument("--model", help="model factory, package.module:function")
+    p.add_argument("--model-kwargs", help="JSON object of model factory arguments")
+    p.add_argument("--dataset", help="dataset factory, package.module:function")
+    p.add_argument("--dataset-kwargs", help="JSON object of dataset factory arguments")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--batch-size", type=int, help="per-worker mini-batch")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps", type=int, help="gradient pushes per worker")
+    p.add_argument("--staleness", help="0 = synchronous, N = SSP bound, inf = asynchronous")
+    p.add_argument("--workers", type=int, help="number of workers")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="psgrid", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"psgrid {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("server", help="run a parameter server")
+    p.add_argument("--config", help="TOML file with a [server] table")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help=f"port to bind (default 0 = any free port; try {DEFAULT_PORT})")
+    p.add_argument("--port-file", help="write the bound port to this file")
+    p.add_argument("--update-log", help="append a JSON line per accepted gradient push")
+    p.add_argument("--max-payload-bytes", type=int, help="largest parameter set one job may hold")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("worker", help="run a worker that trains jobs from a server")
+    p.add_argument("--server", help=f"HOST:PORT of the parameter server (env PSGRID_SERVER)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, help="torch threads (default: cores / --local-workers)")
+    p.add_argument("--local-workers", type=int, default=1, help="workers sharing this machine")
+    p.add_argument("--name", default="", help="a name for logs (default host-pid)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="submit a training job")
+    p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
+    _add_job_flags(p)
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, helptext in [("jobs", cmd_jobs, "list jobs"), ("job", cmd_job, "show one job"),
+                                 ("cancel", cmd_cancel, "cancel a job")]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
+        if name == "jobs":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("job_id")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="start a local cluster and train an example end to end")
+    p.add_argument("--example", default="digits")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--run-dir", default=".psgrid/demo", help="where the processes' logs go")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    from psgrid.errors import PsgridError
+
+    try:
+        code = args.func(args)
+    except PsgridError as exc:
+        print(f"psgrid: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,429 @@
+"""The one converter: tensors and job specs between Python and protobuf.
+
+Tensor sets travel as a header (:class:`Layout`: names, dtypes, shapes, byte
+offsets) followed by the raw little-endian payload, sliced into stream frames
+of at most ``CHUNK_BYTES``. Each chunk frame is a valid protobuf message
+(``PushRequest``/``PullResponse`` with the ``chunk`` field set), but psgrid
+encodes and decodes it by hand: one copy of the payload on send (a
+``bytes.join``), none on receive (a memoryview into the received message).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from psgrid.errors import (
+    DtypeMismatch,
+    InvalidSpec,
+    MalformedPayload,
+    PayloadTooLarge,
+    ShapeMismatch,
+)
+from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState, OptimizerSpec
+from psgrid.v1 import job_pb2, parameter_server_pb2, tensor_pb2
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("psgrid's wire format is little-endian; this host is big-endian")
+
+#: Payload bytes per stream frame; stays under gRPC's 4 MiB default message limit.
+CHUNK_BYTES = 2 << 20
+#: Every tensor's payload offset is a multiple of this (so views of any dtype align).
+ALIGN = 64
+#: Most tensors one set may declare.
+MAX_TENSORS = 100_000
+
+_DTYPES: list[tuple[int, torch.dtype]] = [
+    (tensor_pb2.DTYPE_FLOAT32, torch.float32),
+    (tensor_pb2.DTYPE_FLOAT64, torch.float64),
+    (tensor_pb2.DTYPE_FLOAT16, torch.float16),
+    (tensor_pb2.DTYPE_BFLOAT16, torch.bfloat16),
+    (tensor_pb2.DTYPE_INT8, torch.int8),
+    (tensor_pb2.DTYPE_INT16, torch.int16),
+    (tensor_pb2.DTYPE_INT32, torch.int32),
+    (tensor_pb2.DTYPE_INT64, torch.int64),
+    (tensor_pb2.DTYPE_UINT8, torch.uint8),
+    (tensor_pb2.DTYPE_BOOL, torch.bool),
+]
+TORCH_BY_PROTO = dict(_DTYPES)
+PROTO_BY_TORCH = {t: p for p, t in _DTYPES}
+SUPPORTED_DTYPES = tuple(t for _, t in _DTYPES)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMeta:
+    """Where one named tensor lives inside a payload."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """An ordered set of named tensors packed into one byte payload."""
+
+    tensors: tuple[TensorMeta, ...]
+    total_bytes: int
+
+    @classmethod
+    def of(cls, named: Iterable[tuple[str, torch.dtype, Iterable[int]]]) -> "Layout":
+        """Lay out (name, dtype, shape) triples densely, each at an aligned offset."""
+        metas, offset = [], 0
+        for name, dtype, shape in named:
+            if dtype not in PROTO_BY_TORCH:
+                raise DtypeMismatch(f"tensor {name!r}: dtype {dtype} is not supported")
+            shape = tuple(int(d) for d in shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            metas.append(TensorMeta(name, dtype, shape, offset, nbytes))
+            offset = _aligned(offset + nbytes)
+        return cls(tuple(metas), offset)
+
+    @classmethod
+    def of_tensors(cls, named: Iterable[tuple[str, torch.Tensor]]) -> "Layout":
+        return cls.of((n, t.dtype, t.shape) for n, t in named)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.tensors]
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed, shaped views into a uint8 buffer of at least ``total_bytes``."""
+        out = {}
+        for m in self.tensors:
+            raw = flat[m.offset : m.offset + m.nbytes]
+            out[m.name] = raw.view(m.dtype).view(m.shape)
+        return out
+
+    def pack(self, named: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy tensors into a (new or given) uint8 CPU buffer laid out as self."""
+        if out is None:
+            out = torch.zeros(self.total_bytes, dtype=torch.uint8)
+        for name, view in self.views(out).items():
+            view.copy_(named[name])
+        return out
+
+    def check_matches(self, other: "Layout") -> None:
+        """Raise unless ``other`` names the same tensors, dtypes and shapes in order."""
+        if len(other.tensors) != len(self.tensors):
+            raise ShapeMismatch(
+                f"expected {len(self.tensors)} tensors, got {len(other.tensors)}"
+            )
+        for mine, theirs in zip(self.tensors, other.tensors):
+            if mine.name != theirs.name:
+                raise ShapeMismatch(f"expected tensor {mine.name!r}, got {theirs.name!r}")
+            if mine.dtype != theirs.dtype:
+                raise DtypeMismatch(
+                    f"tensor {mine.name!r}: expected {mine.dtype}, got {theirs.dtype}"
+                )
+            if mine.shape != theirs.shape:
+                raise ShapeMismatch(
+                    f"tensor {mine.name!r}: expected shape {list(mine.shape)}, got {list(theirs.shape)}"
+                )
+
+
+# --- tensor sets <-> protobuf -------------------------------------------------
+
+
+def layout_to_proto(layout: Layout) -> tensor_pb2.TensorSetHeader:
+    return tensor_pb2.TensorSetHeader(
+        tensors=[
+            tensor_pb2.TensorSpec(
+                name=m.name, dtype=PROTO_BY_TORCH[m.dtype], shape=m.shape,
+                offset=m.offset, nbytes=m.nbytes,
+            )
+            for m in layout.tensors
+        ],
+        total_bytes=layout.total_bytes,
+    )
+
+
+def layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layout:
+    """Validate a declared tensor set before a byte of its payload is allocated.
+
+    Raises MalformedPayload/DtypeMismatch for an inconsistent header and
+    PayloadTooLarge when it declares more than ``max_bytes``.
+    """
+    if len(msg.tensors) > MAX_TENSORS:
+        raise PayloadTooLarge(f"{len(msg.tensors)} tensors declared, limit {MAX_TENSORS}")
+    if msg.total_bytes > max_bytes:
+        raise PayloadTooLarge(f"payload of {msg.total_bytes} bytes declared, limit {max_bytes}")
+    metas, end, names = [], 0, set()
+    for spec in msg.tensors:
+        dtype = TORCH_BY_PROTO.get(spec.dtype)
+        if dtype is None:
+            raise DtypeMismatch(f"tensor {spec.name!r}: unknown dtype {spec.dtype}")
+        if not spec.name or spec.name in names:
+            raise MalformedPayload(f"tensor names must be unique and non-empty: {spec.name!r}")
+        names.add(spec.name)
+        if any(d < 0 for d in spec.shape):
+            raise MalformedPayload(f"tensor {spec.name!r}: negative dimension in {list(spec.shape)}")
+        numel = math.prod(spec.shape)
+        if numel * dtype.itemsize > max_bytes:
+            raise PayloadTooLarge(f"tensor {spec.name!r} of shape {list(spec.shape)} is over the limit")
+        if spec.nbytes != numel * dtype.itemsize:
+            raise MalformedPayload(
+                f"tensor {spec.name!r}: {spec.nbytes} bytes declared for shape "
+                f"{list(spec.shape)} of {dtype} ({numel * dtype.itemsize} expected)"
+            )
+        if spec.offset % ALIGN or spec.offset < end:
+            raise MalformedPayload(f"tensor {spec.name!r}: bad offset {spec.offset}")
+        end = spec.offset + spec.nbytes
+        metas.append(TensorMeta(spec.name, dtype, tuple(spec.shape), spec.offset, spec.nbytes))
+    if msg.total_bytes < end:
+        raise MalformedPayload(f"total_bytes {msg.total_bytes} is shorter than the tensors ({end})")
+    return Layout(tuple(metas), msg.total_bytes)
+
+
+# --- stream frames --------------------------------------------------------------
+
+_CHUNK_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def chunk_frames(flat: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Slice a contiguous uint8 CPU buffer into serialized ``chunk`` frames."""
+    view = memoryview(flat.numpy()) if flat.numel() else memoryview(b"")
+    for start in range(0, len(view), chunk_bytes):
+        piece = view[start : start + chunk_bytes]
+        yield b"".join((bytes((_CHUNK_TAG,)), _varint(len(piece)), piece))
+
+
+def chunk_payload(frame: bytes) -> memoryview | None:
+    """The payload slice of a serialized chunk frame, or None for any other frame.
+
+    Recognises exactly ``tag(chunk) varint(len) bytes``, which is what every
+    protobuf encoder emits for a message whose only field is ``chunk``.
+    """
+    if not frame or frame[0] != _CHUNK_TAG:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(frame) and pos <= 10:
+        byte = frame[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    if pos + length != len(frame):
+        return None
+    return memoryview(frame)[pos:]
+
+
+class PayloadAssembler:
+    """Copies arriving chunks into a buffer; checks the byte count against the layout."""
+
+    def __init__(self, layout: Layout, buffer: torch.Tensor):
+        if buffer.numel() < layout.total_bytes:
+            raise ValueError("buffer is smaller than the layout")
+        self.layout = layout
+        self._dst = buffer.numpy() if buffer.numel() else None
+        self.received = 0
+
+    def feed(self, payload: memoryview | bytes) -> None:
+        end = self.received + len(payload)
+        if end > self.layout.total_bytes:
+            raise MalformedPayload(
+                f"payload longer than the {self.layout.total_bytes} bytes its header declared"
+            )
+        if len(payload):
+            self._dst[self.received : end] = memoryview(payload)
+        self.received = end
+
+    def finish(self) -> None:
+        if self.received != self.layout.total_bytes:
+            raise MalformedPayload(
+                f"payload ended after {self.received} of {self.layout.total_bytes} declared bytes"
+            )
+
+
+# --- pull and push streams ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pulled:
+    """A decoded pull: the weights of ``version`` in ``buffer`` (None once the job is over)."""
+
+    state: JobState
+    version: int
+    step: int
+    layout: Layout | None
+    buffer: torch.Tensor | None
+
+
+def encode_pull(state: JobState, version: int, step: int,
+                layout: Layout | None, payload: torch.Tensor | None) -> Iterator[bytes]:
+    """Frames of a pull stream: the header, then the payload (if any) in chunks."""
+    header = parameter_server_pb2.PullHeader(job_state=state_to_proto(state), version=version, step=step)
+    if layout is not None:
+        header.tensors.CopyFrom(layout_to_proto(layout))
+    yield parameter_server_pb2.PullResponse(header=header).SerializeToString()
+    if layout is not None and payload is not None:
+        yield from chunk_frames(payload[: layout.total_bytes])
+
+
+def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tensor],
+                max_bytes: int = 1 << 62) -> Pulled:
+    """Read a pull stream; the payload lands in ``buffer_for(total_bytes)``."""
+    frames = iter(frames)
+    first = next(frames, None)
+    msg = parameter_server_pb2.PullResponse.FromString(first) if first is not None else None
+    if msg is None or msg.WhichOneof("frame") != "header":
+        raise MalformedPayload("a pull stream starts with its header frame")
+    h = msg.header
+    state = state_from_proto(h.job_state) or JobState.RUNNING
+    if not h.HasField("tensors"):
+        return Pulled(state, h.version, h.step, None, None)
+    layout = layout_from_proto(h.tensors, max_bytes)
+    buffer = buffer_for(layout.total_bytes)
+    assembler = PayloadAssembler(layout, buffer)
+    for piece in payload_pieces(frames, parameter_server_pb2.PullResponse):
+        assembler.feed(piece)
+    assembler.finish()
+    return Pulled(state, h.version, h.step, layout, buffer)
+
+
+def encode_push(header: parameter_server_pb2.PushHeader, payload: torch.Tensor,
+                chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Frames of a push stream: ``header`` (with its tensors set), then the payload."""
+    yield parameter_server_pb2.PushRequest(header=header).SerializeToString()
+    yield from chunk_frames(payload[: header.tensors.total_bytes], chunk_bytes)
+
+
+def decode_push_header(first: bytes | None) -> parameter_server_pb2.PushHeader:
+    msg = None
+    if first is not None and chunk_payload(first) is None:
+        msg = parameter_server_pb2.PushRequest.FromString(first)
+    if msg is None or msg.WhichOneof("frame") != "header":
+        raise MalformedPayload("a push starts with its header frame")
+    return msg.header
+
+
+def payload_pieces(frames: Iterable[bytes], message_cls) -> Iterator[memoryview]:
+    """The payload slices of the chunk frames after a stream's header."""
+    for frame in frames:
+        piece = chunk_payload(frame)
+        if piece is None:  # encoded by some other protobuf library: parse it fully
+            msg = message_cls.FromString(frame)
+            if msg.WhichOneof("frame") != "chunk":
+                raise MalformedPayload("a stream carries one header, in its first frame")
+            piece = memoryview(msg.chunk)
+        yield piece
+
+
+# --- job specs and job info <-> protobuf ------------------------------------
+
+_STATE_TO_PROTO = {s: getattr(job_pb2, f"JOB_STATE_{s.value}") for s in JobState}
+_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
+
+
+def state_to_proto(state: JobState) -> int:
+    return _STATE_TO_PROTO[state]
+
+
+def state_from_proto(value: int) -> JobState | None:
+    return _STATE_FROM_PROTO.get(value)
+
+
+def spec_to_proto(spec: JobSpec) -> job_pb2.JobSpec:
+    opt = spec.optimizer
+    msg = job_pb2.JobSpec(
+        name=spec.name, model=spec.model, model_kwargs_json=json.dumps(spec.model_kwargs),
+        dataset=spec.dataset, dataset_kwargs_json=json.dumps(spec.dataset_kwargs),
+        optimizer=job_pb2.OptimizerSpec(
+            name=opt.name, lr=opt.lr, momentum=opt.momentum, dampening=opt.dampening,
+            nesterov=opt.nesterov, weight_decay=opt.weight_decay,
+            beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps,
+        ),
+        batch_size=spec.batch_size, epochs=spec.epochs, steps=spec.steps,
+        num_workers=spec.num_workers, seed=spec.seed, device=spec.device,
+    )
+    if spec.staleness is not None:
+        msg.staleness = spec.staleness
+    return msg
+
+
+def _kwargs(text: str, field: str) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidSpec(f"{field} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidSpec(f"{field} must be a JSON object")
+    return value
+
+
+def spec_from_proto(msg: job_pb2.JobSpec) -> JobSpec:
+    """Raises InvalidSpec for any value out of range."""
+    o = msg.optimizer
+    defaults = OptimizerSpec()
+    optimizer = OptimizerSpec(
+        name=o.name or defaults.name, lr=o.lr or defaults.lr, momentum=o.momentum,
+        dampening=o.dampening, nesterov=o.nesterov, weight_decay=o.weight_decay,
+        betas=(o.beta1 or defaults.betas[0], o.beta2 or defaults.betas[1]),
+        eps=o.eps or defaults.eps,
+    )
+    return JobSpec(
+        name=msg.name, model=msg.model, dataset=msg.dataset,
+        model_kwargs=_kwargs(msg.model_kwargs_json, "model_kwargs"),
+        dataset_kwargs=_kwargs(msg.dataset_kwargs_json, "dataset_kwargs"),
+        optimizer=optimizer, batch_size=msg.batch_size, epochs=msg.epochs, steps=msg.steps,
+        staleness=msg.staleness if msg.HasField("staleness") else None,
+        num_workers=msg.num_workers, seed=msg.seed, device=msg.device,
+    )
+
+
+def info_to_proto(info: JobInfo) -> job_pb2.JobInfo:
+    return job_pb2.JobInfo(
+        job_id=info.job_id, spec=spec_to_proto(info.spec), state=state_to_proto(info.state),
+        step=info.step, total_steps=info.total_steps, version=info.version,
+        loss=info.loss, samples_per_sec=info.samples_per_sec, metrics=info.metrics,
+        error=info.error, worker_ids=info.worker_ids,
+        created_unix=info.created_unix, updated_unix=info.updated_unix,
+    )
+
+
+def info_from_proto(msg: job_pb2.JobInfo) -> JobInfo:
+    return JobInfo(
+        job_id=msg.job_id, spec=spec_from_proto(msg.spec),
+        state=state_from_proto(msg.state) or JobState.PENDING,
+        step=msg.step, total_steps=msg.total_steps, version=msg.version, loss=msg.loss,
+        samples_per_sec=msg.samples_per_sec, metrics=dict(msg.metrics), error=msg.error,
+        worker_ids=tuple(msg.worker_ids), created_unix=msg.created_unix,
+        updated_unix=msg.updated_unix,
+    )
+
+
+def event_to_proto(event: JobEvent) -> job_pb2.JobEvent:
+    return job_pb2.JobEvent(
+        seq=event.seq, time_unix=event.time_unix, kind=event.kind, job=info_to_proto(event.job)
+    )
+
+
+def event_from_proto(msg: job_pb2.JobEvent) -> JobEvent:
+    return JobEvent(seq=msg.seq, time_unix=msg.time_unix, kind=msg.kind, job=info_from_proto(msg.job))

@@ -1,0 +1,107 @@
+"""Start a parameter server and workers as local child processes, and stop them.
+
+Used by ``psgrid demo``, the integration tests and the benchmarks. Each child
+is a real ``python -m psgrid`` process in its own session; the server reports
+its bound port through a port file, so nothing guesses a free port.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from psgrid.worker.device import default_threads
+
+
+class LocalCluster:
+    """A server and ``workers`` worker processes on loopback. Use as a context manager."""
+
+    def __init__(self, run_dir: str | os.PathLike, workers: int = 2, threads: int | None = None,
+                 server_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (),
+                 log_level: str = "INFO"):
+        self.run_dir = pathlib.Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.n_workers = workers
+        self.threads = threads or default_threads(max(1, workers))
+        self.server_args = tuple(server_args)
+        self.worker_args = tuple(worker_args)
+        self.log_level = log_level
+        self.server: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.run_dir / f"{name}.log", "wb")
+        cmd = [sys.executable, "-m", "psgrid", "--log-level", self.log_level, *args]
+        try:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+
+    def start_server(self, timeout: float = 60.0) -> None:
+        port_file = self.run_dir / "server.port"
+        port_file.unlink(missing_ok=True)
+        self.server = self._spawn("server", "server", "--host", "127.0.0.1", "--port", "0",
+                                  "--port-file", str(port_file), *self.server_args)
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.server.poll() is not None:
+                raise RuntimeError(f"server exited with {self.server.returncode}; see {self.run_dir}/server.log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server did not report its port within {timeout}s")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+
+    def start_worker(self) -> subprocess.Popen:
+        index = len(self.workers)
+        proc = self._spawn(f"worker{index}", "worker", "--server", self.address,
+                           "--threads", str(self.threads), *self.worker_args)
+        self.workers.append(proc)
+        return proc
+
+    def start(self) -> "LocalCluster":
+        self.start_server()
+        for _ in range(self.n_workers):
+            self.start_worker()
+        return self
+
+    def processes(self) -> list[subprocess.Popen]:
+        return [p for p in [*self.workers, self.server] if p is not None]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every child (workers first), SIGKILL whatever outlives ``grace``."""
+        procs = self.processes()
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,127 @@
+"""gRPC plumbing shared by every service and client: the one error table,
+channels, raw-bytes serializers and retries.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from psgrid.backoff import Backoff
+from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, DeadlineExceeded, PsgridError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Trailing-metadata key naming the precise psgrid error class.
+ERROR_KEY = "psgrid-error"
+#: Status codes a call may be retried on: the request never took effect, or the
+#: protocol makes the retry harmless (pushes are deduplicated by seq).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def identity(data: bytes) -> bytes:
+    """Serializer for frames that psgrid encodes and decodes itself."""
+    return data
+
+
+def status_of(error: PsgridError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.code]
+
+
+def _abort(context: grpc.ServicerContext, error: PsgridError) -> None:
+    context.set_trailing_metadata(((ERROR_KEY, type(error).__name__),))
+    context.abort(status_of(error), str(error))
+
+
+def translate_errors(method: Callable) -> Callable:
+    """Turn psgrid errors raised by a servicer method into gRPC statuses.
+
+    Works for unary and streaming (generator) methods. Unexpected exceptions
+    are logged once here and become INTERNAL.
+    """
+    name = method.__qualname__
+
+    def handle(exc: BaseException, context: grpc.ServicerContext) -> None:
+        if isinstance(exc, PsgridError):
+            logger.debug("%s: %s: %s", name, type(exc).__name__, exc)
+            _abort(context, exc)
+        logger.exception("%s failed", name)
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status
+                handle(exc, context)
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status
+            handle(exc, context)
+    return wrapper
+
+
+def to_psgrid_error(error: grpc.RpcError) -> PsgridError:
+    """The psgrid exception for a failed call: the precise class when named."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    cls = None
+    for key, value in (error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else ():
+        if key == ERROR_KEY:
+            cls = ERRORS_BY_NAME.get(value)
+    if cls is None or cls.code != code.name:
+        cls = ERROR_BY_CODE.get(code.name, PsgridError)
+    exc = cls(details or code.name)
+    exc.grpc_code = code
+    return exc
+
+
+def make_channel(address: str, options: list | None = None) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *(options or [])])
+
+
+def call(fn: Callable[..., T], *args, timeout: float, retry_for: float = 0.0,
+         backoff: Backoff | None = None, retry_codes=RETRYABLE, **kwargs) -> T:
+    """Call a stub method with a deadline; retry retryable codes for ``retry_for`` s.
+
+    Raises the matching psgrid exception when the call fails for good.
+    """
+    backoff = backoff or Backoff(initial=0.05, maximum=2.0)
+    give_up = time.monotonic() + retry_for
+    while True:
+        try:
+            return fn(*args, timeout=timeout, **kwargs)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            delay = backoff.next_delay()
+            if code in retry_codes and time.monotonic() + delay < give_up:
+                logger.debug("retrying %s after %s in %.2fs", getattr(fn, "__name__", fn), code, delay)
+                time.sleep(delay)
+                continue
+            raise to_psgrid_error(exc) from None
+
+
+def wait_for_ready(channel: grpc.Channel, timeout: float) -> None:
+    """Block until the channel connects; DeadlineExceeded when it does not."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise DeadlineExceeded(f"no server answered within {timeout:.0f}s") from None

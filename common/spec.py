@@ -1,0 +1,195 @@
+"""The vocabulary of jobs: what a user submits and the states a job moves through.
+
+Pure Python; :mod:`psgrid.codec` converts these to and from protobuf.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import pathlib
+import re
+import sys
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from psgrid.errors import InvalidSpec
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_DEVICE = re.compile(r"^(|auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class JobState(str, enum.Enum):
+    """Life of a job.
+
+    PENDING -> RUNNING -> EVALUATING -> SUCCEEDED; any non-terminal state can
+    go to FAILED or CANCELLED. Terminal states never change again.
+    """
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    EVALUATING = "EVALUATING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """A server-side optimizer with torch.optim's defaults and semantics."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise InvalidSpec(f"optimizer {self.name!r} is not one of {OPTIMIZERS}")
+        if not self.lr > 0:
+            raise InvalidSpec(f"optimizer lr must be > 0, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0 or self.dampening < 0:
+            raise InvalidSpec("momentum, dampening and weight_decay must be >= 0")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise InvalidSpec("nesterov needs momentum > 0 and dampening 0")
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise InvalidSpec(f"betas must lie in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise InvalidSpec(f"eps must be > 0, got {self.eps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A training job. Model and dataset are ``package.module:factory`` import paths.
+
+    ``batch_size`` is per worker. Exactly one of ``epochs`` and ``steps`` is set:
+    ``steps`` counts each worker's pushes, ``epochs`` passes over its shard.
+    ``staleness``: 0 synchronous (BSP), n > 0 stale-synchronous (SSP), None
+    asynchronous.
+    """
+
+    model: str
+    dataset: str
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dataset_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optimizer: OptimizerSpec = dataclasses.field(default_factory=OptimizerSpec)
+    batch_size: int = 32
+    epochs: int = 0
+    steps: int = 0
+    staleness: int | None = 0
+    num_workers: int = 1
+    seed: int = 0
+    name: str = ""
+    device: str = ""
+
+    def __post_init__(self) -> None:
+        for field in ("model", "dataset"):
+            value = getattr(self, field)
+            if not _IMPORT_PATH.match(value or ""):
+                raise InvalidSpec(f"{field} must be 'package.module:factory', got {value!r}")
+        for field in ("model_kwargs", "dataset_kwargs"):
+            value = getattr(self, field)
+            if not isinstance(value, dict):
+                raise InvalidSpec(f"{field} must be a mapping, got {type(value).__name__}")
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidSpec(f"{field} must be JSON-serialisable: {exc}") from None
+        if self.batch_size < 1:
+            raise InvalidSpec(f"batch_size must be >= 1, got {self.batch_size}")
+        if (self.epochs > 0) == (self.steps > 0) or self.epochs < 0 or self.steps < 0:
+            raise InvalidSpec(
+                f"set exactly one of epochs and steps (> 0), got epochs={self.epochs} steps={self.steps}"
+            )
+        if self.staleness is not None and self.staleness < 0:
+            raise InvalidSpec(f"staleness must be >= 0 or None, got {self.staleness}")
+        if not 1 <= self.num_workers <= 4096:
+            raise InvalidSpec(f"num_workers must be in 1..4096, got {self.num_workers}")
+        if not 0 <= self.seed < 2**63:
+            raise InvalidSpec(f"seed must be in [0, 2**63), got {self.seed}")
+        if not _DEVICE.match(self.device):
+            raise InvalidSpec(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def synchronous(self) -> bool:
+        return self.staleness == 0
+
+    def replace(self, **changes: Any) -> "JobSpec":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        """Build a spec from a plain mapping (a parsed TOML file, say)."""
+        data = dict(data)
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidSpec(f"unknown job spec keys: {sorted(unknown)}")
+        opt = data.pop("optimizer", {})
+        if isinstance(opt, str):
+            opt = {"name": opt}
+        opt = dict(opt)
+        if "betas" in opt:
+            opt["betas"] = tuple(opt["betas"])
+        unknown = set(opt) - {f.name for f in dataclasses.fields(OptimizerSpec)}
+        if unknown:
+            raise InvalidSpec(f"unknown optimizer keys: {sorted(unknown)}")
+        staleness = data.get("staleness", 0)
+        if isinstance(staleness, str):
+            if staleness.lower() not in ("inf", "async", "none", "unbounded"):
+                raise InvalidSpec(f"staleness must be an integer or 'inf', got {staleness!r}")
+            data["staleness"] = None
+        return cls(optimizer=OptimizerSpec(**opt), **data)
+
+    @classmethod
+    def from_toml(cls, path: str | pathlib.Path) -> "JobSpec":
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+
+@dataclasses.dataclass(frozen=True)
+class JobInfo:
+    """A snapshot of one job as the server sees it."""
+
+    job_id: str
+    spec: JobSpec
+    state: JobState
+    step: int = 0
+    total_steps: int = 0
+    version: int = 0
+    loss: float = float("nan")
+    samples_per_sec: float = 0.0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: str = ""
+    worker_ids: tuple[str, ...] = ()
+    created_unix: float = 0.0
+    updated_unix: float = 0.0
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        if self.state is JobState.SUCCEEDED:
+            return 1.0
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's progress log: ``kind`` is submitted, state, progress or metrics."""
+
+    seq: int
+    time_unix: float
+    kind: str
+    job: JobInfo

@@ -1,0 +1,1 @@
+"""The parameter server: holds each job's parameters and applies pushed gradients."""

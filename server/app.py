@@ -1,0 +1,80 @@
+"""Run a parameter-server process: the gRPC server, health, signals, shutdown."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from psgrid.server.config import ServerConfig
+from psgrid.server.core import ParameterServerCore
+from psgrid.server.service import handlers
+
+logger = logging.getLogger(__name__)
+
+SERVICES = ("psgrid.v1.ParameterServer", "psgrid.v1.JobService")
+
+
+def write_port_file(path: str, port: int) -> None:
+    """Publish the bound port atomically: readers never see a partial file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ParameterServerApp:
+    """A started gRPC server around one core; ``port`` is the bound port."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.core = ParameterServerCore(config)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_rpc_threads, thread_name_prefix="ps-rpc"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        self.server.add_generic_rpc_handlers(handlers(self.core))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def start(self) -> "ParameterServerApp":
+        self.server.start()
+        for name in ("", *SERVICES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.port_file:
+            write_port_file(self.config.port_file, self.port)
+        logger.info("[ps] serving on %s", self.address)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Go NOT_SERVING, let in-flight calls finish within ``grace``, then stop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.core.close()
+        logger.info("[ps] stopped")
+
+
+def serve(config: ServerConfig, stop: threading.Event | None = None, grace: float = 5.0) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set)."""
+    stop = stop or threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    app = ParameterServerApp(config).start()
+    try:
+        stop.wait()
+    finally:
+        app.stop(grace)

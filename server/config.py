@@ -1,0 +1,56 @@
+"""Parameter-server configuration: defaults < TOML file < command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything a parameter-server process is started with."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    #: Largest parameter set one job may declare; larger is RESOURCE_EXHAUSTED.
+    max_payload_bytes: int = 4 << 30
+    heartbeat_interval_s: float = 1.0
+    #: A worker silent this long is not given new jobs.
+    heartbeat_timeout_s: float = 10.0
+    #: Longest a pull waits for the consistency model before answering ABORTED.
+    pull_wait_s: float = 30.0
+    #: gRPC handler threads: every waiting pull and watch holds one.
+    max_rpc_threads: int = 64
+    #: Write the bound port here once serving (atomically).
+    port_file: str | None = None
+    #: Append one JSON line per accepted gradient push here.
+    update_log: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_payload_bytes <= 0:
+            raise ValueError(f"max_payload_bytes must be > 0, got {self.max_payload_bytes}")
+        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
+        if self.pull_wait_s <= 0 or self.max_rpc_threads < 4:
+            raise ValueError("pull_wait_s must be > 0 and max_rpc_threads >= 4")
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path | None = None, **overrides: Any) -> "ServerConfig":
+        """Defaults, then the ``[server]`` table of a TOML file, then non-None overrides."""
+        values: dict[str, Any] = {}
+        if path:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f).get("server", {}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown server config keys: {sorted(unknown)}")
+        return cls(**values)

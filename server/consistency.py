@@ -1,0 +1,93 @@
+"""The consistency model: which worker may compute which step, and when.
+
+One knob, ``staleness``:
+
+* ``0`` (BSP): the gradients of every active worker for step t are averaged
+  and applied once; a worker may compute step t+1 only after that.
+* ``s > 0`` (SSP): each push is applied on arrival; a worker may compute step
+  c only while ``c <= global_step + s``, where the global step is the slowest
+  active worker's clock.
+* ``None`` (asynchronous): each push is applied on arrival; nobody waits.
+
+A worker's *clock* is the number of its pushes the server has accepted; the
+push for step c carries ``seq = c``. Pure logic, no locks: the caller holds
+the job's lock.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from psgrid.errors import FailedPrecondition, MalformedPayload
+
+
+class StepClock:
+    """Per-worker clocks and the global step of one job."""
+
+    def __init__(self, staleness: int | None, workers: Iterable[str]):
+        self.staleness = staleness
+        self.clocks: dict[str, int] = {w: 0 for w in workers}
+        self.active: set[str] = set(self.clocks)
+        #: BSP: workers whose gradient for the current round is in.
+        self.arrived: set[str] = set()
+        self._bsp_step = 0
+
+    @property
+    def synchronous(self) -> bool:
+        return self.staleness == 0
+
+    @property
+    def global_step(self) -> int:
+        """Steps every active worker has completed (BSP: rounds applied)."""
+        if self.synchronous:
+            return self._bsp_step
+        clocks = [self.clocks[w] for w in self.active]
+        return min(clocks) if clocks else max(self.clocks.values(), default=0)
+
+    def may_compute(self, worker: str, clock: int) -> bool:
+        """True when ``worker`` may pull the weights to compute step ``clock``."""
+        if self.staleness is None:
+            return True
+        return clock <= self.global_step + self.staleness
+
+    def is_duplicate(self, worker: str, seq: int) -> bool:
+        """True when the push for ``seq`` was accepted before (a retry)."""
+        return seq < self.clocks[worker]
+
+    def check_push(self, worker: str, seq: int) -> None:
+        """Raise unless ``seq`` is the next step of ``worker`` and within the bound."""
+        expected = self.clocks[worker]
+        if seq != expected:
+            raise MalformedPayload(f"push seq {seq} skips ahead: the next step of {worker} is {expected}")
+        if not self.may_compute(worker, seq):
+            raise FailedPrecondition(
+                f"step {seq} of {worker} is more than {self.staleness} steps ahead of "
+                f"global step {self.global_step}; pull first"
+            )
+
+    def accept(self, worker: str, seq: int) -> bool:
+        """Record the push of ``seq``; return True when an update must be applied now.
+
+        Asynchronous and SSP: always True. BSP: True once every active worker's
+        gradient for the round is in; the caller applies the average and calls
+        :meth:`round_applied`.
+        """
+        self.check_push(worker, seq)
+        self.clocks[worker] = seq + 1
+        if not self.synchronous:
+            return True
+        self.arrived.add(worker)
+        return self.round_complete()
+
+    def round_complete(self) -> bool:
+        return bool(self.arrived) and self.active <= self.arrived
+
+    def round_applied(self) -> None:
+        self.arrived.clear()
+        self._bsp_step += 1
+
+    def leave(self, worker: str) -> None:
+        """Drop a worker from the barrier (it finished, or it is gone)."""
+        self.active.discard(worker)
+
+    def rejoin(self, worker: str) -> None:
+        self.active.add(worker)

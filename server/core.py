@@ -1,0 +1,333 @@
+"""The parameter server's core: workers, jobs, scheduling, push and pull.
+
+Knows nothing of gRPC: the adapters in :mod:`psgrid.server.service` decode a
+request, call one method here and encode the reply. Domain errors from
+:mod:`psgrid.errors` say what went wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from psgrid.codec import Layout, PayloadAssembler
+from psgrid.errors import FailedPrecondition, InvalidArgument, UnknownJob, UnknownWorker
+from psgrid.server.config import ServerConfig
+from psgrid.server.jobs import Job, UpdateRecord
+from psgrid.server.store import check_finite
+from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WorkerRecord:
+    """What the server knows of one registered worker."""
+
+    worker_id: str
+    name: str
+    host: str
+    pid: int
+    device: str
+    registered_unix: float
+    last_seen: float
+    job_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    job_id: str
+    rank: int
+    world_size: int
+    spec: JobSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class PushHeader:
+    job_id: str
+    worker_id: str
+    seq: int
+    base_version: int
+    base_step: int
+    init: bool
+    layout: Layout
+
+
+@dataclasses.dataclass(frozen=True)
+class PullResult:
+    """What a pull streams: the payload is None when the job is over."""
+
+    state: JobState
+    version: int
+    step: int
+    layout: Layout | None
+    payload: torch.Tensor | None
+
+
+class NotReady(FailedPrecondition):
+    """A pull waited its whole deadline without the consistency model letting it go."""
+
+    code = "ABORTED"
+
+
+class ParameterServerCore:
+    """All jobs and workers of one parameter-server process. Thread-safe."""
+
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time):
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._workers: dict[str, WorkerRecord] = {}
+        self._pending: list[str] = []
+        self._update_log = open(config.update_log, "a", buffering=1) if config.update_log else None
+
+    def close(self) -> None:
+        if self._update_log:
+            self._update_log.close()
+
+    # --- lookups ---------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(f"no job {job_id!r}")
+        return job
+
+    def worker(self, worker_id: str) -> WorkerRecord:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise UnknownWorker(f"no worker {worker_id!r}")
+        return worker
+
+    def _member(self, job_id: str, worker_id: str) -> tuple[Job, WorkerRecord]:
+        worker = self.worker(worker_id)
+        job = self.job(job_id)
+        job.rank_of(worker_id)
+        return job, worker
+
+    # --- workers and scheduling ----------------------------------------------------
+
+    def register_worker(self, name: str, host: str, pid: int, device: str) -> WorkerRecord:
+        now = self._clock()
+        record = WorkerRecord(f"w-{uuid.uuid4().hex[:10]}", name, host, pid, device, now, now)
+        with self._lock:
+            self._workers[record.worker_id] = record
+        logger.info("[ps] worker %s registered (%s, pid %d, %s)", record.worker_id, name, pid, device)
+        self._schedule()
+        return record
+
+    def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
+        """Note the worker alive; hand it a job when it is idle and one waits."""
+        worker = self.worker(worker_id)
+        worker.last_seen = self._clock()
+        self._schedule()
+        state = None
+        if job_id:
+            job = self.job(job_id)
+            state = job.state
+        assignment = None
+        current = worker.job_id
+        if current and current != job_id:
+            job = self._jobs[current]
+            with job.cond:
+                assignment = Assignment(current, job.rank_of(worker_id), len(job.workers), job.spec)
+        return assignment, state
+
+    def _alive(self, worker: WorkerRecord, now: float) -> bool:
+        return now - worker.last_seen <= self.config.heartbeat_timeout_s
+
+    def _schedule(self) -> None:
+        """Start pending jobs, oldest first, on idle live workers."""
+        with self._lock:
+            now = self._clock()
+            for job_id in list(self._pending):
+                job = self._jobs[job_id]
+                if job.state is not JobState.PENDING:
+                    self._pending.remove(job_id)
+                    continue
+                idle = [w for w in self._workers.values() if w.job_id is None and self._alive(w, now)]
+                if len(idle) < job.spec.num_workers:
+                    break
+                chosen = idle[: job.spec.num_workers]
+                for w in chosen:
+                    w.job_id = job_id
+                self._pending.remove(job_id)
+                with job.cond:
+                    job.start([w.worker_id for w in chosen])
+                logger.info("[ps] job %s started on %s", job_id, ", ".join(job.workers))
+
+    def _release(self, job: Job) -> None:
+        """Return a finished job's workers to the idle pool."""
+        with self._lock:
+            for w in self._workers.values():
+                if w.job_id == job.job_id:
+                    w.job_id = None
+        self._schedule()
+
+    # --- jobs --------------------------------------------------------------------------
+
+    def submit(self, spec: JobSpec) -> JobInfo:
+        job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=self._clock)
+        with self._lock:
+            self._jobs[job.job_id] = job
+            self._pending.append(job.job_id)
+        logger.info("[ps] job %s submitted: %s on %s, %d workers, staleness %s",
+                    job.job_id, spec.model, spec.dataset, spec.num_workers, spec.staleness)
+        self._schedule()
+        with job.cond:
+            return job.info()
+
+    def get(self, job_id: str) -> JobInfo:
+        job = self.job(job_id)
+        with job.cond:
+            return job.info()
+
+    def list_jobs(self) -> list[JobInfo]:
+        jobs = sorted(self._jobs.values(), key=lambda j: j.created)
+        out = []
+        for job in jobs:
+            with job.cond:
+                out.append(job.info())
+        return out
+
+    def cancel(self, job_id: str) -> JobInfo:
+        job = self.job(job_id)
+        with job.cond:
+            moved = job.set_state(JobState.CANCELLED)
+            info = job.info()
+        if moved:
+            logger.info("[ps] job %s cancelled", job_id)
+            self._release(job)
+        return info
+
+    def watch(self, job_id: str, from_seq: int, is_active: Callable[[], bool],
+              poll_s: float = 1.0) -> Iterator[JobEvent]:
+        """Yield the job's events from ``from_seq``; end once a terminal state is sent."""
+        job = self.job(job_id)
+        seq = from_seq
+        while is_active():
+            with job.cond:
+                events = job.events_from(seq)
+                if not events:
+                    job.cond.wait(poll_s)
+                    continue
+            for event in events:
+                yield event
+                seq = event.seq + 1
+                if event.job.state.terminal and event.kind == "state":
+                    return
+
+    def fetch(self, job_id: str) -> PullResult:
+        """A consistent copy of the job's current parameters."""
+        job = self.job(job_id)
+        with job.cond:
+            store = job.require_store()
+            payload = store.snapshot_into(None)
+            return PullResult(job.state, store.version, job.steps.global_step, store.layout, payload)
+
+    # --- pull and push -----------------------------------------------------------------
+
+    def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float) -> PullResult:
+        """Wait until the worker may compute step ``clock``, then hand it the weights."""
+        job, _ = self._member(job_id, worker_id)
+        with job.cond:
+            if not job.cond.wait_for(lambda: job.ready_for(worker_id, clock, final), timeout_s):
+                raise NotReady(f"step {clock} of {worker_id} is not ready yet")
+            step = job.steps.global_step
+            if job.state.terminal:
+                return PullResult(job.state, job.store.version if job.store else 0, step, None, None)
+            store = job.store
+            if job.spec.synchronous or final:
+                # Nothing writes the parameters until this worker pushes again.
+                payload = store.flat
+            else:
+                payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
+            return PullResult(job.state, store.version, step, store.layout, payload)
+
+    def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+        """Receive, validate and apply one push; return (version, duplicate).
+
+        Nothing changes unless the whole payload arrived and passed every check.
+        """
+        job, _ = self._member(header.job_id, header.worker_id)
+        with job.push_locks[header.worker_id]:
+            if header.init:
+                return self._push_init(job, header, payload)
+            with job.cond:
+                job.require_running()
+                job.require_store().layout.check_matches(header.layout)
+                duplicate = job.steps.is_duplicate(header.worker_id, header.seq)
+                if not duplicate:
+                    job.steps.check_push(header.worker_id, header.seq)
+            buffer = job.staging_for(header.worker_id, header.layout.total_bytes)
+            self._receive(header.layout, buffer, payload)
+            if duplicate:
+                return job.store.version, True
+            grads = header.layout.views(buffer)
+            check_finite(grads)
+            with job.cond:
+                job.require_running()
+                record = job.accept_gradient(
+                    header.worker_id, header.seq, header.base_version, header.base_step, grads
+                )
+            self._log_update(record)
+            return record.version, False
+
+    def _push_init(self, job: Job, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+        with job.cond:
+            job.require_running()
+            if job.store is not None:
+                job.store.layout.check_matches(header.layout)
+        buffer = torch.empty(header.layout.total_bytes, dtype=torch.uint8)
+        self._receive(header.layout, buffer, payload)
+        with job.cond:
+            created = job.initialize(header.layout, buffer)
+            version = job.store.version
+        if created:
+            logger.info("[ps] job %s initialised: %d tensors, %d bytes",
+                        job.job_id, len(header.layout.tensors), header.layout.total_bytes)
+        return version, not created
+
+    @staticmethod
+    def _receive(layout: Layout, buffer: torch.Tensor, payload: Iterable[memoryview]) -> None:
+        assembler = PayloadAssembler(layout, buffer)
+        for piece in payload:
+            assembler.feed(piece)
+        assembler.finish()
+
+    def _log_update(self, record: UpdateRecord) -> None:
+        if self._update_log:
+            self._update_log.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
+    # --- worker reports ------------------------------------------------------------------
+
+    def report(self, worker_id: str, job_id: str, phase: str, step: int, total_steps: int,
+               loss: float, samples: int, seconds: float, metrics: dict[str, float],
+               error: str) -> JobState:
+        """Record a worker's progress; move the job on when it finished or failed."""
+        job, _ = self._member(job_id, worker_id)
+        ended = False
+        with job.cond:
+            if phase == "FAILED":
+                ended = job.set_state(JobState.FAILED, f"worker {worker_id}: {error}")
+            elif not job.state.terminal:
+                job.report(worker_id, step, total_steps, loss, samples, seconds)
+                if phase == "FINISHED":
+                    job.worker_finished(worker_id)
+                elif phase == "EVALUATED":
+                    if job.rank_of(worker_id) != 0 or job.state is not JobState.EVALUATING:
+                        raise InvalidArgument("only rank 0 reports evaluation, after training")
+                    job.evaluated(metrics)
+                    ended = True
+            state = job.state
+        if ended:
+            logger.info("[ps] job %s %s", job_id, state.value)
+            self._release(job)
+        return state

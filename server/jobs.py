@@ -1,0 +1,211 @@
+"""One job on the parameter server: its state machine, clocks, store and event log.
+
+Every method expects the caller to hold ``job.cond`` unless it says otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections import deque
+
+import torch
+
+from psgrid.codec import Layout
+from psgrid.errors import FailedPrecondition, JobNotRunning, NotAssigned
+from psgrid.server.consistency import StepClock
+from psgrid.server.store import GradientAccumulator, ParameterStore
+from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
+
+#: Events kept per job; a watcher that falls further behind skips ahead.
+MAX_EVENTS = 10_000
+#: Applied-update records kept in memory per job (the update log keeps all).
+MAX_UPDATE_RECORDS = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRecord:
+    """One accepted gradient push, as the update log records it."""
+
+    job_id: str
+    worker_id: str
+    seq: int
+    base_version: int
+    base_step: int
+    #: Steps between the weights the gradient was computed on and its own step.
+    staleness: int
+    #: Parameter version once this push is applied.
+    version: int
+    time_unix: float
+
+
+@dataclasses.dataclass
+class WorkerProgress:
+    step: int = 0
+    loss: float = math.nan
+    samples_per_sec: float = 0.0
+    finished: bool = False
+
+
+class Job:
+    """A job's whole server-side state, guarded by ``cond``."""
+
+    def __init__(self, job_id: str, spec: JobSpec, clock=time.time):
+        self.job_id = job_id
+        self.spec = spec
+        self.state = JobState.PENDING
+        self._clock = clock
+        self.created = self.updated = clock()
+        self.cond = threading.Condition()
+        self.workers: list[str] = []
+        self.steps: StepClock | None = None
+        self.store: ParameterStore | None = None
+        self.accumulator: GradientAccumulator | None = None
+        self.total_steps = 0
+        self.progress: dict[str, WorkerProgress] = {}
+        self.metrics: dict[str, float] = {}
+        self.error = ""
+        self.events: deque[JobEvent] = deque(maxlen=MAX_EVENTS)
+        self._next_event = 0
+        self.updates: deque[UpdateRecord] = deque(maxlen=MAX_UPDATE_RECORDS)
+        self.push_locks: dict[str, threading.Lock] = {}
+        self.staging: dict[str, torch.Tensor] = {}
+        self.snapshots: dict[str, torch.Tensor] = {}
+        with self.cond:
+            self.emit("submitted")
+
+    # --- snapshots and events ---------------------------------------------
+
+    def info(self) -> JobInfo:
+        live = [p for p in self.progress.values() if not math.isnan(p.loss)]
+        return JobInfo(
+            job_id=self.job_id, spec=self.spec, state=self.state,
+            step=self.steps.global_step if self.steps else 0,
+            total_steps=self.total_steps,
+            version=self.store.version if self.store else 0,
+            loss=sum(p.loss for p in live) / len(live) if live else math.nan,
+            samples_per_sec=sum(p.samples_per_sec for p in self.progress.values() if not p.finished),
+            metrics=dict(self.metrics), error=self.error, worker_ids=tuple(self.workers),
+            created_unix=self.created, updated_unix=self.updated,
+        )
+
+    def emit(self, kind: str) -> None:
+        self.updated = self._clock()
+        self.events.append(JobEvent(self._next_event, self.updated, kind, self.info()))
+        self._next_event += 1
+        self.cond.notify_all()
+
+    def events_from(self, seq: int) -> list[JobEvent]:
+        return [e for e in self.events if e.seq >= seq]
+
+    # --- state machine ------------------------------------------------------
+
+    def set_state(self, state: JobState, error: str = "") -> bool:
+        """Move to ``state``; a terminal state never changes. Return True if moved."""
+        if self.state.terminal or self.state is state:
+            return False
+        self.state = state
+        if error:
+            self.error = error
+        self.emit("state")
+        return True
+
+    def start(self, workers: list[str]) -> None:
+        self.workers = list(workers)
+        self.steps = StepClock(self.spec.staleness, self.workers)
+        self.progress = {w: WorkerProgress() for w in self.workers}
+        self.push_locks = {w: threading.Lock() for w in self.workers}
+        self.set_state(JobState.RUNNING)
+
+    def rank_of(self, worker_id: str) -> int:
+        try:
+            return self.workers.index(worker_id)
+        except ValueError:
+            raise NotAssigned(f"worker {worker_id} is not part of job {self.job_id}") from None
+
+    def require_running(self) -> None:
+        if self.state is not JobState.RUNNING:
+            raise JobNotRunning(f"job {self.job_id} is {self.state.value}, not RUNNING")
+
+    # --- parameters -----------------------------------------------------------
+
+    def initialize(self, layout: Layout, payload: torch.Tensor) -> bool:
+        """Install the initial parameters; False when they already exist."""
+        if self.store is not None:
+            return False
+        self.store = ParameterStore(layout, payload, self.spec.optimizer)
+        if self.spec.synchronous:
+            self.accumulator = GradientAccumulator(layout)
+        self.cond.notify_all()
+        return True
+
+    def require_store(self) -> ParameterStore:
+        if self.store is None:
+            raise FailedPrecondition(f"job {self.job_id} has no parameters yet")
+        return self.store
+
+    def ready_for(self, worker_id: str, clock: int, final: bool) -> bool:
+        """True when a pull may be served (or must end because the job is over)."""
+        if self.state.terminal:
+            return True
+        if self.store is None:
+            return False
+        if final:
+            return self.state is JobState.EVALUATING
+        return self.state is JobState.RUNNING and self.steps.may_compute(worker_id, clock)
+
+    def staging_for(self, worker_id: str, nbytes: int) -> torch.Tensor:
+        """This worker's reusable receive buffer (callers hold its push lock)."""
+        buf = self.staging.get(worker_id)
+        if buf is None or buf.numel() < nbytes:
+            buf = self.staging[worker_id] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def accept_gradient(self, worker_id: str, seq: int, base_version: int, base_step: int,
+                        grads: dict[str, torch.Tensor]) -> UpdateRecord:
+        """Apply (or, in BSP, accumulate) one validated gradient push."""
+        store = self.require_store()
+        steps = self.steps
+        steps.check_push(worker_id, seq)
+        if steps.synchronous:
+            self.accumulator.add(grads)
+            if steps.accept(worker_id, seq):
+                store.apply(self.accumulator.mean())
+                self.accumulator.reset()
+                steps.round_applied()
+            version = store.version if not steps.arrived else store.version + 1
+        else:
+            steps.accept(worker_id, seq)
+            store.apply(grads)
+            version = store.version
+        record = UpdateRecord(
+            self.job_id, worker_id, seq, base_version, base_step,
+            staleness=seq - base_step, version=version, time_unix=self._clock(),
+        )
+        self.updates.append(record)
+        self.cond.notify_all()
+        return record
+
+    # --- progress ---------------------------------------------------------------
+
+    def report(self, worker_id: str, step: int, total_steps: int, loss: float,
+               samples: int, seconds: float) -> None:
+        p = self.progress[worker_id]
+        p.step = step
+        if not math.isnan(loss):
+            p.loss = loss
+        if seconds > 0:
+            p.samples_per_sec = samples / seconds
+        self.total_steps = max(self.total_steps, total_steps)
+        self.emit("progress")
+
+    def worker_finished(self, worker_id: str) -> None:
+        self.progress[worker_id].finished = True
+        if all(p.finished for p in self.progress.values()) and self.state is JobState.RUNNING:
+            self.set_state(JobState.EVALUATING)
+
+    def evaluated(self, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+        self.emit("metrics")
+        self.set_state(JobState.SUCCEEDED)

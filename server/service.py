@@ -1,0 +1,145 @@
+"""gRPC adapters of the parameter server: decode, call the core, encode.
+
+The streaming methods that carry tensors (Pull, Push, FetchParameters) are
+registered with raw-bytes serializers and framed by :mod:`psgrid.codec`; every
+other method uses the generated protobuf classes.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from psgrid import codec
+from psgrid.rpc import identity, translate_errors
+from psgrid.server.core import ParameterServerCore, PullResult, PushHeader
+from psgrid.v1 import job_service_pb2 as js
+from psgrid.v1 import parameter_server_pb2 as ps
+
+_PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhase.DESCRIPTOR.values}
+
+
+def pull_frames(result: PullResult) -> Iterator[bytes]:
+    return codec.encode_pull(result.state, result.version, result.step, result.layout, result.payload)
+
+
+class ParameterServerService:
+    """psgrid.v1.ParameterServer over a :class:`ParameterServerCore`."""
+
+    def __init__(self, core: ParameterServerCore):
+        self.core = core
+
+    @translate_errors
+    def RegisterWorker(self, request: ps.RegisterWorkerRequest, context) -> ps.RegisterWorkerResponse:
+        record = self.core.register_worker(request.name, request.host, request.pid, request.device)
+        return ps.RegisterWorkerResponse(
+            worker_id=record.worker_id, heartbeat_interval_s=self.core.config.heartbeat_interval_s
+        )
+
+    @translate_errors
+    def Heartbeat(self, request: ps.HeartbeatRequest, context) -> ps.HeartbeatResponse:
+        assignment, state = self.core.heartbeat(request.worker_id, request.job_id)
+        reply = ps.HeartbeatResponse()
+        if state is not None:
+            reply.job_state = codec.state_to_proto(state)
+        if assignment is not None:
+            reply.assignment.CopyFrom(ps.Assignment(
+                job_id=assignment.job_id, rank=assignment.rank,
+                world_size=assignment.world_size, spec=codec.spec_to_proto(assignment.spec),
+            ))
+        return reply
+
+    @translate_errors
+    def Pull(self, request: ps.PullRequest, context) -> Iterator[bytes]:
+        remaining = context.time_remaining()
+        wait = min(self.core.config.pull_wait_s, max(0.0, (remaining or 1e9) - 0.5))
+        result = self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait)
+        yield from pull_frames(result)
+
+    @translate_errors
+    def Push(self, request_iterator: Iterator[bytes], context) -> ps.PushResponse:
+        h = codec.decode_push_header(next(request_iterator, None))
+        header = PushHeader(
+            job_id=h.job_id, worker_id=h.worker_id, seq=h.seq, base_version=h.base_version,
+            base_step=h.base_step, init=h.init,
+            layout=codec.layout_from_proto(h.tensors, self.core.config.max_payload_bytes),
+        )
+        version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest))
+        return ps.PushResponse(version=version, duplicate=duplicate)
+
+    @translate_errors
+    def ReportMetrics(self, request: ps.ReportMetricsRequest, context) -> ps.ReportMetricsResponse:
+        state = self.core.report(
+            request.worker_id, request.job_id, _PHASES.get(request.phase, "UNSPECIFIED"),
+            request.step, request.total_steps, request.loss, request.samples, request.seconds,
+            dict(request.metrics), request.error,
+        )
+        return ps.ReportMetricsResponse(job_state=codec.state_to_proto(state))
+
+
+class JobServiceService:
+    """psgrid.v1.JobService over a :class:`ParameterServerCore`."""
+
+    def __init__(self, core: ParameterServerCore):
+        self.core = core
+
+    @translate_errors
+    def SubmitJob(self, request: js.SubmitJobRequest, context) -> js.SubmitJobResponse:
+        info = self.core.submit(codec.spec_from_proto(request.spec))
+        return js.SubmitJobResponse(job=codec.info_to_proto(info))
+
+    @translate_errors
+    def GetJob(self, request: js.GetJobRequest, context) -> js.GetJobResponse:
+        return js.GetJobResponse(job=codec.info_to_proto(self.core.get(request.job_id)))
+
+    @translate_errors
+    def WatchJob(self, request: js.WatchJobRequest, context):
+        for event in self.core.watch(request.job_id, request.from_seq, context.is_active):
+            yield codec.event_to_proto(event)
+
+    @translate_errors
+    def CancelJob(self, request: js.CancelJobRequest, context) -> js.CancelJobResponse:
+        return js.CancelJobResponse(job=codec.info_to_proto(self.core.cancel(request.job_id)))
+
+    @translate_errors
+    def ListJobs(self, request: js.ListJobsRequest, context) -> js.ListJobsResponse:
+        return js.ListJobsResponse(jobs=[codec.info_to_proto(i) for i in self.core.list_jobs()])
+
+    @translate_errors
+    def FetchParameters(self, request: js.FetchParametersRequest, context) -> Iterator[bytes]:
+        yield from pull_frames(self.core.fetch(request.job_id))
+
+
+def _unary(fn, req_cls, resp_cls):
+    return grpc.unary_unary_rpc_method_handler(
+        fn, request_deserializer=req_cls.FromString, response_serializer=resp_cls.SerializeToString
+    )
+
+
+def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
+    """The generic handlers for both services, ready for ``server.add_generic_rpc_handlers``."""
+    p, j = ParameterServerService(core), JobServiceService(core)
+    return [
+        grpc.method_handlers_generic_handler("psgrid.v1.ParameterServer", {
+            "RegisterWorker": _unary(p.RegisterWorker, ps.RegisterWorkerRequest, ps.RegisterWorkerResponse),
+            "Heartbeat": _unary(p.Heartbeat, ps.HeartbeatRequest, ps.HeartbeatResponse),
+            "Pull": grpc.unary_stream_rpc_method_handler(
+                p.Pull, request_deserializer=ps.PullRequest.FromString, response_serializer=identity),
+            "Push": grpc.stream_unary_rpc_method_handler(
+                p.Push, request_deserializer=identity,
+                response_serializer=ps.PushResponse.SerializeToString),
+            "ReportMetrics": _unary(p.ReportMetrics, ps.ReportMetricsRequest, ps.ReportMetricsResponse),
+        }),
+        grpc.method_handlers_generic_handler("psgrid.v1.JobService", {
+            "SubmitJob": _unary(j.SubmitJob, js.SubmitJobRequest, js.SubmitJobResponse),
+            "GetJob": _unary(j.GetJob, js.GetJobRequest, js.GetJobResponse),
+            "WatchJob": grpc.unary_stream_rpc_method_handler(
+                j.WatchJob, request_deserializer=js.WatchJobRequest.FromString,
+                response_serializer=lambda m: m.SerializeToString()),
+            "CancelJob": _unary(j.CancelJob, js.CancelJobRequest, js.CancelJobResponse),
+            "ListJobs": _unary(j.ListJobs, js.ListJobsRequest, js.ListJobsResponse),
+            "FetchParameters": grpc.unary_stream_rpc_method_handler(
+                j.FetchParameters, request_deserializer=js.FetchParametersRequest.FromString,
+                response_serializer=identity),
+        }),
+    ]

@@ -1,0 +1,1 @@
+"""Workers: pull weights, compute gradients on a data shard, push them back."""

@@ -1,0 +1,47 @@
+"""Build a job's model and dataset from ``package.module:factory`` import paths."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from psgrid.errors import InvalidSpec
+from psgrid.spec import JobSpec
+from psgrid.worker.data import Dataset
+
+
+def import_factory(path: str) -> Callable[..., Any]:
+    """The callable named by ``package.module:attribute``; InvalidSpec if missing."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidSpec(f"cannot import {module_name!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InvalidSpec(f"{path!r} does not name a callable")
+    return factory
+
+
+def build_model(spec: JobSpec) -> nn.Module:
+    """The model with the job's seeded initial weights (identical on every worker)."""
+    torch.manual_seed(spec.seed)
+    model = import_factory(spec.model)(**spec.model_kwargs)
+    if not isinstance(model, nn.Module):
+        raise InvalidSpec(f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_dataset(spec: JobSpec) -> Dataset:
+    data = import_factory(spec.dataset)(**spec.dataset_kwargs)
+    if not isinstance(data, Dataset):
+        raise InvalidSpec(f"{spec.dataset} returned {type(data).__name__}, not a psgrid Dataset")
+    return data
+
+
+def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the server holds, in a stable order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,107 @@
+"""The worker's side of the ParameterServer service: the only gRPC in the worker."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from psgrid import codec, rpc
+from psgrid.codec import Layout, Pulled
+from psgrid.errors import NotFound
+from psgrid.spec import JobSpec, JobState
+from psgrid.v1 import parameter_server_pb2 as ps
+
+_SERVICE = "/psgrid.v1.ParameterServer/"
+_PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    job_id: str
+    rank: int
+    world_size: int
+    spec: JobSpec
+
+
+class ParameterServerClient:
+    """Calls a parameter server; every call has a deadline and retries UNAVAILABLE."""
+
+    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retry_for_s = retry_for_s
+        self.channel = rpc.make_channel(address)
+        unary = lambda name, req, resp: self.channel.unary_unary(  # noqa: E731
+            _SERVICE + name, request_serializer=req.SerializeToString,
+            response_deserializer=resp.FromString)
+        self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)
+        self._heartbeat = unary("Heartbeat", ps.HeartbeatRequest, ps.HeartbeatResponse)
+        self._report = unary("ReportMetrics", ps.ReportMetricsRequest, ps.ReportMetricsResponse)
+        self._pull = self.channel.unary_stream(
+            _SERVICE + "Pull", request_serializer=ps.PullRequest.SerializeToString,
+            response_deserializer=rpc.identity)
+        self._push = self.channel.stream_unary(
+            _SERVICE + "Push", request_serializer=rpc.identity,
+            response_deserializer=ps.PushResponse.FromString)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, fn, request, **kw):
+        return rpc.call(fn, request, timeout=kw.pop("timeout", self.timeout_s),
+                        retry_for=kw.pop("retry_for", self.retry_for_s), **kw)
+
+    def register(self, name: str, host: str, pid: int, device: str) -> tuple[str, float]:
+        reply = self._call(self._register, ps.RegisterWorkerRequest(name=name, host=host, pid=pid, device=device))
+        return reply.worker_id, reply.heartbeat_interval_s
+
+    def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
+        reply = self._call(self._heartbeat, ps.HeartbeatRequest(worker_id=worker_id, job_id=job_id),
+                           timeout=10.0, retry_for=0.0)
+        assignment = None
+        if reply.HasField("assignment"):
+            a = reply.assignment
+            assignment = Assignment(a.job_id, a.rank, a.world_size, codec.spec_from_proto(a.spec))
+        return assignment, codec.state_from_proto(reply.job_state)
+
+    def pull(self, job_id: str, worker_id: str, clock: int, final: bool,
+             buffer_for: Callable[[int], torch.Tensor]) -> Pulled:
+        """Weights for step ``clock``; waits (re-asking on ABORTED) until they may be had."""
+        request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final)
+
+        def once(req, timeout):
+            return codec.decode_pull(self._pull(req, timeout=timeout), buffer_for)
+
+        return rpc.call(once, request, timeout=self.timeout_s + 60.0, retry_for=1e9,
+                        retry_codes={grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+
+    def push(self, header: ps.PushHeader, payload: torch.Tensor) -> tuple[int, bool]:
+        """Send a gradient (or initial parameters); a retry is deduplicated by the server."""
+        def once(frames_header, timeout):
+            return self._push(codec.encode_push(frames_header, payload), timeout=timeout)
+
+        reply = self._call(once, header, timeout=self.timeout_s + 60.0)
+        return reply.version, reply.duplicate
+
+    def report(self, worker_id: str, job_id: str, phase: str, step: int = 0, total_steps: int = 0,
+               loss: float = float("nan"), samples: int = 0, seconds: float = 0.0,
+               metrics: dict[str, float] | None = None, error: str = "") -> JobState | None:
+        request = ps.ReportMetricsRequest(
+            worker_id=worker_id, job_id=job_id, phase=_PHASE[phase], step=step,
+            total_steps=total_steps, loss=loss, samples=samples, seconds=seconds,
+            metrics=metrics or {}, error=error[:4000],
+        )
+        return codec.state_from_proto(self._call(self._report, request).job_state)
+
+
+def push_header(job_id: str, worker_id: str, seq: int, base_version: int, base_step: int,
+                layout: Layout, init: bool = False) -> ps.PushHeader:
+    return ps.PushHeader(
+        job_id=job_id, worker_id=worker_id, seq=seq, base_version=base_version,
+        base_step=base_step, init=init, tensors=codec.layout_to_proto(layout),
+    )
+
+
+__all__ = ["Assignment", "ParameterServerClient", "push_header", "NotFound"]

@@ -1,0 +1,158 @@
+"""The worker process's loop: register, wait for a job, train it, repeat."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from psgrid.errors import JobNotRunning, PsgridError
+from psgrid.spec import JobState
+from psgrid.worker.data import ShardSampler
+from psgrid.worker.device import pick_device
+from psgrid.worker.loader import build_dataset, build_model
+from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_header
+from psgrid.worker.step import GradientStep
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between training-progress reports.
+REPORT_EVERY_S = 0.5
+
+
+class JobStopped(Exception):
+    """The job ended (cancelled, failed elsewhere) while this worker ran it."""
+
+
+class Worker:
+    """One worker process: a heartbeat thread and a job loop."""
+
+    def __init__(self, client: ParameterServerClient, device: str = "auto", name: str = ""):
+        self.client = client
+        self.device_pref = device
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.stop = threading.Event()
+        self.worker_id = ""
+        self.heartbeat_interval = 1.0
+        self._current_job = ""
+        self._assignments: list[Assignment] = []
+        self._job_ended = threading.Event()
+        self._wake = threading.Event()
+
+    @property
+    def tag(self) -> str:
+        return f"[worker {self.worker_id or self.name}]"
+
+    def run(self) -> None:
+        """Serve jobs until ``stop`` is set."""
+        device = pick_device(self.device_pref)
+        self.worker_id, self.heartbeat_interval = self.client.register(
+            self.name, socket.gethostname(), os.getpid(), str(device))
+        logger.info("%s registered with %s on %s", self.tag, self.client.address, device)
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        while not self.stop.is_set():
+            if not self._assignments:
+                self._wake.wait(self.heartbeat_interval)
+                self._wake.clear()
+                continue
+            assignment = self._assignments.pop(0)
+            self._run_job(assignment)
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop.wait(self.heartbeat_interval):
+            try:
+                assignment, state = self.client.heartbeat(self.worker_id, self._current_job)
+            except PsgridError as exc:
+                logger.warning("%s heartbeat failed: %s", self.tag, exc)
+                continue
+            if state is not None and state.terminal and self._current_job:
+                self._job_ended.set()
+            if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
+                self._assignments.append(assignment)
+                self._wake.set()
+
+    def _run_job(self, a: Assignment) -> None:
+        self._current_job = a.job_id
+        self._job_ended.clear()
+        tag = f"[worker {a.rank}/{a.world_size} {a.job_id}]"
+        logger.info("%s starting", tag)
+        try:
+            step = self._prepare(a)
+        except Exception as exc:  # noqa: BLE001 - any failure to build the job fails it
+            logger.error("%s cannot run the job: %s", tag, exc)
+            self._report_failure(a, f"{type(exc).__name__}: {exc}")
+            self._current_job = ""
+            return
+        try:
+            self._train(a, step, tag)
+            if a.rank == 0:
+                self._evaluate(a, step, tag)
+        except JobStopped:
+            logger.info("%s job ended elsewhere; back to idle", tag)
+        except JobNotRunning as exc:
+            logger.info("%s %s; back to idle", tag, exc)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("%s failed", tag)
+            self._report_failure(a, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._current_job = ""
+
+    def _report_failure(self, a: Assignment, error: str) -> None:
+        try:
+            self.client.report(self.worker_id, a.job_id, "FAILED", error=error)
+        except PsgridError as exc:
+            logger.warning("could not report the failure: %s", exc)
+
+    def _prepare(self, a: Assignment) -> GradientStep:
+        spec = a.spec
+        device = pick_device(spec.device or self.device_pref)
+        model = build_model(spec)
+        dataset = build_dataset(spec)
+        sampler = ShardSampler(len(dataset.train_x), a.rank, a.world_size, spec.batch_size, spec.seed)
+        step = GradientStep(model, dataset, sampler, device)
+        if a.rank == 0:
+            header = push_header(a.job_id, self.worker_id, 0, 0, 0, step.layout, init=True)
+            self.client.push(header, step.initial_payload())
+        return step
+
+    def _check_running(self) -> None:
+        if self.stop.is_set() or self._job_ended.is_set():
+            raise JobStopped()
+
+    def _train(self, a: Assignment, step: GradientStep, tag: str) -> None:
+        spec = a.spec
+        total = step.sampler.total_steps(spec.epochs, spec.steps)
+        losses, samples, window_start = [], 0, time.monotonic()
+        for clock in range(total):
+            self._check_running()
+            pulled = self.client.pull(a.job_id, self.worker_id, clock, False, step.buffer_for)
+            if pulled.layout is None:
+                raise JobStopped()
+            step.load(pulled.layout, pulled.buffer)
+            loss, rows = step.run(clock)
+            header = push_header(a.job_id, self.worker_id, clock, pulled.version, pulled.step, step.layout)
+            self.client.push(header, step.grad_buffer)
+            losses.append(loss)
+            samples += rows
+            elapsed = time.monotonic() - window_start
+            if elapsed >= REPORT_EVERY_S or clock == total - 1:
+                state = self.client.report(
+                    self.worker_id, a.job_id, "TRAINING", step=clock + 1, total_steps=total,
+                    loss=sum(losses) / len(losses), samples=samples, seconds=elapsed)
+                if state is not None and state.terminal:
+                    raise JobStopped()
+                losses, samples, window_start = [], 0, time.monotonic()
+        self.client.report(self.worker_id, a.job_id, "FINISHED", step=total, total_steps=total)
+        logger.info("%s pushed all %d steps", tag, total)
+
+    def _evaluate(self, a: Assignment, step: GradientStep, tag: str) -> None:
+        pulled = self.client.pull(a.job_id, self.worker_id, 0, True, step.buffer_for)
+        if pulled.layout is None or pulled.state is not JobState.EVALUATING:
+            raise JobStopped()
+        step.load(pulled.layout, pulled.buffer)
+        metrics = step.dataset.metrics(step.model)
+        self.client.report(self.worker_id, a.job_id, "EVALUATED", metrics=metrics)
+        logger.info("%s evaluated version %d: %s", tag, pulled.version,
+                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
