@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
+from google.protobuf.message import DecodeError
 
 from psgrid.errors import (
     DtypeMismatch,
@@ -292,7 +293,7 @@ def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tenso
     """Read a pull stream; the payload lands in ``buffer_for(total_bytes)``."""
     frames = iter(frames)
     first = next(frames, None)
-    msg = parameter_server_pb2.PullResponse.FromString(first) if first is not None else None
+    msg = _parse(parameter_server_pb2.PullResponse, first) if first is not None else None
     if msg is None or msg.WhichOneof("frame") != "header":
         raise MalformedPayload("a pull stream starts with its header frame")
     h = msg.header
@@ -315,10 +316,17 @@ def encode_push(header: parameter_server_pb2.PushHeader, payload: torch.Tensor,
     yield from chunk_frames(payload[: header.tensors.total_bytes], chunk_bytes)
 
 
+def _parse(message_cls, frame: bytes):
+    try:
+        return message_cls.FromString(frame)
+    except DecodeError as exc:
+        raise MalformedPayload(f"undecodable frame: {exc}") from None
+
+
 def decode_push_header(first: bytes | None) -> parameter_server_pb2.PushHeader:
     msg = None
     if first is not None and chunk_payload(first) is None:
-        msg = parameter_server_pb2.PushRequest.FromString(first)
+        msg = _parse(parameter_server_pb2.PushRequest, first)
     if msg is None or msg.WhichOneof("frame") != "header":
         raise MalformedPayload("a push starts with its header frame")
     return msg.header
@@ -329,7 +337,7 @@ def payload_pieces(frames: Iterable[bytes], message_cls) -> Iterator[memoryview]
     for frame in frames:
         piece = chunk_payload(frame)
         if piece is None:  # encoded by some other protobuf library: parse it fully
-            msg = message_cls.FromString(frame)
+            msg = _parse(message_cls, frame)
             if msg.WhichOneof("frame") != "chunk":
                 raise MalformedPayload("a stream carries one header, in its first frame")
             piece = memoryview(msg.chunk)

@@ -17,7 +17,7 @@ from psgrid.spec import OptimizerSpec
 TRAINABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str = "gradient") -> None:
     """Raise NonFiniteGradient naming the first tensor that holds NaN or Inf."""
     for name, t in tensors.items():
         if not t.is_floating_point() or t.numel() == 0:
@@ -25,7 +25,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
         # One float64 reduction catches any NaN/Inf; only a suspicious sum
         # (overflow of huge finite float64 values) pays for the full check.
         if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
-            raise NonFiniteGradient(f"gradient {name!r} holds NaN or Inf")
+            raise NonFiniteGradient(f"{what} {name!r} holds NaN or Inf")
 
 
 class ParameterStore:
@@ -38,7 +38,7 @@ class ParameterStore:
         self.layout = layout
         self.flat = initial
         self.params = layout.views(self.flat)
-        check_finite(self.params)
+        check_finite(self.params, what="initial parameter")
         self.optimizer = make_optimizer(optimizer, self.params)
         self.version = 0
 
