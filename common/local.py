@@ -24,6 +24,8 @@ class LocalCluster:
                  log_level: str = "INFO"):
         self.run_dir = pathlib.Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.run_dir.glob("*.log"):
+            old.unlink()
         self.n_workers = workers
         self.threads = threads or default_threads(max(1, workers))
         self.server_args = tuple(server_args)
@@ -37,12 +39,13 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.run_dir / f"{name}.log", "wb")
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.run_dir / f"{name}.log", "ab")
         cmd = [sys.executable, "-m", "psgrid", "--log-level", self.log_level, *args]
         try:
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env={**os.environ, **env} if env else None)
         finally:
             log.close()
 
@@ -60,10 +63,11 @@ class LocalCluster:
             time.sleep(0.05)
         self.port = int(port_file.read_text())
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start one more worker; ``env`` adds environment variables for it alone."""
         index = len(self.workers)
         proc = self._spawn(f"worker{index}", "worker", "--server", self.address,
-                           "--threads", str(self.threads), *self.worker_args)
+                           "--threads", str(self.threads), *self.worker_args, env=env)
         self.workers.append(proc)
         return proc
 

@@ -1,0 +1,28 @@
+"""One real cluster (a server process and two worker processes) shared by the integration tier."""
+from __future__ import annotations
+
+import pytest
+
+from psgrid.client import Client
+from psgrid.local import LocalCluster
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cluster")
+    c = LocalCluster(run_dir, workers=0, threads=1,
+                     server_args=("--update-log", str(run_dir / "updates.jsonl")))
+    c.start()
+    c.start_worker()
+    c.start_worker(env={"PSGRID_TEST_SLOW": "1"})  # lags only jobs using slow_mlp
+    yield c
+    c.stop()
+    assert all(p.returncode == 0 for p in c.processes()), "SIGTERM must stop every process cleanly"
+
+
+@pytest.fixture(scope="session")
+def client(cluster):
+    with Client(cluster.address) as c:
+        yield c
+
+
