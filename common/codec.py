@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -236,6 +237,13 @@ def chunk_payload(frame: bytes) -> memoryview | None:
     return memoryview(frame)[pos:]
 
 
+def _as_tensor(payload: memoryview | bytes) -> torch.Tensor:
+    """A zero-copy uint8 view of received bytes (read-only: never written to)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
+        return torch.frombuffer(payload, dtype=torch.uint8)
+
+
 class PayloadAssembler:
     """Copies arriving chunks into a buffer; checks the byte count against the layout."""
 
@@ -243,7 +251,7 @@ class PayloadAssembler:
         if buffer.numel() < layout.total_bytes:
             raise ValueError("buffer is smaller than the layout")
         self.layout = layout
-        self._dst = buffer.numpy() if buffer.numel() else None
+        self._dst = buffer
         self.received = 0
 
     def feed(self, payload: memoryview | bytes) -> None:
@@ -253,7 +261,8 @@ class PayloadAssembler:
                 f"payload longer than the {self.layout.total_bytes} bytes its header declared"
             )
         if len(payload):
-            self._dst[self.received : end] = memoryview(payload)
+            # torch's copy releases the GIL, so gRPC's threads keep receiving.
+            self._dst[self.received : end].copy_(_as_tensor(payload))
         self.received = end
 
     def finish(self) -> None:
