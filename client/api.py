@@ -69,7 +69,10 @@ class Job:
         from psgrid.worker.loader import build_model
 
         model = build_model(self.spec)
-        model.load_state_dict(self.state_dict(), strict=False)
+        # The server holds trainable parameters only; buffers keep their initial values.
+        result = model.load_state_dict(self.state_dict(), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"the job's parameters do not fit {self.spec.model}: {result.unexpected_keys}")
         model.eval()
         return model
 
