@@ -1,0 +1,1 @@
+"""Supervision: start, watch and restart psgrid processes, OTP style."""
