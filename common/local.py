@@ -67,7 +67,8 @@ class LocalCluster:
         """Start one more worker; ``env`` adds environment variables for it alone."""
         index = len(self.workers)
         proc = self._spawn(f"worker{index}", "worker", "--server", self.address,
-                           "--threads", str(self.threads), *self.worker_args, env=env)
+                           "--threads", str(self.threads), "--name", f"worker-{index}",
+                           *self.worker_args, env=env)
         self.workers.append(proc)
         return proc
 

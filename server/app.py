@@ -45,6 +45,15 @@ class ParameterServerApp:
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
+        self._stopping = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="ps-reaper", daemon=True)
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(self.config.heartbeat_interval_s):
+            try:
+                self.core.reap()
+            except Exception:  # noqa: BLE001 - the reaper must outlive a bad tick
+                logger.exception("[ps] liveness check failed")
 
     @property
     def address(self) -> str:
@@ -55,6 +64,7 @@ class ParameterServerApp:
         self.server.start()
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper.start()
         if self.config.port_file:
             write_port_file(self.config.port_file, self.port)
         logger.info("[ps] serving on %s", self.address)
@@ -63,6 +73,7 @@ class ParameterServerApp:
     def stop(self, grace: float = 5.0) -> None:
         """Go NOT_SERVING, let in-flight calls finish within ``grace``, then stop."""
         self.health.enter_graceful_shutdown()
+        self._stopping.set()
         self.server.stop(grace).wait()
         self.core.close()
         logger.info("[ps] stopped")

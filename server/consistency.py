@@ -89,5 +89,18 @@ class StepClock:
         """Drop a worker from the barrier (it finished, or it is gone)."""
         self.active.discard(worker)
 
-    def rejoin(self, worker: str) -> None:
+    def rejoin(self, worker: str, replaces: str | None = None) -> None:
+        """Bring a worker (back) into the barrier; a new incarnation may replace an old id.
+
+        Its clock is fast-forwarded to the global step, so it never drags the
+        global step backwards: the steps it missed are skipped, not replayed.
+        """
+        step = self.global_step
+        if replaces is not None and replaces != worker:
+            self.clocks[worker] = self.clocks.pop(replaces)
+            self.active.discard(replaces)
+            if replaces in self.arrived:
+                self.arrived.discard(replaces)
+                self.arrived.add(worker)
+        self.clocks[worker] = max(self.clocks.get(worker, 0), step)
         self.active.add(worker)

@@ -46,6 +46,7 @@ class Assignment:
     rank: int
     world_size: int
     spec: JobSpec
+    start_step: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,8 @@ class PullResult:
     step: int
     layout: Layout | None
     payload: torch.Tensor | None
+    #: The step the server expects this worker to compute next.
+    clock: int = 0
 
 
 class NotReady(FailedPrecondition):
@@ -115,18 +118,53 @@ class ParameterServerCore:
     # --- workers and scheduling ----------------------------------------------------
 
     def register_worker(self, name: str, host: str, pid: int, device: str) -> WorkerRecord:
+        """Register a worker. A worker registering under the name of an earlier one
+        is its new incarnation: it replaces the old id and takes back its job and rank."""
         now = self._clock()
         record = WorkerRecord(f"w-{uuid.uuid4().hex[:10]}", name, host, pid, device, now, now)
         with self._lock:
+            previous = [w for w in self._workers.values() if w.name == name]
+            for old in previous:
+                del self._workers[old.worker_id]
             self._workers[record.worker_id] = record
         logger.info("[ps] worker %s registered (%s, pid %d, %s)", record.worker_id, name, pid, device)
+        for old in previous:
+            self._take_over(old, record)
         self._schedule()
         return record
+
+    def _take_over(self, old: WorkerRecord, new: WorkerRecord) -> None:
+        job = self._jobs.get(old.job_id) if old.job_id else None
+        if job is None:
+            return
+        with job.cond:
+            if job.state.terminal or old.worker_id not in job.workers:
+                return
+            job.replace_worker(old.worker_id, new.worker_id)
+            new.job_id = job.job_id
+        logger.info("[ps] worker %s replaces %s (%s) in job %s",
+                    new.worker_id, old.worker_id, new.name, job.job_id)
+
+    def reap(self) -> list[str]:
+        """Drop workers that missed their heartbeats from their jobs' barriers."""
+        now, lost = self._clock(), []
+        for worker in list(self._workers.values()):
+            job = self._jobs.get(worker.job_id) if worker.job_id else None
+            if job is None or self._alive(worker, now):
+                continue
+            with job.cond:
+                if worker.worker_id in job.workers and worker.worker_id not in job.lost:
+                    job.worker_lost(worker.worker_id)
+                    lost.append(worker.worker_id)
+        for worker_id in lost:
+            logger.warning("[ps] worker %s missed its heartbeats: it leaves the barrier", worker_id)
+        return lost
 
     def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
         """Note the worker alive; hand it a job when it is idle and one waits."""
         worker = self.worker(worker_id)
         worker.last_seen = self._clock()
+        self._mark_back(worker)
         self._schedule()
         state = None
         if job_id:
@@ -137,8 +175,16 @@ class ParameterServerCore:
         if current and current != job_id:
             job = self._jobs[current]
             with job.cond:
-                assignment = Assignment(current, job.rank_of(worker_id), len(job.workers), job.spec)
+                assignment = Assignment(current, job.rank_of(worker_id), len(job.workers), job.spec,
+                                        job.steps.clocks[worker_id])
         return assignment, state
+
+    def _mark_back(self, worker: WorkerRecord) -> None:
+        job = self._jobs.get(worker.job_id) if worker.job_id else None
+        if job is not None and worker.worker_id in job.lost:
+            with job.cond:
+                job.worker_back(worker.worker_id)
+            logger.info("[ps] worker %s is back: it rejoins job %s", worker.worker_id, job.job_id)
 
     def _alive(self, worker: WorkerRecord, now: float) -> bool:
         return now - worker.last_seen <= self.config.heartbeat_timeout_s
@@ -160,7 +206,7 @@ class ParameterServerCore:
                     w.job_id = job_id
                 self._pending.remove(job_id)
                 with job.cond:
-                    job.start([w.worker_id for w in chosen])
+                    job.start([w.worker_id for w in chosen], [w.name for w in chosen])
                 logger.info("[ps] job %s started on %s", job_id, ", ".join(job.workers))
 
     def _release(self, job: Job) -> None:
@@ -236,7 +282,9 @@ class ParameterServerCore:
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float) -> PullResult:
         """Wait until the worker may compute step ``clock``, then hand it the weights."""
-        job, _ = self._member(job_id, worker_id)
+        job, worker = self._member(job_id, worker_id)
+        worker.last_seen = self._clock()
+        self._mark_back(worker)
         with job.cond:
             if not job.cond.wait_for(lambda: job.ready_for(worker_id, clock, final), timeout_s):
                 raise NotReady(f"step {clock} of {worker_id} is not ready yet")
@@ -244,12 +292,13 @@ class ParameterServerCore:
             if job.state.terminal:
                 return PullResult(job.state, job.store.version if job.store else 0, step, None, None)
             store = job.store
+            clock = max(clock, job.steps.clocks[worker_id])
             if job.spec.synchronous or final:
                 # Nothing writes the parameters until this worker pushes again.
                 payload = store.flat
             else:
                 payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
-            return PullResult(job.state, store.version, step, store.layout, payload)
+            return PullResult(job.state, store.version, step, store.layout, payload, clock)
 
     def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
         """Receive, validate and apply one push; return (version, duplicate).

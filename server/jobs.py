@@ -59,6 +59,9 @@ class Job:
         self.created = self.updated = clock()
         self.cond = threading.Condition()
         self.workers: list[str] = []
+        #: Worker names by rank: a restarted worker of the same name takes its rank back.
+        self.worker_names: list[str] = []
+        self.lost: set[str] = set()
         self.steps: StepClock | None = None
         self.store: ParameterStore | None = None
         self.accumulator: GradientAccumulator | None = None
@@ -111,12 +114,45 @@ class Job:
         self.emit("state")
         return True
 
-    def start(self, workers: list[str]) -> None:
+    def start(self, workers: list[str], names: list[str]) -> None:
         self.workers = list(workers)
+        self.worker_names = list(names)
         self.steps = StepClock(self.spec.staleness, self.workers)
         self.progress = {w: WorkerProgress() for w in self.workers}
         self.push_locks = {w: threading.Lock() for w in self.workers}
         self.set_state(JobState.RUNNING)
+
+    def replace_worker(self, old: str, new: str) -> None:
+        """A new incarnation ``new`` of worker ``old`` takes its rank, clock and data shard."""
+        rank = self.rank_of(old)
+        self.workers[rank] = new
+        self.lost.discard(old)
+        self.steps.rejoin(new, replaces=old)
+        self.progress[new] = self.progress.pop(old)
+        self.push_locks[new] = threading.Lock()
+        self.push_locks.pop(old, None)
+        self.staging.pop(old, None)
+        self.snapshots.pop(old, None)
+        self.emit("worker")
+
+    def worker_lost(self, worker_id: str) -> None:
+        """The worker missed its heartbeats: stop waiting for it at the barrier."""
+        if worker_id in self.lost or self.state.terminal:
+            return
+        self.lost.add(worker_id)
+        self.steps.leave(worker_id)
+        if self.steps.synchronous and self.store is not None and self.steps.round_complete():
+            self._apply_round()
+        self.emit("worker")
+        self._maybe_done_training()
+
+    def worker_back(self, worker_id: str) -> None:
+        """A lost worker answered again: it rejoins at the current global step."""
+        if worker_id not in self.lost:
+            return
+        self.lost.discard(worker_id)
+        self.steps.rejoin(worker_id)
+        self.emit("worker")
 
     def rank_of(self, worker_id: str) -> int:
         try:
@@ -171,9 +207,7 @@ class Job:
         if steps.synchronous:
             self.accumulator.add(grads)
             if steps.accept(worker_id, seq):
-                store.apply(self.accumulator.mean())
-                self.accumulator.reset()
-                steps.round_applied()
+                self._apply_round()
             version = store.version if not steps.arrived else store.version + 1
         else:
             steps.accept(worker_id, seq)
@@ -186,6 +220,14 @@ class Job:
         self.updates.append(record)
         self.cond.notify_all()
         return record
+
+    def _apply_round(self) -> None:
+        """BSP: apply the mean of the gradients that arrived for this round."""
+        if self.accumulator.count:
+            self.store.apply(self.accumulator.mean())
+            self.accumulator.reset()
+        self.steps.round_applied()
+        self.cond.notify_all()
 
     # --- progress ---------------------------------------------------------------
 
@@ -202,7 +244,12 @@ class Job:
 
     def worker_finished(self, worker_id: str) -> None:
         self.progress[worker_id].finished = True
-        if all(p.finished for p in self.progress.values()) and self.state is JobState.RUNNING:
+        self._maybe_done_training()
+
+    def _maybe_done_training(self) -> None:
+        """Training ends when every worker that is still around has finished."""
+        done = all(p.finished or w in self.lost for w, p in self.progress.items())
+        if done and len(self.lost) < len(self.workers) and self.state is JobState.RUNNING:
             self.set_state(JobState.EVALUATING)
 
     def evaluated(self, metrics: dict[str, float]) -> None:

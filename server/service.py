@@ -20,7 +20,8 @@ _PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhas
 
 
 def pull_frames(result: PullResult) -> Iterator[bytes]:
-    return codec.encode_pull(result.state, result.version, result.step, result.layout, result.payload)
+    return codec.encode_pull(result.state, result.version, result.step, result.layout,
+                             result.payload, result.clock)
 
 
 class ParameterServerService:
@@ -46,6 +47,7 @@ class ParameterServerService:
             reply.assignment.CopyFrom(ps.Assignment(
                 job_id=assignment.job_id, rank=assignment.rank,
                 world_size=assignment.world_size, spec=codec.spec_to_proto(assignment.spec),
+                start_step=assignment.start_step,
             ))
         return reply
 

@@ -23,6 +23,7 @@ class Assignment:
     rank: int
     world_size: int
     spec: JobSpec
+    start_step: int = 0
 
 
 class ParameterServerClient:
@@ -63,7 +64,8 @@ class ParameterServerClient:
         assignment = None
         if reply.HasField("assignment"):
             a = reply.assignment
-            assignment = Assignment(a.job_id, a.rank, a.world_size, codec.spec_from_proto(a.spec))
+            assignment = Assignment(a.job_id, a.rank, a.world_size, codec.spec_from_proto(a.spec),
+                                    a.start_step)
         return assignment, codec.state_from_proto(reply.job_state)
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool,

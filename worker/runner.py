@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from psgrid.errors import JobNotRunning, PsgridError
+from psgrid.errors import JobNotRunning, NotAssigned, PsgridError, UnknownWorker
 from psgrid.spec import JobState
 from psgrid.worker.data import ShardSampler
 from psgrid.worker.device import pick_device
@@ -44,12 +44,15 @@ class Worker:
     def tag(self) -> str:
         return f"[worker {self.worker_id or self.name}]"
 
-    def run(self) -> None:
-        """Serve jobs until ``stop`` is set."""
+    def _register(self) -> None:
         device = pick_device(self.device_pref)
         self.worker_id, self.heartbeat_interval = self.client.register(
             self.name, socket.gethostname(), os.getpid(), str(device))
-        logger.info("%s registered with %s on %s", self.tag, self.client.address, device)
+        logger.info("%s registered with %s as %s on %s", self.tag, self.client.address, self.name, device)
+
+    def run(self) -> None:
+        """Serve jobs until ``stop`` is set."""
+        self._register()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         while not self.stop.is_set():
@@ -64,6 +67,13 @@ class Worker:
         while not self.stop.wait(self.heartbeat_interval):
             try:
                 assignment, state = self.client.heartbeat(self.worker_id, self._current_job)
+            except UnknownWorker:
+                # The server restarted (or a newer process took our name): register
+                # again; a running job is given back with the step to resume at.
+                logger.warning("%s unknown to the server; registering again", self.tag)
+                self._job_ended.set()
+                self._safe(self._register)
+                continue
             except PsgridError as exc:
                 logger.warning("%s heartbeat failed: %s", self.tag, exc)
                 continue
@@ -72,6 +82,12 @@ class Worker:
             if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
                 self._assignments.append(assignment)
                 self._wake.set()
+
+    def _safe(self, fn) -> None:
+        try:
+            fn()
+        except PsgridError as exc:
+            logger.warning("%s %s", self.tag, exc)
 
     def _run_job(self, a: Assignment) -> None:
         self._current_job = a.job_id
@@ -91,7 +107,7 @@ class Worker:
                 self._evaluate(a, step, tag)
         except JobStopped:
             logger.info("%s job ended elsewhere; back to idle", tag)
-        except JobNotRunning as exc:
+        except (JobNotRunning, NotAssigned, UnknownWorker) as exc:
             logger.info("%s %s; back to idle", tag, exc)
         except Exception as exc:  # noqa: BLE001
             logger.exception("%s failed", tag)
@@ -125,11 +141,17 @@ class Worker:
         spec = a.spec
         total = step.sampler.total_steps(spec.epochs, spec.steps)
         losses, samples, window_start = [], 0, time.monotonic()
-        for clock in range(total):
+        clock = a.start_step
+        while clock < total:
             self._check_running()
             pulled = self.client.pull(a.job_id, self.worker_id, clock, False, step.buffer_for)
             if pulled.layout is None:
                 raise JobStopped()
+            if pulled.clock > clock:  # we were dropped from the barrier: skip ahead
+                logger.info("%s resuming at step %d (was %d)", tag, pulled.clock, clock)
+                clock = pulled.clock
+                if clock >= total:
+                    break
             step.load(pulled.layout, pulled.buffer)
             loss, rows = step.run(clock)
             header = push_header(a.job_id, self.worker_id, clock, pulled.version, pulled.step, step.layout)
@@ -144,6 +166,7 @@ class Worker:
                 if state is not None and state.terminal:
                     raise JobStopped()
                 losses, samples, window_start = [], 0, time.monotonic()
+            clock += 1
         self.client.report(self.worker_id, a.job_id, "FINISHED", step=total, total_steps=total)
         logger.info("%s pushed all %d steps", tag, total)
 

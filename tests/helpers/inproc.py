@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 import torch
 
@@ -33,6 +34,7 @@ class Rig:
     job_id: str
     workers: list[str]
     layout: Layout
+    names: list[str]
 
     def params(self) -> dict[str, torch.Tensor]:
         pulled = self.jobs.fetch(self.job_id)
@@ -55,15 +57,18 @@ def make_rig(port: int, job_spec: JobSpec | None = None, params=None) -> Rig:
     ps = ParameterServerClient(address, timeout_s=10, retry_for_s=0)
     jobs = JobServiceClient(address, timeout_s=10, retry_for_s=0)
     job_spec = job_spec or spec()
-    workers = [ps.register(f"t{i}", "localhost", 1, "cpu")[0] for i in range(job_spec.num_workers)]
+    prefix = uuid.uuid4().hex[:6]
+    names = [f"{prefix}-{i}" for i in range(job_spec.num_workers)]
+    workers = [ps.register(name, "localhost", 1, "cpu")[0] for name in names]
     job_id = jobs.submit(job_spec).job_id
     ranked = {}
     for w in workers:
         a = wait_until(lambda: ps.heartbeat(w, "")[0], timeout=10, message="an assignment")
         assert a.job_id == job_id
         ranked[a.rank] = w
+    names = [names[workers.index(ranked[r])] for r in range(len(workers))]
     workers = [ranked[r] for r in range(len(workers))]
     params = params if params is not None else small_params()
     layout = Layout.of_tensors(params.items())
     ps.push(push_header(job_id, workers[0], 0, 0, 0, layout, init=True), layout.pack(params))
-    return Rig(ps, jobs, job_id, workers, layout)
+    return Rig(ps, jobs, job_id, workers, layout, names)

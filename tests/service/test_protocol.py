@@ -134,3 +134,35 @@ def test_model_larger_than_grpc_message_limit_moves_in_chunks(server):
     assert torch.equal(fetched["w"], big["w"]) and torch.equal(fetched["b"], big["b"])
     rig.push(0, 0, {"w": torch.ones(3 * 2**20), "b": torch.ones(10)})
     torch.testing.assert_close(rig.params()["w"], big["w"] - 0.5)
+
+
+def test_a_silent_worker_leaves_the_barrier_and_rejoins(server_factory):
+    server = server_factory(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.4)
+    rig = make_rig(server.port, spec(num_workers=2, staleness=0))
+    rig.push(0, 0, ones(1.0))
+    # worker 1 goes silent: worker 0 keeps beating, the round completes without worker 1
+    wait_until(lambda: rig.ps.heartbeat(rig.workers[0], rig.job_id) and rig.version() == 1,
+               timeout=10, message="the barrier to drop the silent worker")
+    rig.pull(0, 1)
+    # worker 1 comes back: it skips ahead to the global step and the barrier waits for it again
+    back = rig.pull(1, 0)
+    assert back.clock == 1
+    rig.push(0, 1, ones(1.0))
+    assert rig.version() == 1
+    rig.push(1, 1, ones(1.0))
+    assert rig.version() == 2
+
+
+def test_a_restarted_worker_takes_back_its_rank_and_clock(server):
+    rig = make_rig(server.port, spec(num_workers=2, staleness=None))
+    rig.push(1, 0, ones(0.1))
+    rig.push(1, 1, ones(0.1))
+    new_id, _ = rig.ps.register(rig.names[1], "localhost", 2, "cpu")  # worker 1, restarted
+    assignment = rig.ps.heartbeat(new_id, "")[0]
+    assert (assignment.job_id, assignment.rank, assignment.start_step) == (rig.job_id, 1, 2)
+    with pytest.raises(Exception) as old:
+        rig.push(1, 2, ones(0.1))  # the old incarnation is gone
+    assert type(old.value).__name__ == "UnknownWorker"
+    rig.workers[1] = new_id
+    v, dup = rig.push(1, 2, ones(0.1))
+    assert not dup and v == 3
