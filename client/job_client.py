@@ -1,12 +1,14 @@
 """The SDK's side of the JobService: the only gRPC in the client package."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
 import torch
 
 from psgrid import codec, rpc
+from psgrid.backoff import Backoff
 from psgrid.codec import Pulled
 from psgrid.spec import JobEvent, JobInfo, JobSpec
 from psgrid.v1 import job_pb2
@@ -18,7 +20,7 @@ _SERVICE = "/psgrid.v1.JobService/"
 class JobServiceClient:
     """Typed calls of psgrid.v1.JobService; failures raise psgrid exceptions."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 30.0):
+    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 120.0):
         self.address = address
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
@@ -59,15 +61,33 @@ class JobServiceClient:
         return [codec.info_from_proto(j) for j in self._call(self._list, js.ListJobsRequest()).jobs]
 
     def watch(self, job_id: str, from_seq: int = 0, timeout_s: float | None = None) -> Iterator[JobEvent]:
-        """Events from ``from_seq`` until the job is terminal (or the deadline)."""
-        stream = self._watch(js.WatchJobRequest(job_id=job_id, from_seq=from_seq), timeout=timeout_s)
-        try:
-            for msg in stream:
-                yield codec.event_from_proto(msg)
-        except grpc.RpcError as exc:
-            raise rpc.to_psgrid_error(exc) from None
-        finally:
-            stream.cancel()
+        """Events from ``from_seq`` until the job is terminal (or the deadline).
+
+        Rides through a server restart: on UNAVAILABLE it reconnects with
+        capped, jittered back-off (for up to ``retry_for_s`` of outage) and
+        resumes after the last event it yielded.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        outage_since = None
+        while True:
+            remaining = None if deadline is None else max(0.01, deadline - time.monotonic())
+            stream = self._watch(js.WatchJobRequest(job_id=job_id, from_seq=from_seq), timeout=remaining)
+            try:
+                for msg in stream:
+                    event = codec.event_from_proto(msg)
+                    from_seq, outage_since = event.seq + 1, None
+                    backoff.reset()
+                    yield event
+                return
+            except grpc.RpcError as exc:
+                outage_since = outage_since or time.monotonic()
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or (
+                        time.monotonic() - outage_since > self.retry_for_s):
+                    raise rpc.to_psgrid_error(exc) from None
+                time.sleep(backoff.next_delay())
+            finally:
+                stream.cancel()
 
     def fetch(self, job_id: str) -> Pulled:
         def once(request, timeout):

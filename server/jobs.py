@@ -30,6 +30,8 @@ class UpdateRecord:
 
     job_id: str
     worker_id: str
+    #: The worker's stable name (ids change when a worker restarts).
+    worker_name: str
     seq: int
     base_version: int
     base_step: int
@@ -214,7 +216,7 @@ class Job:
             store.apply(grads)
             version = store.version
         record = UpdateRecord(
-            self.job_id, worker_id, seq, base_version, base_step,
+            self.job_id, worker_id, self.worker_names[self.rank_of(worker_id)], seq, base_version, base_step,
             staleness=seq - base_step, version=version, time_unix=self._clock(),
         )
         self.updates.append(record)
