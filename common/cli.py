@@ -33,6 +33,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     config = ServerConfig.load(
         args.config, host=args.host, port=args.port, port_file=args.port_file,
         update_log=args.update_log, max_payload_bytes=args.max_payload_bytes,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_interval_s=args.checkpoint_interval,
+        keep_checkpoints=args.keep_checkpoints, heartbeat_timeout_s=args.heartbeat_timeout,
     )
     serve(config)
     return 0
@@ -222,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", help="write the bound port to this file")
     p.add_argument("--update-log", help="append a JSON line per accepted gradient push")
     p.add_argument("--max-payload-bytes", type=int, help="largest parameter set one job may hold")
+    p.add_argument("--checkpoint-dir", help="checkpoint jobs here, and restore them from here at start")
+    p.add_argument("--checkpoint-interval", type=float, help="seconds between checkpoints (default 5)")
+    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept per job (default 3)")
+    p.add_argument("--heartbeat-timeout", type=float,
+                   help="seconds of silence after which a worker leaves the barrier (default 10)")
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("worker", help="run a worker that trains jobs from a server")

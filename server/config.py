@@ -31,6 +31,10 @@ class ServerConfig:
     port_file: str | None = None
     #: Append one JSON line per accepted gradient push here.
     update_log: str | None = None
+    #: Checkpoint every job here, and restore from here at start (None: no checkpoints).
+    checkpoint_dir: str | None = None
+    checkpoint_interval_s: float = 5.0
+    keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -39,6 +43,8 @@ class ServerConfig:
             raise ValueError(f"max_payload_bytes must be > 0, got {self.max_payload_bytes}")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
+        if self.checkpoint_interval_s <= 0 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_interval_s must be > 0 and keep_checkpoints >= 1")
         if self.pull_wait_s <= 0 or self.max_rpc_threads < 4:
             raise ValueError("pull_wait_s must be > 0 and max_rpc_threads >= 4")
 
