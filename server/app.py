@@ -10,6 +10,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.core import ParameterServerCore
 from psgrid.server.service import handlers
@@ -35,6 +36,10 @@ class ParameterServerApp:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.core = ParameterServerCore(config)
+        self.checkpoints = None
+        if config.checkpoint_dir:
+            self.checkpoints = CheckpointStore(config.checkpoint_dir, keep=config.keep_checkpoints)
+            self.core.restore(self.checkpoints)
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_rpc_threads, thread_name_prefix="ps-rpc"),
@@ -46,14 +51,22 @@ class ParameterServerApp:
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self._stopping = threading.Event()
-        self._reaper = threading.Thread(target=self._reap_loop, name="ps-reaper", daemon=True)
+        self._threads = [threading.Thread(target=self._every, args=(config.heartbeat_interval_s, self.core.reap),
+                                          name="ps-reaper", daemon=True)]
+        if self.checkpoints:
+            self._threads.append(threading.Thread(
+                target=self._every, args=(config.checkpoint_interval_s, self._checkpoint),
+                name="ps-checkpoint", daemon=True))
 
-    def _reap_loop(self) -> None:
-        while not self._stopping.wait(self.config.heartbeat_interval_s):
+    def _checkpoint(self) -> None:
+        self.core.checkpoint(self.checkpoints)
+
+    def _every(self, interval: float, task) -> None:
+        while not self._stopping.wait(interval):
             try:
-                self.core.reap()
-            except Exception:  # noqa: BLE001 - the reaper must outlive a bad tick
-                logger.exception("[ps] liveness check failed")
+                task()
+            except Exception:  # noqa: BLE001 - a periodic task must outlive a bad tick
+                logger.exception("[ps] %s failed", getattr(task, "__name__", task))
 
     @property
     def address(self) -> str:
@@ -64,7 +77,8 @@ class ParameterServerApp:
         self.server.start()
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._reaper.start()
+        for thread in self._threads:
+            thread.start()
         if self.config.port_file:
             write_port_file(self.config.port_file, self.port)
         logger.info("[ps] serving on %s", self.address)
@@ -75,6 +89,11 @@ class ParameterServerApp:
         self.health.enter_graceful_shutdown()
         self._stopping.set()
         self.server.stop(grace).wait()
+        for thread in self._threads:
+            thread.join()
+        if self.checkpoints:
+            saved = self.core.checkpoint(self.checkpoints)
+            logger.info("[ps] final checkpoint: %d job(s) saved", saved)
         self.core.close()
         logger.info("[ps] stopped")
 

@@ -31,6 +31,25 @@ class StepClock:
         self.arrived: set[str] = set()
         self._bsp_step = 0
 
+    @classmethod
+    def restored(cls, staleness: int | None, clocks: dict[str, int], global_step: int) -> "StepClock":
+        """A clock rebuilt from a checkpoint: every worker away until it rejoins."""
+        clock = cls(staleness, clocks)
+        clock.clocks = dict(clocks)
+        clock.active = set()
+        clock._bsp_step = global_step
+        return clock
+
+    def checkpoint_clocks(self) -> dict[str, int]:
+        """Clocks consistent with the applied parameters.
+
+        In BSP a push accepted into a round that has not been applied yet is
+        not in the parameters; its worker computes that step again.
+        """
+        if self.synchronous:
+            return {w: min(c, self._bsp_step) for w, c in self.clocks.items()}
+        return dict(self.clocks)
+
     @property
     def synchronous(self) -> bool:
         return self.staleness == 0
@@ -41,7 +60,7 @@ class StepClock:
         if self.synchronous:
             return self._bsp_step
         clocks = [self.clocks[w] for w in self.active]
-        return min(clocks) if clocks else max(self.clocks.values(), default=0)
+        return min(clocks) if clocks else min(self.clocks.values(), default=0)
 
     def may_compute(self, worker: str, clock: int) -> bool:
         """True when ``worker`` may pull the weights to compute step ``clock``."""

@@ -18,6 +18,8 @@ import torch
 
 from psgrid.codec import Layout, PayloadAssembler
 from psgrid.errors import FailedPrecondition, InvalidArgument, UnknownJob, UnknownWorker
+from psgrid.server import recovery
+from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.jobs import Job, UpdateRecord
 from psgrid.server.store import check_finite
@@ -89,6 +91,7 @@ class ParameterServerCore:
         self._jobs: dict[str, Job] = {}
         self._workers: dict[str, WorkerRecord] = {}
         self._pending: list[str] = []
+        self._checkpointed: dict[str, tuple[int, JobState]] = {}
         self._update_log = open(config.update_log, "a", buffering=1) if config.update_log else None
 
     def close(self) -> None:
@@ -123,27 +126,30 @@ class ParameterServerCore:
         now = self._clock()
         record = WorkerRecord(f"w-{uuid.uuid4().hex[:10]}", name, host, pid, device, now, now)
         with self._lock:
-            previous = [w for w in self._workers.values() if w.name == name]
-            for old in previous:
+            for old in [w for w in self._workers.values() if w.name == name]:
                 del self._workers[old.worker_id]
             self._workers[record.worker_id] = record
+            for job in self._jobs.values():
+                if self._take_over(job, record):
+                    break
         logger.info("[ps] worker %s registered (%s, pid %d, %s)", record.worker_id, name, pid, device)
-        for old in previous:
-            self._take_over(old, record)
         self._schedule()
         return record
 
-    def _take_over(self, old: WorkerRecord, new: WorkerRecord) -> None:
-        job = self._jobs.get(old.job_id) if old.job_id else None
-        if job is None:
-            return
+    def _take_over(self, job: Job, new: WorkerRecord) -> bool:
+        """Give ``new`` the rank in ``job`` that a gone worker of the same name held."""
         with job.cond:
-            if job.state.terminal or old.worker_id not in job.workers:
-                return
-            job.replace_worker(old.worker_id, new.worker_id)
-            new.job_id = job.job_id
-        logger.info("[ps] worker %s replaces %s (%s) in job %s",
-                    new.worker_id, old.worker_id, new.name, job.job_id)
+            if job.state.terminal:
+                return False
+            for rank, name in enumerate(job.worker_names):
+                old = job.workers[rank]
+                if name == new.name and old not in self._workers:
+                    job.replace_worker(old, new.worker_id)
+                    new.job_id = job.job_id
+                    logger.info("[ps] worker %s (%s) takes back rank %d of job %s at step %d",
+                                new.worker_id, name, rank, job.job_id, job.steps.clocks[new.worker_id])
+                    return True
+        return False
 
     def reap(self) -> list[str]:
         """Drop workers that missed their heartbeats from their jobs' barriers."""
@@ -216,6 +222,43 @@ class ParameterServerCore:
                 if w.job_id == job.job_id:
                     w.job_id = None
         self._schedule()
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def restore(self, checkpoints: CheckpointStore) -> list[str]:
+        """Load the newest valid checkpoint of every job found; return their ids."""
+        restored = []
+        for job_id in checkpoints.job_ids():
+            ckpt = checkpoints.load_latest(job_id)
+            if ckpt is None:
+                continue
+            job = recovery.restore(ckpt)
+            with self._lock:
+                self._jobs[job_id] = job
+                if job.state is JobState.PENDING:
+                    self._pending.append(job_id)
+            self._checkpointed[job_id] = (job.store.version if job.store else 0, job.state)
+            self._log_line({"event": "restore", "job_id": job_id, "checkpoint": ckpt.seq,
+                            "version": job.store.version if job.store else 0})
+            logger.info("[ps] job %s restored from checkpoint %d: %s, version %d",
+                        job_id, ckpt.seq, job.state.value, job.store.version if job.store else 0)
+            restored.append(job_id)
+        self._schedule()
+        return restored
+
+    def checkpoint(self, checkpoints: CheckpointStore) -> int:
+        """Checkpoint every job whose version or state changed since its last one."""
+        saved = 0
+        for job in list(self._jobs.values()):
+            with job.cond:
+                key = (job.store.version if job.store else 0, job.state)
+                if self._checkpointed.get(job.job_id) == key:
+                    continue
+                ckpt = recovery.snapshot(job, checkpoints.next_seq(job.job_id))
+            checkpoints.save(ckpt)
+            self._checkpointed[job.job_id] = key
+            saved += 1
+        return saved
 
     # --- jobs --------------------------------------------------------------------------
 
@@ -352,8 +395,11 @@ class ParameterServerCore:
         assembler.finish()
 
     def _log_update(self, record: UpdateRecord) -> None:
+        self._log_line({"event": "update", **dataclasses.asdict(record)})
+
+    def _log_line(self, entry: dict) -> None:
         if self._update_log:
-            self._update_log.write(json.dumps(dataclasses.asdict(record)) + "\n")
+            self._update_log.write(json.dumps(entry) + "\n")
 
     # --- worker reports ------------------------------------------------------------------
 

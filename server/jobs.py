@@ -53,7 +53,7 @@ class WorkerProgress:
 class Job:
     """A job's whole server-side state, guarded by ``cond``."""
 
-    def __init__(self, job_id: str, spec: JobSpec, clock=time.time):
+    def __init__(self, job_id: str, spec: JobSpec, clock=time.time, next_event: int = 0):
         self.job_id = job_id
         self.spec = spec
         self.state = JobState.PENDING
@@ -72,13 +72,14 @@ class Job:
         self.metrics: dict[str, float] = {}
         self.error = ""
         self.events: deque[JobEvent] = deque(maxlen=MAX_EVENTS)
-        self._next_event = 0
+        self._next_event = next_event
         self.updates: deque[UpdateRecord] = deque(maxlen=MAX_UPDATE_RECORDS)
         self.push_locks: dict[str, threading.Lock] = {}
         self.staging: dict[str, torch.Tensor] = {}
         self.snapshots: dict[str, torch.Tensor] = {}
-        with self.cond:
-            self.emit("submitted")
+        if next_event == 0:
+            with self.cond:
+                self.emit("submitted")
 
     # --- snapshots and events ---------------------------------------------
 
@@ -100,6 +101,10 @@ class Job:
         self.events.append(JobEvent(self._next_event, self.updated, kind, self.info()))
         self._next_event += 1
         self.cond.notify_all()
+
+    @property
+    def next_event(self) -> int:
+        return self._next_event
 
     def events_from(self, seq: int) -> list[JobEvent]:
         return [e for e in self.events if e.seq >= seq]

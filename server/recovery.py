@@ -1,0 +1,83 @@
+"""A job's server-side state to and from a checkpoint.
+
+What a checkpoint holds: the parameters, the optimizer's state and step count,
+the version, the job's state, metrics and event position, and each worker's
+position in its data (its clock, by worker name). What it does not hold: BSP
+gradients accumulated for a round not yet applied (their workers compute that
+step again) and the pushes accepted after it was taken. So the recovery point
+is the last checkpoint: acknowledged updates after it are lost, and none is
+ever applied twice, because restored clocks make workers redo exactly the
+steps the parameters do not contain.
+"""
+from __future__ import annotations
+
+import threading
+
+from google.protobuf import json_format
+
+from psgrid import codec
+from psgrid.codec import Layout
+from psgrid.server.checkpoint import JobCheckpoint
+from psgrid.server.consistency import StepClock
+from psgrid.server.jobs import Job, WorkerProgress
+from psgrid.server.store import GradientAccumulator, ParameterStore
+from psgrid.spec import JobState
+from psgrid.v1 import job_pb2
+
+#: Prefix of the stand-in id of a rank whose worker has not re-registered yet.
+AWAY = "away:"
+
+
+def snapshot(job: Job, seq: int) -> JobCheckpoint:
+    """The job's state as a checkpoint; call under ``job.cond`` (copies the tensors)."""
+    store = job.store
+    clocks = job.steps.checkpoint_clocks() if job.steps else {}
+    names = dict(zip(job.workers, job.worker_names))
+    meta = {
+        "spec": json_format.MessageToJson(codec.spec_to_proto(job.spec)),
+        "state": job.state.value,
+        "error": job.error,
+        "metrics": dict(job.metrics),
+        "version": store.version if store else 0,
+        "optimizer_steps": store.optimizer.steps if store else 0,
+        "global_step": job.steps.global_step if job.steps else 0,
+        "worker_names": list(job.worker_names),
+        "clocks": {names[w]: c for w, c in clocks.items()},
+        "finished": [names[w] for w, p in job.progress.items() if p.finished],
+        "total_steps": job.total_steps,
+        "next_event": job.next_event,
+        "created": job.created,
+    }
+    params = dict(store.params) if store else {}
+    optimizer_state = store.optimizer.state_tensors() if store else {}
+    return JobCheckpoint(job.job_id, seq, params, optimizer_state, meta).detached()
+
+
+def restore(ckpt: JobCheckpoint) -> Job:
+    """Rebuild a job; its workers are away until they register again by name."""
+    meta = ckpt.meta
+    spec = codec.spec_from_proto(json_format.Parse(meta["spec"], job_pb2.JobSpec()))
+    job = Job(ckpt.job_id, spec, next_event=meta["next_event"])
+    job.created = meta["created"]
+    job.state = JobState(meta["state"])
+    job.error, job.metrics, job.total_steps = meta["error"], dict(meta["metrics"]), meta["total_steps"]
+    if ckpt.params:
+        layout = Layout.of_tensors(ckpt.params.items())
+        store = ParameterStore(layout, layout.pack(ckpt.params), spec.optimizer)
+        for name, tensor in store.optimizer.state_tensors().items():
+            tensor.copy_(ckpt.optimizer_state[name])
+        store.version, store.optimizer.steps = meta["version"], meta["optimizer_steps"]
+        job.store = store
+        job.accumulator = GradientAccumulator(layout) if spec.synchronous else None
+    names = meta["worker_names"]
+    if names:
+        job.worker_names = list(names)
+        job.workers = [AWAY + n for n in names]
+        job.lost = set(job.workers)
+        job.steps = StepClock.restored(
+            spec.staleness, {AWAY + n: meta["clocks"].get(n, 0) for n in names}, meta["global_step"])
+        job.progress = {AWAY + n: WorkerProgress(finished=n in meta["finished"]) for n in names}
+        job.push_locks = {w: threading.Lock() for w in job.workers}
+    with job.cond:
+        job.emit("restored")
+    return job
