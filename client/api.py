@@ -10,6 +10,7 @@ from torch import nn
 from psgrid.client.job_client import JobServiceClient
 from psgrid.client.progress import Progress
 from psgrid.errors import JobCancelled, JobFailed
+from psgrid.security import Security
 from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
 
 
@@ -78,11 +79,15 @@ class Job:
 
 
 class Client:
-    """Talks to a psgrid cluster's JobService at ``address`` ("host:port")."""
+    """Talks to a psgrid cluster's JobService at ``address`` ("host:port").
 
-    def __init__(self, address: str, timeout: float = 30.0):
+    ``security`` carries the cluster token and TLS files
+    (``Security.from_files(token_file=..., ca=..., cert=..., key=...)``).
+    """
+
+    def __init__(self, address: str, timeout: float = 30.0, security: Security | None = None):
         self.address = address
-        self._rpc = JobServiceClient(address, timeout_s=timeout)
+        self._rpc = JobServiceClient(address, timeout_s=timeout, security=security)
 
     def __enter__(self) -> "Client":
         return self

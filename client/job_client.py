@@ -10,6 +10,7 @@ import torch
 from psgrid import codec, rpc
 from psgrid.backoff import Backoff
 from psgrid.codec import Pulled
+from psgrid.security import Security
 from psgrid.spec import JobEvent, JobInfo, JobSpec
 from psgrid.v1 import job_pb2
 from psgrid.v1 import job_service_pb2 as js
@@ -20,11 +21,12 @@ _SERVICE = "/psgrid.v1.JobService/"
 class JobServiceClient:
     """Typed calls of psgrid.v1.JobService; failures raise psgrid exceptions."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 120.0):
+    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 120.0,
+                 security: Security | None = None):
         self.address = address
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
-        self.channel = rpc.make_channel(address)
+        self.channel = rpc.make_channel(address, security=security)
         unary = lambda name, req, resp: self.channel.unary_unary(  # noqa: E731
             _SERVICE + name, request_serializer=req.SerializeToString,
             response_deserializer=resp.FromString)

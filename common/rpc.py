@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 
 from psgrid.backoff import Backoff
+from psgrid.security import Security
 from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, DeadlineExceeded, PsgridError
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def to_psgrid_error(error: grpc.RpcError) -> PsgridError:
     return exc
 
 
-def make_channel(address: str, options: list | None = None) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, *(options or [])])
+def make_channel(address: str, options: list | None = None, security: Security | None = None) -> grpc.Channel:
+    """A channel with psgrid's options, presenting ``security``'s credentials."""
+    return (security or Security()).channel(address, [*CHANNEL_OPTIONS, *(options or [])])
 
 
 def call(fn: Callable[..., T], *args, timeout: float, retry_for: float = 0.0,

@@ -10,6 +10,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from psgrid.security import Security
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.core import ParameterServerCore
@@ -33,8 +34,9 @@ def write_port_file(path: str, port: int) -> None:
 class ParameterServerApp:
     """A started gRPC server around one core; ``port`` is the bound port."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, security: Security | None = None):
         self.config = config
+        security = security or Security()
         self.core = ParameterServerCore(config)
         self.checkpoints = None
         if config.checkpoint_dir:
@@ -44,10 +46,11 @@ class ParameterServerApp:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_rpc_threads, thread_name_prefix="ps-rpc"),
             options=[("grpc.so_reuseport", 0)],
+            interceptors=security.interceptors(),
         )
         self.server.add_generic_rpc_handlers(handlers(self.core))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = security.add_port(self.server, f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self._stopping = threading.Event()
@@ -98,12 +101,13 @@ class ParameterServerApp:
         logger.info("[ps] stopped")
 
 
-def serve(config: ServerConfig, stop: threading.Event | None = None, grace: float = 5.0) -> None:
+def serve(config: ServerConfig, security: Security | None = None,
+          stop: threading.Event | None = None, grace: float = 5.0) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set)."""
     stop = stop or threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    app = ParameterServerApp(config).start()
+    app = ParameterServerApp(config, security).start()
     try:
         stop.wait()
     finally:

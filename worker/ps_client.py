@@ -10,6 +10,7 @@ import torch
 from psgrid import codec, rpc
 from psgrid.codec import Layout, Pulled
 from psgrid.errors import NotFound
+from psgrid.security import Security
 from psgrid.spec import JobSpec, JobState
 from psgrid.v1 import parameter_server_pb2 as ps
 
@@ -29,11 +30,12 @@ class Assignment:
 class ParameterServerClient:
     """Calls a parameter server; every call has a deadline and retries UNAVAILABLE."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0):
+    def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0,
+                 security: Security | None = None):
         self.address = address
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
-        self.channel = rpc.make_channel(address)
+        self.channel = rpc.make_channel(address, security=security)
         unary = lambda name, req, resp: self.channel.unary_unary(  # noqa: E731
             _SERVICE + name, request_serializer=req.SerializeToString,
             response_deserializer=resp.FromString)

@@ -52,10 +52,10 @@ class Rig:
                             lambda n: torch.empty(n, dtype=torch.uint8))
 
 
-def make_rig(port: int, job_spec: JobSpec | None = None, params=None) -> Rig:
+def make_rig(port: int, job_spec: JobSpec | None = None, params=None, security=None) -> Rig:
     address = f"127.0.0.1:{port}"
-    ps = ParameterServerClient(address, timeout_s=10, retry_for_s=0)
-    jobs = JobServiceClient(address, timeout_s=10, retry_for_s=0)
+    ps = ParameterServerClient(address, timeout_s=10, retry_for_s=0, security=security)
+    jobs = JobServiceClient(address, timeout_s=10, retry_for_s=0, security=security)
     job_spec = job_spec or spec()
     prefix = uuid.uuid4().hex[:6]
     names = [f"{prefix}-{i}" for i in range(job_spec.num_workers)]
