@@ -23,6 +23,22 @@ def _server_address(args: argparse.Namespace) -> str:
     return args.server or os.environ.get("PSGRID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}"
 
 
+def _security(args: argparse.Namespace):
+    """Token (--token-file, else PSGRID_TOKEN) and TLS files; never logged."""
+    from psgrid.security import Security
+
+    return Security.from_files(token_file=args.token_file, token=os.environ.get("PSGRID_TOKEN"),
+                               ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+
+
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security")
+    g.add_argument("--token-file", help="file holding the cluster token (else env PSGRID_TOKEN)")
+    g.add_argument("--tls-ca", help="CA certificate (PEM): verify peers; on a server, require client certs")
+    g.add_argument("--tls-cert", help="this node's certificate (PEM)")
+    g.add_argument("--tls-key", help="this node's private key (PEM)")
+
+
 # --- psgrid server / worker ---------------------------------------------------------
 
 
@@ -35,21 +51,30 @@ def cmd_server(args: argparse.Namespace) -> int:
         update_log=args.update_log, max_payload_bytes=args.max_payload_bytes,
         checkpoint_dir=args.checkpoint_dir, checkpoint_interval_s=args.checkpoint_interval,
         keep_checkpoints=args.keep_checkpoints, heartbeat_timeout_s=args.heartbeat_timeout,
+        allowed_modules=args.allow_modules, shards=args.shards,
     )
-    serve(config)
+    serve(config, _security(args))
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import pathlib
     import signal
 
+    if args.liveness_file:
+        # Now, before torch loads (seconds): a supervisor sees the process alive at once.
+        pathlib.Path(args.liveness_file).touch()
     from psgrid.worker.device import default_threads, set_threads
     from psgrid.worker.ps_client import ParameterServerClient
     from psgrid.worker.runner import Worker
 
+    from psgrid.spec import parse_allowed
+
     set_threads(args.threads or default_threads(args.local_workers))
-    client = ParameterServerClient(_server_address(args))
-    worker = Worker(client, device=args.device, name=args.name)
+    security = _security(args)
+    client = ParameterServerClient(_server_address(args), security=security)
+    worker = Worker(client, device=args.device, name=args.name, liveness_file=args.liveness_file,
+                    allowed_modules=parse_allowed(args.allow_modules), security=security)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())
     try:
@@ -116,7 +141,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from psgrid.client import Client
 
     spec = _spec_from_args(args)
-    with Client(_server_address(args)) as client:
+    with Client(_server_address(args), security=_security(args)) as client:
         job = client.submit(spec)
         print(job.job_id)
         if args.wait:
@@ -128,7 +153,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from psgrid.client import Client
     from psgrid.client.progress import describe
 
-    with Client(_server_address(args)) as client:
+    with Client(_server_address(args), security=_security(args)) as client:
         jobs = client.list_jobs()
     if args.json:
         print(json.dumps([_info_json(j) for j in jobs], indent=2))
@@ -150,7 +175,7 @@ def _info_json(info) -> dict:
 def cmd_job(args: argparse.Namespace) -> int:
     from psgrid.client import Client
 
-    with Client(_server_address(args)) as client:
+    with Client(_server_address(args), security=_security(args)) as client:
         info = client.job(args.job_id).status()
     print(json.dumps(_info_json(info), indent=2, default=str))
     return 0
@@ -159,7 +184,7 @@ def cmd_job(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from psgrid.client import Client
 
-    with Client(_server_address(args)) as client:
+    with Client(_server_address(args), security=_security(args)) as client:
         _print_result(client.job(args.job_id).cancel())
     return 0
 
@@ -183,6 +208,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_result(info)
     for name, value in sorted(info.metrics.items()):
         print(f"{name}: {value:.4f}")
+    return 0
+
+
+# --- psgrid up / nodes / restart -----------------------------------------------------------
+
+
+def _supervisor_address(args: argparse.Namespace) -> str:
+    address = args.supervisor or os.environ.get("PSGRID_SUPERVISOR")
+    if not address:
+        raise SystemExit("psgrid: give --supervisor HOST:PORT (or set PSGRID_SUPERVISOR); "
+                         "`psgrid up` prints it and writes its port to --port-file")
+    return address
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from psgrid.supervisor.app import serve
+    from psgrid.supervisor.cluster import ClusterConfig
+
+    try:
+        config = ClusterConfig.load(args.cluster, workers=args.workers)
+    except (OSError, ValueError) as exc:  # ValueError includes TOML syntax errors
+        print(f"psgrid: bad cluster file: {exc}", file=sys.stderr)
+        return 2
+    return serve(config, args.run_dir, port_file=args.port_file, log_level=args.log_level,
+                 security=_security(args))
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from psgrid.supervisor.supervisor_client import SupervisorClient
+
+    with SupervisorClient(_supervisor_address(args), security=_security(args)) as client:
+        nodes = client.nodes()
+    if args.json:
+        print(json.dumps([n.to_json() for n in nodes], indent=2))
+        return 0
+    print(f"{'NODE':<12} {'ROLE':<7} {'STATE':<9} {'PID':>7} {'RESTARTS':>8} {'UPTIME':>9}  "
+          f"{'ADDRESS':<21} LAST EXIT")
+    for n in nodes:
+        uptime = f"{n.uptime_s:.0f}s" if n.pid else "-"
+        print(f"{n.name:<12} {n.role.value:<7} {n.state.value:<9} {n.pid or '-':>7} {n.restarts:>8} "
+              f"{uptime:>9}  {n.address or '-':<21} {n.last_exit or '-'}")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from psgrid.supervisor.supervisor_client import SupervisorClient
+
+    with SupervisorClient(_supervisor_address(args), security=_security(args)) as client:
+        node = client.restart(args.node)
+    was = f" (was pid {node.pid})" if node.pid else ""
+    print(f"{node.name}: restart requested{was}; `psgrid nodes` shows the new pid")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from psgrid.certs import make_node
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    cert, key = make_node(pathlib.Path(args.directory), args.name, hosts)
+    print(f"CA: {pathlib.Path(args.directory) / 'ca.pem'}\ncertificate: {cert}\nkey: {key}")
     return 0
 
 
@@ -229,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept per job (default 3)")
     p.add_argument("--heartbeat-timeout", type=float,
                    help="seconds of silence after which a worker leaves the barrier (default 10)")
+    p.add_argument("--allow-modules", help="comma-separated module prefixes jobs may name "
+                   "(default psgrid.examples; '*' allows any)")
+    p.add_argument("--shards", help="comma-separated HOST:PORT of the other parameter-server shards; "
+                   "jobs submitted here spread their parameters over this server and those")
+    _add_security_flags(p)
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("worker", help="run a worker that trains jobs from a server")
@@ -237,11 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: cores / --local-workers)")
     p.add_argument("--local-workers", type=int, default=1, help="workers sharing this machine")
     p.add_argument("--name", default="", help="a name for logs (default host-pid)")
+    p.add_argument("--liveness-file", help="touch this file every heartbeat (for a supervisor)")
+    p.add_argument("--allow-modules", help="comma-separated module prefixes this worker imports "
+                   "for jobs (default psgrid.examples; '*' allows any)")
+    _add_security_flags(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="submit a training job")
     p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
     _add_job_flags(p)
+    _add_security_flags(p)
     p.set_defaults(func=cmd_submit)
 
     for name, func, helptext in [("jobs", cmd_jobs, "list jobs"), ("job", cmd_job, "show one job"),
@@ -252,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true")
         else:
             p.add_argument("job_id")
+        _add_security_flags(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="start a local cluster and train an example end to end")
@@ -259,6 +357,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--run-dir", default=".psgrid/demo", help="where the processes' logs go")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("up", help="start a server and workers and keep them running (a supervisor)")
+    p.add_argument("cluster", nargs="?", help="cluster TOML file ([supervisor], [server], [workers])")
+    p.add_argument("--workers", type=int, help="number of workers (overrides the file; default 2)")
+    p.add_argument("--run-dir", default=".psgrid/cluster", help="where the nodes' logs go")
+    p.add_argument("--port-file", help="write the Supervisor service's bound port to this file")
+    _add_security_flags(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("nodes", help="list the nodes of a `psgrid up` cluster")
+    p.add_argument("--supervisor", help="HOST:PORT of the supervisor (env PSGRID_SUPERVISOR)")
+    p.add_argument("--json", action="store_true")
+    _add_security_flags(p)
+    p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("restart", help="restart one node of a `psgrid up` cluster")
+    p.add_argument("node", help="node name: server, worker-0, ...")
+    p.add_argument("--supervisor", help="HOST:PORT of the supervisor (env PSGRID_SUPERVISOR)")
+    _add_security_flags(p)
+    p.set_defaults(func=cmd_restart)
+
+    p = sub.add_parser("certs", help="make a CA and a node certificate for TLS")
+    p.add_argument("directory", help="where ca.pem/ca.key (made once) and NAME.pem/NAME.key go")
+    p.add_argument("--name", default="node", help="file name of the node certificate (default node)")
+    p.add_argument("--hosts", required=True, help="comma-separated host names and IPs the node answers on")
+    p.set_defaults(func=cmd_certs)
     return parser
 
 

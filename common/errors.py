@@ -77,6 +77,14 @@ class NotAssigned(FailedPrecondition):
     """The worker is not part of the job it named."""
 
 
+class UnknownNode(NotFound):
+    """No supervised node has this name."""
+
+
+class SupervisorStopped(FailedPrecondition):
+    """The supervisor is shutting down or gave up: it restarts nothing any more."""
+
+
 class Unauthenticated(PsgridError):
     code = "UNAUTHENTICATED"
 

@@ -17,11 +17,24 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from psgrid.errors import InvalidSpec
+from psgrid.errors import InvalidSpec, PermissionDenied
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+#: Module prefixes a cluster runs by default: psgrid's own examples.
+DEFAULT_ALLOWED_MODULES = ("psgrid.examples",)
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _DEVICE = re.compile(r"^(|auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def module_allowed(module: str, allowed: tuple[str, ...]) -> bool:
+    """True when ``module`` is one of ``allowed`` or inside one ("*" allows all)."""
+    return any(p == "*" or module == p or module.startswith(p + ".") for p in allowed)
+
+
+def parse_allowed(text: str | None) -> tuple[str, ...]:
+    """A comma-separated allow-list; the default one when empty."""
+    items = tuple(p.strip() for p in (text or "").split(",") if p.strip())
+    return items or DEFAULT_ALLOWED_MODULES
 
 
 class JobState(str, enum.Enum):
@@ -127,6 +140,15 @@ class JobSpec:
     def synchronous(self) -> bool:
         return self.staleness == 0
 
+    def check_modules(self, allowed: tuple[str, ...]) -> None:
+        """Raise PermissionDenied unless model and dataset live under an allowed prefix."""
+        for field in ("model", "dataset"):
+            module = getattr(self, field).partition(":")[0]
+            if not module_allowed(module, allowed):
+                raise PermissionDenied(
+                    f"{field} module {module!r} is not in the allow-list {list(allowed)}; "
+                    "the operator can add its package with --allow-modules")
+
     def replace(self, **changes: Any) -> "JobSpec":
         return dataclasses.replace(self, **changes)
 
@@ -176,6 +198,8 @@ class JobInfo:
     worker_ids: tuple[str, ...] = ()
     created_unix: float = 0.0
     updated_unix: float = 0.0
+    #: Addresses of the other parameter-server shards holding part of the job.
+    shards: tuple[str, ...] = ()
 
     @property
     def progress(self) -> float:

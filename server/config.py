@@ -35,6 +35,11 @@ class ServerConfig:
     checkpoint_dir: str | None = None
     checkpoint_interval_s: float = 5.0
     keep_checkpoints: int = 3
+    #: Addresses (as workers dial them) of the other parameter-server shards; jobs
+    #: submitted here spread their parameters over this server and those.
+    shards: tuple[str, ...] = ()
+    #: Module prefixes jobs may name for their model and dataset ("*": any).
+    allowed_modules: tuple[str, ...] = ("psgrid.examples",)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -56,6 +61,11 @@ class ServerConfig:
             with open(path, "rb") as f:
                 values.update(tomllib.load(f).get("server", {}))
         values.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("allowed_modules", "shards"):
+            items = values.get(key)
+            if isinstance(items, (list, str)):
+                items = items.split(",") if isinstance(items, str) else items
+                values[key] = tuple(i.strip() for i in items if i.strip())
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown server config keys: {sorted(unknown)}")

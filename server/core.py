@@ -49,6 +49,8 @@ class Assignment:
     world_size: int
     spec: JobSpec
     start_step: int = 0
+    shards: tuple[str, ...] = ()
+    worker_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +184,7 @@ class ParameterServerCore:
             job = self._jobs[current]
             with job.cond:
                 assignment = Assignment(current, job.rank_of(worker_id), len(job.workers), job.spec,
-                                        job.steps.clocks[worker_id])
+                                        job.steps.clocks[worker_id], job.shards, tuple(job.worker_names))
         return assignment, state
 
     def _mark_back(self, worker: WorkerRecord) -> None:
@@ -263,7 +265,9 @@ class ParameterServerCore:
     # --- jobs --------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> JobInfo:
-        job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=self._clock)
+        """Queue a job; PermissionDenied when it names modules outside the allow-list."""
+        spec.check_modules(self.config.allowed_modules)
+        job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=self._clock, shards=self.config.shards)
         with self._lock:
             self._jobs[job.job_id] = job
             self._pending.append(job.job_id)
@@ -272,6 +276,36 @@ class ParameterServerCore:
         self._schedule()
         with job.cond:
             return job.info()
+
+    def open_partition(self, job_id: str, spec: JobSpec, names: list[str]) -> None:
+        """Hold one shard of a sharded job here (idempotent).
+
+        The job's workers take their ranks by name, as after a restore: the
+        ones registered already now, the others when they register.
+        """
+        spec.check_modules(self.config.allowed_modules)
+        with self._lock:
+            if job_id in self._jobs:
+                return
+            job = Job(job_id, spec, clock=self._clock)
+            with job.cond:
+                job.open_away(names)
+                job.set_state(JobState.RUNNING)
+            self._jobs[job_id] = job
+            for worker in self._workers.values():
+                if worker.name in names and worker.job_id is None:
+                    self._take_over(job, worker)
+        logger.info("[ps] holding a shard of job %s for %d workers", job_id, len(names))
+
+    def close_partition(self, job_id: str, worker_id: str, state: JobState) -> None:
+        """End this shard's part of a job that ended on its coordinator."""
+        job, _ = self._member(job_id, worker_id)
+        if not state.terminal:
+            raise InvalidArgument(f"a partition closes with a terminal state, not {state.value}")
+        with job.cond:
+            moved = job.set_state(state)
+        if moved:
+            self._release(job)
 
     def get(self, job_id: str) -> JobInfo:
         job = self.job(job_id)

@@ -18,6 +18,8 @@ from psgrid.server.consistency import StepClock
 from psgrid.server.store import GradientAccumulator, ParameterStore
 from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
 
+#: Prefix of the stand-in id of a rank whose worker has not (re-)registered yet.
+AWAY = "away:"
 #: Events kept per job; a watcher that falls further behind skips ahead.
 MAX_EVENTS = 10_000
 #: Applied-update records kept in memory per job (the update log keeps all).
@@ -53,9 +55,11 @@ class WorkerProgress:
 class Job:
     """A job's whole server-side state, guarded by ``cond``."""
 
-    def __init__(self, job_id: str, spec: JobSpec, clock=time.time, next_event: int = 0):
+    def __init__(self, job_id: str, spec: JobSpec, clock=time.time, next_event: int = 0,
+                 shards: tuple[str, ...] = ()):
         self.job_id = job_id
         self.spec = spec
+        self.shards = tuple(shards)
         self.state = JobState.PENDING
         self._clock = clock
         self.created = self.updated = clock()
@@ -93,7 +97,7 @@ class Job:
             loss=sum(p.loss for p in live) / len(live) if live else math.nan,
             samples_per_sec=sum(p.samples_per_sec for p in self.progress.values() if not p.finished),
             metrics=dict(self.metrics), error=self.error, worker_ids=tuple(self.workers),
-            created_unix=self.created, updated_unix=self.updated,
+            created_unix=self.created, updated_unix=self.updated, shards=self.shards,
         )
 
     def emit(self, kind: str) -> None:
@@ -120,6 +124,16 @@ class Job:
             self.error = error
         self.emit("state")
         return True
+
+    def open_away(self, names: list[str]) -> None:
+        """Start with every rank away: workers take their ranks back by name
+        (a restored job, or a shard's part of a sharded job)."""
+        self.worker_names = list(names)
+        self.workers = [AWAY + n for n in names]
+        self.lost = set(self.workers)
+        self.steps = StepClock.restored(self.spec.staleness, {w: 0 for w in self.workers}, 0)
+        self.progress = {w: WorkerProgress() for w in self.workers}
+        self.push_locks = {w: threading.Lock() for w in self.workers}
 
     def start(self, workers: list[str], names: list[str]) -> None:
         self.workers = list(workers)

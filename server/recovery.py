@@ -11,22 +11,16 @@ steps the parameters do not contain.
 """
 from __future__ import annotations
 
-import threading
-
 from google.protobuf import json_format
 
 from psgrid import codec
 from psgrid.codec import Layout
 from psgrid.server.checkpoint import JobCheckpoint
 from psgrid.server.consistency import StepClock
-from psgrid.server.jobs import Job, WorkerProgress
+from psgrid.server.jobs import AWAY, Job
 from psgrid.server.store import GradientAccumulator, ParameterStore
 from psgrid.spec import JobState
 from psgrid.v1 import job_pb2
-
-#: Prefix of the stand-in id of a rank whose worker has not re-registered yet.
-AWAY = "away:"
-
 
 def snapshot(job: Job, seq: int) -> JobCheckpoint:
     """The job's state as a checkpoint; call under ``job.cond`` (copies the tensors)."""
@@ -47,6 +41,7 @@ def snapshot(job: Job, seq: int) -> JobCheckpoint:
         "total_steps": job.total_steps,
         "next_event": job.next_event,
         "created": job.created,
+        "shards": list(job.shards),
     }
     params = dict(store.params) if store else {}
     optimizer_state = store.optimizer.state_tensors() if store else {}
@@ -57,7 +52,7 @@ def restore(ckpt: JobCheckpoint) -> Job:
     """Rebuild a job; its workers are away until they register again by name."""
     meta = ckpt.meta
     spec = codec.spec_from_proto(json_format.Parse(meta["spec"], job_pb2.JobSpec()))
-    job = Job(ckpt.job_id, spec, next_event=meta["next_event"])
+    job = Job(ckpt.job_id, spec, next_event=meta["next_event"], shards=tuple(meta.get("shards", ())))
     job.created = meta["created"]
     job.state = JobState(meta["state"])
     job.error, job.metrics, job.total_steps = meta["error"], dict(meta["metrics"]), meta["total_steps"]
@@ -71,13 +66,11 @@ def restore(ckpt: JobCheckpoint) -> Job:
         job.accumulator = GradientAccumulator(layout) if spec.synchronous else None
     names = meta["worker_names"]
     if names:
-        job.worker_names = list(names)
-        job.workers = [AWAY + n for n in names]
-        job.lost = set(job.workers)
+        job.open_away(names)
         job.steps = StepClock.restored(
             spec.staleness, {AWAY + n: meta["clocks"].get(n, 0) for n in names}, meta["global_step"])
-        job.progress = {AWAY + n: WorkerProgress(finished=n in meta["finished"]) for n in names}
-        job.push_locks = {w: threading.Lock() for w in job.workers}
+        for name in meta["finished"]:
+            job.progress[AWAY + name].finished = True
     with job.cond:
         job.emit("restored")
     return job

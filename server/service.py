@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 
 from psgrid import codec
+from psgrid.errors import InvalidArgument
 from psgrid.rpc import identity, translate_errors
 from psgrid.server.core import ParameterServerCore, PullResult, PushHeader
 from psgrid.v1 import job_service_pb2 as js
@@ -47,7 +48,8 @@ class ParameterServerService:
             reply.assignment.CopyFrom(ps.Assignment(
                 job_id=assignment.job_id, rank=assignment.rank,
                 world_size=assignment.world_size, spec=codec.spec_to_proto(assignment.spec),
-                start_step=assignment.start_step,
+                start_step=assignment.start_step, shards=assignment.shards,
+                worker_names=assignment.worker_names,
             ))
         return reply
 
@@ -77,6 +79,21 @@ class ParameterServerService:
             dict(request.metrics), request.error,
         )
         return ps.ReportMetricsResponse(job_state=codec.state_to_proto(state))
+
+
+    @translate_errors
+    def OpenPartition(self, request: ps.OpenPartitionRequest, context) -> ps.OpenPartitionResponse:
+        self.core.open_partition(request.job_id, codec.spec_from_proto(request.spec),
+                                 list(request.worker_names))
+        return ps.OpenPartitionResponse()
+
+    @translate_errors
+    def ClosePartition(self, request: ps.ClosePartitionRequest, context) -> ps.ClosePartitionResponse:
+        state = codec.state_from_proto(request.state)
+        if state is None:
+            raise InvalidArgument("ClosePartition needs a job state")
+        self.core.close_partition(request.job_id, request.worker_id, state)
+        return ps.ClosePartitionResponse()
 
 
 class JobServiceService:
@@ -131,6 +148,8 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
                 p.Push, request_deserializer=identity,
                 response_serializer=ps.PushResponse.SerializeToString),
             "ReportMetrics": _unary(p.ReportMetrics, ps.ReportMetricsRequest, ps.ReportMetricsResponse),
+            "OpenPartition": _unary(p.OpenPartition, ps.OpenPartitionRequest, ps.OpenPartitionResponse),
+            "ClosePartition": _unary(p.ClosePartition, ps.ClosePartitionRequest, ps.ClosePartitionResponse),
         }),
         grpc.method_handlers_generic_handler("psgrid.v1.JobService", {
             "SubmitJob": _unary(j.SubmitJob, js.SubmitJobRequest, js.SubmitJobResponse),

@@ -8,14 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from psgrid.errors import InvalidSpec
-from psgrid.spec import JobSpec
+from psgrid.errors import InvalidSpec, PermissionDenied
+from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobSpec, module_allowed
 from psgrid.worker.data import Dataset
 
 
-def import_factory(path: str) -> Callable[..., Any]:
-    """The callable named by ``package.module:attribute``; InvalidSpec if missing."""
+def import_factory(path: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_MODULES) -> Callable[..., Any]:
+    """The callable named by ``package.module:attribute``.
+
+    PermissionDenied, before anything is imported, when the module is outside
+    ``allowed``; InvalidSpec when it cannot be imported or is not callable.
+    """
     module_name, _, attr = path.partition(":")
+    if not module_allowed(module_name, allowed):
+        raise PermissionDenied(f"module {module_name!r} is not in this worker's allow-list {list(allowed)}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -26,17 +32,17 @@ def import_factory(path: str) -> Callable[..., Any]:
     return factory
 
 
-def build_model(spec: JobSpec) -> nn.Module:
+def build_model(spec: JobSpec, allowed: tuple[str, ...] = ("*",)) -> nn.Module:
     """The model with the job's seeded initial weights (identical on every worker)."""
     torch.manual_seed(spec.seed)
-    model = import_factory(spec.model)(**spec.model_kwargs)
+    model = import_factory(spec.model, allowed)(**spec.model_kwargs)
     if not isinstance(model, nn.Module):
         raise InvalidSpec(f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
-def build_dataset(spec: JobSpec) -> Dataset:
-    data = import_factory(spec.dataset)(**spec.dataset_kwargs)
+def build_dataset(spec: JobSpec, allowed: tuple[str, ...] = ("*",)) -> Dataset:
+    data = import_factory(spec.dataset, allowed)(**spec.dataset_kwargs)
     if not isinstance(data, Dataset):
         raise InvalidSpec(f"{spec.dataset} returned {type(data).__name__}, not a psgrid Dataset")
     return data

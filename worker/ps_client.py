@@ -25,6 +25,8 @@ class Assignment:
     world_size: int
     spec: JobSpec
     start_step: int = 0
+    shards: tuple[str, ...] = ()
+    worker_names: tuple[str, ...] = ()
 
 
 class ParameterServerClient:
@@ -42,6 +44,8 @@ class ParameterServerClient:
         self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)
         self._heartbeat = unary("Heartbeat", ps.HeartbeatRequest, ps.HeartbeatResponse)
         self._report = unary("ReportMetrics", ps.ReportMetricsRequest, ps.ReportMetricsResponse)
+        self._open = unary("OpenPartition", ps.OpenPartitionRequest, ps.OpenPartitionResponse)
+        self._close = unary("ClosePartition", ps.ClosePartitionRequest, ps.ClosePartitionResponse)
         self._pull = self.channel.unary_stream(
             _SERVICE + "Pull", request_serializer=ps.PullRequest.SerializeToString,
             response_deserializer=rpc.identity)
@@ -67,7 +71,7 @@ class ParameterServerClient:
         if reply.HasField("assignment"):
             a = reply.assignment
             assignment = Assignment(a.job_id, a.rank, a.world_size, codec.spec_from_proto(a.spec),
-                                    a.start_step)
+                                    a.start_step, tuple(a.shards), tuple(a.worker_names))
         return assignment, codec.state_from_proto(reply.job_state)
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool,
@@ -88,6 +92,15 @@ class ParameterServerClient:
 
         reply = self._call(once, header, timeout=self.timeout_s + 60.0)
         return reply.version, reply.duplicate
+
+    def open_partition(self, job_id: str, spec: JobSpec, worker_names: list[str], index: int, count: int) -> None:
+        self._call(self._open, ps.OpenPartitionRequest(
+            job_id=job_id, spec=codec.spec_to_proto(spec), worker_names=worker_names,
+            shard_index=index, shard_count=count))
+
+    def close_partition(self, job_id: str, worker_id: str, state: JobState) -> None:
+        self._call(self._close, ps.ClosePartitionRequest(
+            job_id=job_id, worker_id=worker_id, state=codec.state_to_proto(state)))
 
     def report(self, worker_id: str, job_id: str, phase: str, step: int = 0, total_steps: int = 0,
                loss: float = float("nan"), samples: int = 0, seconds: float = 0.0,

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import socket
 import threading
 import time
 
 from psgrid.errors import JobNotRunning, NotAssigned, PsgridError, UnknownWorker
-from psgrid.spec import JobState
+from psgrid.security import Security
+from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
 from psgrid.worker.data import ShardSampler
 from psgrid.worker.device import pick_device
 from psgrid.worker.loader import build_dataset, build_model
-from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_header
+from psgrid.worker.ps_client import Assignment, ParameterServerClient
+from psgrid.worker.shards import ShardLinks
 from psgrid.worker.step import GradientStep
 
 logger = logging.getLogger(__name__)
@@ -28,8 +31,15 @@ class JobStopped(Exception):
 class Worker:
     """One worker process: a heartbeat thread and a job loop."""
 
-    def __init__(self, client: ParameterServerClient, device: str = "auto", name: str = ""):
+    def __init__(self, client: ParameterServerClient, device: str = "auto", name: str = "",
+                 liveness_file: str | os.PathLike | None = None,
+                 allowed_modules: tuple[str, ...] = DEFAULT_ALLOWED_MODULES,
+                 security: Security | None = None):
         self.client = client
+        #: Module prefixes this worker agrees to import for a job's model and dataset.
+        self.allowed_modules = allowed_modules
+        #: Touched every heartbeat interval, so a supervisor can tell a hung process.
+        self.liveness_file = liveness_file
         self.device_pref = device
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stop = threading.Event()
@@ -39,6 +49,8 @@ class Worker:
         self._assignments: list[Assignment] = []
         self._job_ended = threading.Event()
         self._wake = threading.Event()
+        self.shards = ShardLinks(client, lambda: self.worker_id, self.name,
+                                 (socket.gethostname(), os.getpid(), str(pick_device(device))), security)
 
     @property
     def tag(self) -> str:
@@ -52,6 +64,7 @@ class Worker:
 
     def run(self) -> None:
         """Serve jobs until ``stop`` is set."""
+        self._touch_liveness()
         self._register()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
@@ -63,8 +76,18 @@ class Worker:
             assignment = self._assignments.pop(0)
             self._run_job(assignment)
 
+    def _touch_liveness(self) -> None:
+        if not self.liveness_file:
+            return
+        try:
+            pathlib.Path(self.liveness_file).touch()
+        except OSError as exc:  # the heartbeat must go on; the supervisor will notice
+            logger.warning("%s cannot touch %s: %s", self.tag, self.liveness_file, exc)
+
     def _heartbeat_loop(self) -> None:
         while not self.stop.wait(self.heartbeat_interval):
+            # Before the RPC: this says the process is alive, whether or not the server is.
+            self._touch_liveness()
             try:
                 assignment, state = self.client.heartbeat(self.worker_id, self._current_job)
             except UnknownWorker:
@@ -79,6 +102,8 @@ class Worker:
                 continue
             if state is not None and state.terminal and self._current_job:
                 self._job_ended.set()
+            if self._current_job:
+                self.shards.heartbeat_others(self._current_job)
             if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
                 self._assignments.append(assignment)
                 self._wake.set()
@@ -105,8 +130,11 @@ class Worker:
             self._train(a, step, tag)
             if a.rank == 0:
                 self._evaluate(a, step, tag)
+                self.shards.close(a.job_id, JobState.SUCCEEDED)
         except JobStopped:
             logger.info("%s job ended elsewhere; back to idle", tag)
+            if a.rank == 0 and self.shards.count > 1:
+                self._close_partitions(a)
         except (JobNotRunning, NotAssigned, UnknownWorker) as exc:
             logger.info("%s %s; back to idle", tag, exc)
         except Exception as exc:  # noqa: BLE001
@@ -114,6 +142,15 @@ class Worker:
             self._report_failure(a, f"{type(exc).__name__}: {exc}")
         finally:
             self._current_job = ""
+
+    def _close_partitions(self, a: Assignment) -> None:
+        try:
+            state = self.client.heartbeat(self.worker_id, a.job_id)[1]
+        except PsgridError as exc:
+            logger.warning("%s cannot learn how %s ended: %s", self.tag, a.job_id, exc)
+            return
+        if state is not None and state.terminal:
+            self.shards.close(a.job_id, state)
 
     def _report_failure(self, a: Assignment, error: str) -> None:
         try:
@@ -124,18 +161,28 @@ class Worker:
     def _prepare(self, a: Assignment) -> GradientStep:
         spec = a.spec
         device = pick_device(spec.device or self.device_pref)
-        model = build_model(spec)
-        dataset = build_dataset(spec)
+        model = build_model(spec, self.allowed_modules)
+        dataset = build_dataset(spec, self.allowed_modules)
         sampler = ShardSampler(len(dataset.train_x), a.rank, a.world_size, spec.batch_size, spec.seed)
-        step = GradientStep(model, dataset, sampler, device)
+        self.shards.open(a)
+        step = GradientStep(model, dataset, sampler, device, shards=self.shards.count)
         if a.rank == 0:
-            header = push_header(a.job_id, self.worker_id, 0, 0, 0, step.layout, init=True)
-            self.client.push(header, step.initial_payload())
+            payloads = [step.initial_payload(k) for k in range(self.shards.count)]
+            self.shards.push(a.job_id, 0, [], step.layouts, payloads, init=True)
         return step
 
     def _check_running(self) -> None:
         if self.stop.is_set() or self._job_ended.is_set():
             raise JobStopped()
+
+    def _pull_into(self, step: GradientStep, a: Assignment, clock: int, final: bool) -> list:
+        """Pull every shard's weights into the model; raise JobStopped once the job is over."""
+        pulled = self.shards.pull(a.job_id, clock, final, step.buffer_for)
+        if any(p.layout is None for p in pulled):
+            raise JobStopped()
+        for shard, p in enumerate(pulled):
+            step.load(shard, p.layout, p.buffer)
+        return pulled
 
     def _train(self, a: Assignment, step: GradientStep, tag: str) -> None:
         spec = a.spec
@@ -144,18 +191,16 @@ class Worker:
         clock = a.start_step
         while clock < total:
             self._check_running()
-            pulled = self.client.pull(a.job_id, self.worker_id, clock, False, step.buffer_for)
-            if pulled.layout is None:
-                raise JobStopped()
-            if pulled.clock > clock:  # we were dropped from the barrier: skip ahead
-                logger.info("%s resuming at step %d (was %d)", tag, pulled.clock, clock)
-                clock = pulled.clock
+            pulled = self._pull_into(step, a, clock, False)
+            if pulled[0].clock != clock:
+                # The server is the truth: ahead after we were dropped from the
+                # barrier, behind after it restarted from a checkpoint.
+                logger.info("%s resuming at step %d (was %d)", tag, pulled[0].clock, clock)
+                clock = pulled[0].clock
                 if clock >= total:
                     break
-            step.load(pulled.layout, pulled.buffer)
             loss, rows = step.run(clock)
-            header = push_header(a.job_id, self.worker_id, clock, pulled.version, pulled.step, step.layout)
-            self.client.push(header, step.grad_buffer)
+            self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers)
             losses.append(loss)
             samples += rows
             elapsed = time.monotonic() - window_start
@@ -171,11 +216,11 @@ class Worker:
         logger.info("%s pushed all %d steps", tag, total)
 
     def _evaluate(self, a: Assignment, step: GradientStep, tag: str) -> None:
-        pulled = self.client.pull(a.job_id, self.worker_id, 0, True, step.buffer_for)
-        if pulled.layout is None or pulled.state is not JobState.EVALUATING:
+        total = step.sampler.total_steps(a.spec.epochs, a.spec.steps)
+        pulled = self._pull_into(step, a, total, True)
+        if pulled[0].state is not JobState.EVALUATING:
             raise JobStopped()
-        step.load(pulled.layout, pulled.buffer)
         metrics = step.dataset.metrics(step.model)
         self.client.report(self.worker_id, a.job_id, "EVALUATED", metrics=metrics)
-        logger.info("%s evaluated version %d: %s", tag, pulled.version,
+        logger.info("%s evaluated version %d: %s", tag, pulled[0].version,
                     ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

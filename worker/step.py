@@ -1,55 +1,71 @@
 """The gradient step: weights in, one mini-batch forward/backward, gradients out.
 
-Pure torch, no gRPC: :mod:`psgrid.worker.runner` moves the bytes.
+Pure torch, no gRPC: :mod:`psgrid.worker.runner` moves the bytes. With S
+parameter-server shards the parameters are split as :mod:`psgrid.partition`
+says, and every shard has its own reusable weight and gradient buffer.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from psgrid.codec import Layout
+from psgrid.partition import partition, piece_view
 from psgrid.worker.data import Dataset, ShardSampler
 from psgrid.worker.loader import trainable
 
 
 class GradientStep:
-    """Computes this worker's gradient for a step into a reusable host buffer."""
+    """Computes this worker's gradient for a step into reusable host buffers, one per shard."""
 
-    def __init__(self, model: nn.Module, dataset: Dataset, sampler: ShardSampler, device: torch.device):
+    def __init__(self, model: nn.Module, dataset: Dataset, sampler: ShardSampler,
+                 device: torch.device, shards: int = 1):
         self.device = device
         self.model = model.to(device)
         self.dataset = dataset
         self.sampler = sampler
         self.params = trainable(self.model)
-        self.layout = Layout.of_tensors((n, p.detach()) for n, p in self.params)
+        self._by_name = dict(self.params)
+        self.full_layout = Layout.of_tensors((n, p.detach()) for n, p in self.params)
+        self.partition = partition(self.full_layout, shards)
+        self.layouts = self.partition.layouts
         pin = device.type == "cuda"
-        self.grad_buffer = torch.zeros(self.layout.total_bytes, dtype=torch.uint8, pin_memory=pin)
-        self.weight_buffer = torch.zeros(self.layout.total_bytes, dtype=torch.uint8, pin_memory=pin)
-        self._grad_views = self.layout.views(self.grad_buffer)
+        self.grad_buffers = [torch.zeros(l.total_bytes, dtype=torch.uint8, pin_memory=pin) for l in self.layouts]
+        self.weight_buffers = [torch.zeros(l.total_bytes, dtype=torch.uint8, pin_memory=pin) for l in self.layouts]
+        self._grad_views = [l.views(b) for l, b in zip(self.layouts, self.grad_buffers)]
         x, y = dataset.train_x, dataset.train_y
         self._x, self._y = x.to(device), y.to(device)
 
-    def buffer_for(self, nbytes: int) -> torch.Tensor:
-        """Where a pull of ``nbytes`` lands (the reused weight buffer)."""
-        if nbytes > self.weight_buffer.numel():
-            self.weight_buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        return self.weight_buffer
-
-    def initial_payload(self) -> torch.Tensor:
-        return self.layout.pack({n: p.detach().cpu() for n, p in self.params})
+    def buffer_for(self, shard: int) -> Callable[[int], torch.Tensor]:
+        """Where a pull of shard ``shard`` lands (its reused weight buffer)."""
+        def get(nbytes: int) -> torch.Tensor:
+            if nbytes > self.weight_buffers[shard].numel():
+                self.weight_buffers[shard] = torch.empty(
+                    nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            return self.weight_buffers[shard]
+        return get
 
     @torch.no_grad()
-    def load(self, layout: Layout, buffer: torch.Tensor) -> None:
-        """Copy pulled weights into the model."""
-        self.layout.check_matches(layout)
+    def initial_payload(self, shard: int) -> torch.Tensor:
+        pieces = self.partition.pieces[shard]
+        return self.layouts[shard].pack(
+            {p.name: piece_view(self._by_name[p.tensor].detach(), p).cpu() for p in pieces})
+
+    @torch.no_grad()
+    def load(self, shard: int, layout: Layout, buffer: torch.Tensor) -> None:
+        """Copy one shard's pulled weights into the model."""
+        self.layouts[shard].check_matches(layout)
         views = layout.views(buffer)
-        for name, p in self.params:
-            p.copy_(views[name], non_blocking=True)
+        for piece in self.partition.pieces[shard]:
+            piece_view(self._by_name[piece.tensor], piece).copy_(views[piece.name], non_blocking=True)
 
     def run(self, step: int) -> tuple[float, int]:
         """Forward/backward on this worker's batch for ``step``; return (loss, rows).
 
-        Gradients end up in ``grad_buffer``, laid out as ``layout``.
+        Each shard's gradients end up in ``grad_buffers[shard]``, laid out as
+        ``layouts[shard]``.
         """
         idx = self.sampler.indices(step).to(self.device)
         for _, p in self.params:
@@ -57,12 +73,13 @@ class GradientStep:
         loss = self.dataset.loss_fn(self.model(self._x[idx]), self._y[idx])
         loss.backward()
         with torch.no_grad():
-            for name, p in self.params:
-                view = self._grad_views[name]
-                if p.grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(p.grad, non_blocking=True)
+            for pieces, views in zip(self.partition.pieces, self._grad_views):
+                for piece in pieces:
+                    grad = self._by_name[piece.tensor].grad
+                    if grad is None:
+                        views[piece.name].zero_()
+                    else:
+                        views[piece.name].copy_(piece_view(grad, piece), non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return loss.item(), len(idx)

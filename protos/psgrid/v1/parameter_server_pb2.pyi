@@ -4,7 +4,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -43,18 +43,22 @@ class RegisterWorkerResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("job_id", "rank", "world_size", "spec", "start_step")
+    __slots__ = ("job_id", "rank", "world_size", "spec", "start_step", "shards", "worker_names")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     START_STEP_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_NAMES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     rank: int
     world_size: int
     spec: _job_pb2.JobSpec
     start_step: int
-    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., start_step: _Optional[int] = ...) -> None: ...
+    shards: _containers.RepeatedScalarFieldContainer[str]
+    worker_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., start_step: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., worker_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "job_id")
@@ -176,3 +180,35 @@ class ReportMetricsResponse(_message.Message):
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     job_state: _job_pb2.JobState
     def __init__(self, job_state: _Optional[_Union[_job_pb2.JobState, str]] = ...) -> None: ...
+
+class OpenPartitionRequest(_message.Message):
+    __slots__ = ("job_id", "spec", "worker_names", "shard_index", "shard_count")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    WORKER_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec: _job_pb2.JobSpec
+    worker_names: _containers.RepeatedScalarFieldContainer[str]
+    shard_index: int
+    shard_count: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., worker_names: _Optional[_Iterable[str]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+
+class OpenPartitionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClosePartitionRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "state")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    state: _job_pb2.JobState
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ...) -> None: ...
+
+class ClosePartitionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -62,6 +62,16 @@ class ParameterServerStub:
                 request_serializer=psgrid_dot_v1_dot_parameter__server__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=psgrid_dot_v1_dot_parameter__server__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.OpenPartition = channel.unary_unary(
+                '/psgrid.v1.ParameterServer/OpenPartition',
+                request_serializer=psgrid_dot_v1_dot_parameter__server__pb2.OpenPartitionRequest.SerializeToString,
+                response_deserializer=psgrid_dot_v1_dot_parameter__server__pb2.OpenPartitionResponse.FromString,
+                _registered_method=True)
+        self.ClosePartition = channel.unary_unary(
+                '/psgrid.v1.ParameterServer/ClosePartition',
+                request_serializer=psgrid_dot_v1_dot_parameter__server__pb2.ClosePartitionRequest.SerializeToString,
+                response_deserializer=psgrid_dot_v1_dot_parameter__server__pb2.ClosePartitionResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -107,6 +117,21 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenPartition(self, request, context):
+        """Sharded jobs: make this server hold one shard of a job's parameters. Sent
+        by every worker of the job to every shard but the coordinator; idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClosePartition(self, request, context):
+        """Sharded jobs: the job ended on the coordinator; end this shard's part too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +159,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=psgrid_dot_v1_dot_parameter__server__pb2.ReportMetricsRequest.FromString,
                     response_serializer=psgrid_dot_v1_dot_parameter__server__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'OpenPartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenPartition,
+                    request_deserializer=psgrid_dot_v1_dot_parameter__server__pb2.OpenPartitionRequest.FromString,
+                    response_serializer=psgrid_dot_v1_dot_parameter__server__pb2.OpenPartitionResponse.SerializeToString,
+            ),
+            'ClosePartition': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClosePartition,
+                    request_deserializer=psgrid_dot_v1_dot_parameter__server__pb2.ClosePartitionRequest.FromString,
+                    response_serializer=psgrid_dot_v1_dot_parameter__server__pb2.ClosePartitionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +309,60 @@ class ParameterServer:
             '/psgrid.v1.ParameterServer/ReportMetrics',
             psgrid_dot_v1_dot_parameter__server__pb2.ReportMetricsRequest.SerializeToString,
             psgrid_dot_v1_dot_parameter__server__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenPartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psgrid.v1.ParameterServer/OpenPartition',
+            psgrid_dot_v1_dot_parameter__server__pb2.OpenPartitionRequest.SerializeToString,
+            psgrid_dot_v1_dot_parameter__server__pb2.OpenPartitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClosePartition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psgrid.v1.ParameterServer/ClosePartition',
+            psgrid_dot_v1_dot_parameter__server__pb2.ClosePartitionRequest.SerializeToString,
+            psgrid_dot_v1_dot_parameter__server__pb2.ClosePartitionResponse.FromString,
             options,
             channel_credentials,
             insecure,

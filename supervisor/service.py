@@ -1,0 +1,58 @@
+"""The gRPC adapter of a supervisor: psgrid.v1.Supervisor and standard health, on their own port."""
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from psgrid.security import Security
+from psgrid.rpc import translate_errors
+from psgrid.supervisor.process import ProcessSupervisor
+from psgrid.supervisor.serde import node_to_proto
+from psgrid.v1 import supervisor_pb2 as pb
+from psgrid.v1 import supervisor_pb2_grpc
+
+SERVICE_NAME = "psgrid.v1.Supervisor"
+
+
+class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
+    """psgrid.v1.Supervisor over a :class:`ProcessSupervisor`."""
+
+    def __init__(self, supervisor: ProcessSupervisor):
+        self.supervisor = supervisor
+
+    @translate_errors
+    def ListNodes(self, request: pb.ListNodesRequest, context) -> pb.ListNodesResponse:
+        return pb.ListNodesResponse(nodes=[node_to_proto(n) for n in self.supervisor.nodes()])
+
+    @translate_errors
+    def RestartNode(self, request: pb.RestartNodeRequest, context) -> pb.RestartNodeResponse:
+        return pb.RestartNodeResponse(node=node_to_proto(self.supervisor.restart_node(request.name)))
+
+
+class SupervisorServer:
+    """A gRPC server with the Supervisor and health services; ``port`` is the bound port."""
+
+    def __init__(self, supervisor: ProcessSupervisor, host: str = "127.0.0.1", port: int = 0,
+                 security: Security | None = None):
+        security = security or Security()
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="sup-rpc"),
+                                  options=[("grpc.so_reuseport", 0)], interceptors=security.interceptors())
+        supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(supervisor), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = security.add_port(self.server, f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {host}:{port}")
+
+    def start(self) -> SupervisorServer:
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Go NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()

@@ -1,0 +1,270 @@
+"""`psgrid up` with real processes and real signals: crashes, hangs, restarts, give-up, shutdown.
+
+Every deadline is a wait_until; every port comes from a port file. The cluster
+files use short liveness timeouts and back-offs so the file runs in well under
+a minute on a 2-core machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from helpers.wait import wait_until
+from psgrid.supervisor.supervisor_client import SupervisorClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+#: A worker's liveness file counts as fresh for this long (ProcessSupervisor's default).
+FILE_MAX_AGE_S = 2.0
+WORKER_LIVENESS_S = 2.5
+
+FAST = f"""
+[supervisor]
+max_restarts = 20
+check_interval_s = 0.1
+[server]
+checkpoint_dir = ""
+liveness_timeout_s = 5
+shutdown_s = 3
+backoff_initial_s = 0.1
+backoff_max_s = 0.5
+[workers]
+liveness_timeout_s = {WORKER_LIVENESS_S}
+shutdown_s = 2
+backoff_initial_s = 0.1
+backoff_max_s = 0.5
+"""
+
+
+def psgrid(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "psgrid", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a psgrid process that has not ended (a zombie has ended)."""
+    proc = pathlib.Path(f"/proc/{pid}")
+    try:
+        cmdline = (proc / "cmdline").read_bytes()
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return b"psgrid" in cmdline and state != "Z"
+
+
+class Up:
+    """A `psgrid up` process started by a test, and a client of its Supervisor service."""
+
+    def __init__(self, root: pathlib.Path, *args: str, cluster: str | None = None):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log = root / "up.log"
+        self.out = root / "up.out"
+        port_file = root / "supervisor.port"
+        files = []
+        if cluster is not None:
+            (root / "cluster.toml").write_text(cluster)
+            files = [str(root / "cluster.toml")]
+        cmd = [sys.executable, "-m", "psgrid", "up", *files, "--run-dir", str(root / "run"),
+               "--port-file", str(port_file), *args]
+        with open(self.out, "wb") as out, open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=log, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        wait_until(lambda: port_file.exists() or self.proc.poll() is not None, 30,
+                   message="the supervisor's port file")
+        assert port_file.exists(), self.log.read_text()
+        self.address = f"127.0.0.1:{int(port_file.read_text())}"
+        self.client = SupervisorClient(self.address)
+
+    def nodes(self) -> dict:
+        return {n.name: n for n in self.client.nodes()}
+
+    def wait_running(self, timeout: float = 30) -> dict:
+        def all_running():
+            nodes = self.nodes()
+            return nodes if all(n.state.value == "RUNNING" for n in nodes.values()) else None
+        return wait_until(all_running, timeout, message="every node RUNNING")
+
+    def wait_new_pid(self, name: str, old_pid: int, timeout: float):
+        def replaced():
+            node = self.nodes()[name]
+            return node if node.pid and node.pid != old_pid else None
+        return wait_until(replaced, timeout, interval=0.05, message=f"a new pid for {name}")
+
+    def started_pids(self) -> dict[int, str]:
+        """Every process the supervisor ever started, from its log: pid -> node name."""
+        found = re.findall(r"started (\S+) \(pid (\d+)\)", self.log.read_text())
+        return {int(pid): name for name, pid in found}
+
+    def wait_exit(self, timeout: float) -> int:
+        wait_until(lambda: self.proc.poll() is not None, timeout, message="psgrid up to exit")
+        return self.proc.returncode
+
+    def close(self) -> None:
+        """Stop the supervisor if a test left it running; kill whatever it left behind."""
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.started_pids():
+            if running(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory):
+    """One `psgrid up --workers 2` cluster shared by the crash and restart tests."""
+    cluster = Up(tmp_path_factory.mktemp("up"), "--workers", "2", cluster=FAST)
+    cluster.wait_running()
+    yield cluster
+    cluster.close()
+    assert cluster.proc.returncode == 0, cluster.log.read_text()
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """Start `psgrid up` clusters of a test's own; stop them and their children at teardown."""
+    started: list[Up] = []
+
+    def start(*args: str, cluster: str = FAST) -> Up:
+        started.append(Up(tmp_path / f"up{len(started)}", *args, cluster=cluster))
+        return started[-1]
+
+    yield start
+    for cluster in started:
+        cluster.close()
+
+
+def health_status(address: str) -> int | None:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+        except grpc.RpcError:
+            return None
+
+
+def test_a_killed_worker_gets_a_new_pid_within_3s(up):
+    listed = psgrid("nodes", "--json", "--supervisor", up.address)
+    assert listed.returncode == 0, listed.stderr
+    nodes = {n["name"]: n for n in json.loads(listed.stdout)}
+    assert [n for n in nodes] == ["server", "worker-0", "worker-1"]
+    assert nodes["server"]["role"] == "server" and nodes["worker-1"]["role"] == "worker"
+    assert f"server listening on {nodes['server']['address']}" in up.out.read_text()
+    victim = nodes["worker-1"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    node = up.wait_new_pid("worker-1", victim["pid"], timeout=3)
+    assert node.restarts == victim["restarts"] + 1
+    assert node.last_exit == "signal SIGKILL"
+    assert not running(victim["pid"])
+
+
+def test_a_stopped_worker_fails_liveness_and_is_replaced(up):
+    victim = up.wait_running()["worker-0"]
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        # Stale after FILE_MAX_AGE_S, killed WORKER_LIVENESS_S later; the rest is slack.
+        node = up.wait_new_pid("worker-0", victim.pid, timeout=FILE_MAX_AGE_S + WORKER_LIVENESS_S + 4)
+    finally:
+        if running(victim.pid):
+            os.kill(victim.pid, signal.SIGKILL)
+    assert node.last_exit == "liveness" and node.restarts == victim.restarts + 1
+    wait_until(lambda: not running(victim.pid), 5, message="the stopped worker to be gone")
+
+
+def test_a_killed_server_comes_back_on_the_same_port(up):
+    before = up.wait_running()
+    server = before["server"]
+    assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
+    os.kill(server.pid, signal.SIGKILL)
+    node = up.wait_new_pid("server", server.pid, timeout=20)
+    assert node.address == server.address and node.restarts == server.restarts + 1
+    wait_until(lambda: health_status(server.address) == health_pb2.HealthCheckResponse.SERVING, 20,
+               message="the restarted server to serve")
+    after = up.wait_running()
+    # one_for_one: the workers rode it out (their liveness does not depend on the server)
+    assert [after[w].pid for w in ("worker-0", "worker-1")] == [before[w].pid for w in ("worker-0", "worker-1")]
+
+
+def test_restart_command_replaces_a_running_worker(up):
+    before = up.wait_running()["worker-0"]
+    out = psgrid("restart", "worker-0", "--supervisor", up.address)
+    assert out.returncode == 0 and f"was pid {before.pid}" in out.stdout, out.stderr
+    node = up.wait_new_pid("worker-0", before.pid, timeout=10)
+    assert node.restarts == before.restarts + 1 and node.last_exit == "shutdown"
+    missing = psgrid("restart", "worker-9", "--supervisor", up.address)
+    assert missing.returncode == 1 and "UnknownNode" in missing.stderr and "worker-9" in missing.stderr
+    table = psgrid("nodes", "--supervisor", up.address)
+    assert table.returncode == 0 and str(node.pid) in table.stdout and "worker-0" in table.stdout
+
+
+def test_sigterm_stops_every_node_in_reverse_order_and_exits_0(fresh):
+    cluster = fresh("--workers", "2")
+    pids = {n.pid: name for name, n in cluster.wait_running().items()}
+    cluster.proc.send_signal(signal.SIGTERM)
+    # Within the graces: workers 2 s each and the server 3 s, plus interpreter exit.
+    assert cluster.wait_exit(timeout=2 + 2 + 3 + 3) == 0, cluster.log.read_text()
+    log = cluster.log.read_text()
+    stops = re.findall(r"stopped (server|worker-\d)", log)
+    assert stops == ["worker-1", "worker-0", "server"], log
+    assert "[ps] stopped" in (cluster.root / "run" / "server.log").read_text()  # a graceful stop
+    assert set(cluster.started_pids()) == set(pids)
+    assert not [pid for pid in pids if running(pid)]
+
+
+def test_a_crash_loop_exceeds_the_intensity_and_leaves_no_process(fresh):
+    crashing = FAST.replace("max_restarts = 20", "max_restarts = 3").replace(
+        "[workers]", '[workers]\nargs = ["--no-such-flag"]')
+    cluster = fresh("--workers", "2", cluster=crashing)
+    assert cluster.wait_exit(timeout=30) == 1
+    log = cluster.log.read_text()
+    assert "giving up" in log and "restart intensity exceeded" in log
+    assert "--no-such-flag" in (cluster.root / "run" / "worker-0.log").read_text()
+    started = cluster.started_pids()
+    assert sorted(set(started.values())) == ["server", "worker-0", "worker-1"]
+    assert log.count("; restarting worker-") == 3  # max_restarts granted; the next crash gave up
+    for worker in ("worker-0", "worker-1"):  # each worker's back-off grows (x2, jitter <= 0.5)
+        delays = [float(d) for d in re.findall(rf"restarting {worker} in ([\d.]+)s", log)]
+        assert delays == sorted(delays), log
+    assert not [pid for pid in started if running(pid)]
+
+
+def test_a_transient_worker_that_exits_0_is_not_restarted(fresh):
+    # `psgrid worker --help` exits 0 at once: a normal exit, which a transient child keeps.
+    normal_exit = FAST.replace("[workers]", '[workers]\nrestart = "transient"\nargs = ["--help"]')
+    cluster = fresh("--workers", "1", cluster=normal_exit)
+    wait_until(lambda: "worker-0 exited (exit code 0); not restarted" in cluster.log.read_text(), 30,
+               message="the worker's normal exit")
+    nodes = cluster.nodes()
+    assert nodes["worker-0"].state.value == "STOPPED" and nodes["worker-0"].restarts == 0
+    assert nodes["worker-0"].last_exit == "exit code 0" and nodes["worker-0"].pid is None
+    assert nodes["server"].state.value == "RUNNING"
+
+
+@pytest.mark.parametrize("command", ["up", "nodes", "restart"])
+def test_help(command):
+    out = psgrid(command, "--help")
+    assert out.returncode == 0 and f"usage: psgrid {command}" in out.stdout
+
+
+def test_a_bad_cluster_file_is_refused_before_anything_starts(tmp_path):
+    (tmp_path / "bad.toml").write_text("[workers]\ncount = -1\n")
+    out = psgrid("up", str(tmp_path / "bad.toml"), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2 and "workers.count" in out.stderr and "-1" in out.stderr
+    assert not (tmp_path / "run").exists()
+    missing = psgrid("nodes", timeout=30)
+    if "PSGRID_SUPERVISOR" not in os.environ:
+        assert missing.returncode == 1 and "--supervisor" in missing.stderr

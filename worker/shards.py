@@ -1,0 +1,104 @@
+"""A worker's links to every parameter-server shard of its current job.
+
+Shard 0 is the coordinator the worker registered with; the others come with
+the assignment. The worker is registered on each under the same name, so a
+restarted worker takes its rank back everywhere. Pulls and pushes go to all
+shards at once.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from psgrid.codec import Layout, Pulled
+from psgrid.errors import PsgridError, UnknownWorker
+from psgrid.security import Security
+from psgrid.spec import JobState
+from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_header
+
+logger = logging.getLogger(__name__)
+
+
+class ShardLinks:
+    """Clients and per-shard worker ids for one job; shard 0 is the coordinator."""
+
+    def __init__(self, coordinator: ParameterServerClient, worker_id: Callable[[], str],
+                 name: str, register_args: tuple, security: Security | None):
+        self.coordinator = coordinator
+        self._coordinator_id = worker_id
+        self.name = name
+        self._register_args = register_args
+        self._security = security
+        self._clients: dict[str, ParameterServerClient] = {}
+        self._ids: dict[str, str] = {}
+        self.addresses: tuple[str, ...] = ()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def count(self) -> int:
+        return 1 + len(self.addresses)
+
+    def client(self, shard: int) -> ParameterServerClient:
+        return self.coordinator if shard == 0 else self._clients[self.addresses[shard - 1]]
+
+    def worker_id(self, shard: int) -> str:
+        return self._coordinator_id() if shard == 0 else self._ids[self.addresses[shard - 1]]
+
+    def open(self, a: Assignment) -> None:
+        """Register with every other shard of ``a`` and make each hold its part."""
+        self.addresses = tuple(a.shards)
+        for index, address in enumerate(self.addresses, start=1):
+            if address not in self._clients:
+                self._clients[address] = ParameterServerClient(address, security=self._security)
+            self._ids[address] = self._clients[address].register(self.name, *self._register_args)[0]
+            self._clients[address].open_partition(a.job_id, a.spec, list(a.worker_names), index, self.count)
+        if self.count > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shard-io")
+
+    def _each(self, fn: Callable[[int], object]) -> list:
+        if self.count == 1:
+            return [fn(0)]
+        return list(self._pool.map(fn, range(self.count)))
+
+    def pull(self, job_id: str, clock: int, final: bool,
+             buffer_for: Callable[[int], Callable[[int], torch.Tensor]]) -> list[Pulled]:
+        """Weights for step ``clock`` from every shard.
+
+        ``final`` waits on the coordinator for the end of training; the other
+        shards are then pulled at the last step, which every push precedes.
+        """
+        def one(shard: int) -> Pulled:
+            if shard == 0:
+                return self.coordinator.pull(job_id, self.worker_id(0), clock, final, buffer_for(0))
+            return self.client(shard).pull(job_id, self.worker_id(shard), clock, False, buffer_for(shard))
+        return self._each(one)
+
+    def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
+             payloads: list[torch.Tensor], init: bool = False) -> None:
+        def one(shard: int) -> object:
+            base = pulled[shard] if pulled else None
+            header = push_header(job_id, self.worker_id(shard), seq, base.version if base else 0,
+                                 base.step if base else 0, layouts[shard], init=init)
+            return self.client(shard).push(header, payloads[shard])
+        self._each(one)
+
+    def heartbeat_others(self, job_id: str) -> None:
+        """Keep this worker alive on the other shards' liveness checks."""
+        for address in self.addresses:
+            try:
+                self._clients[address].heartbeat(self._ids[address], job_id)
+            except UnknownWorker:  # that shard restarted: take our rank back there
+                self._ids[address] = self._clients[address].register(self.name, *self._register_args)[0]
+            except PsgridError as exc:
+                logger.warning("[worker %s] heartbeat to shard %s failed: %s", self.name, address, exc)
+
+    def close(self, job_id: str, state: JobState) -> None:
+        """End the job's parts on the other shards (rank 0, once the job ended)."""
+        for index in range(1, self.count):
+            try:
+                self.client(index).close_partition(job_id, self.worker_id(index), state)
+            except PsgridError as exc:
+                logger.warning("[worker %s] could not close shard %d of %s: %s", self.name, index, job_id, exc)
