@@ -334,7 +334,10 @@ class ParameterServerCore:
               poll_s: float = 1.0) -> Iterator[JobEvent]:
         """Yield the job's events from ``from_seq``; end once a terminal state is sent."""
         job = self.job(job_id)
-        seq = from_seq
+        with job.cond:
+            # A watcher ahead of the log is back from before a restart: the
+            # events after the checkpoint were lost, so start from what is new.
+            seq = min(from_seq, job.next_event)
         while is_active():
             with job.cond:
                 events = job.events_from(seq)
