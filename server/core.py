@@ -21,7 +21,7 @@ from psgrid.errors import FailedPrecondition, InvalidArgument, UnknownJob, Unkno
 from psgrid.server import recovery
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
-from psgrid.server.jobs import Job, UpdateRecord
+from psgrid.server.jobs import Job
 from psgrid.server.store import check_finite
 from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
 
@@ -164,6 +164,7 @@ class ParameterServerCore:
                 if worker.worker_id in job.workers and worker.worker_id not in job.lost:
                     job.worker_lost(worker.worker_id)
                     lost.append(worker.worker_id)
+                    self._log_applied(job)
         for worker_id in lost:
             logger.warning("[ps] worker %s missed its heartbeats: it leaves the barrier", worker_id)
         return lost
@@ -406,7 +407,7 @@ class ParameterServerCore:
                 record = job.accept_gradient(
                     header.worker_id, header.seq, header.base_version, header.base_step, grads
                 )
-            self._log_update(record)
+                self._log_applied(job)
             return record.version, False
 
     def _push_init(self, job: Job, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
@@ -431,8 +432,10 @@ class ParameterServerCore:
             assembler.feed(piece)
         assembler.finish()
 
-    def _log_update(self, record: UpdateRecord) -> None:
-        self._log_line({"event": "update", **dataclasses.asdict(record)})
+    def _log_applied(self, job: Job) -> None:
+        """Write the job's newly applied updates to the update log (under its lock, in order)."""
+        for record in job.take_applied():
+            self._log_line({"event": "update", **dataclasses.asdict(record)})
 
     def _log_line(self, entry: dict) -> None:
         if self._update_log:

@@ -78,6 +78,8 @@ class Job:
         self.events: deque[JobEvent] = deque(maxlen=MAX_EVENTS)
         self._next_event = next_event
         self.updates: deque[UpdateRecord] = deque(maxlen=MAX_UPDATE_RECORDS)
+        self._round_records: list[UpdateRecord] = []
+        self._applied: list[UpdateRecord] = []
         self.push_locks: dict[str, threading.Lock] = {}
         self.staging: dict[str, torch.Tensor] = {}
         self.snapshots: dict[str, torch.Tensor] = {}
@@ -238,7 +240,10 @@ class Job:
             self.job_id, worker_id, self.worker_names[self.rank_of(worker_id)], seq, base_version, base_step,
             staleness=seq - base_step, version=version, time_unix=self._clock(),
         )
-        self.updates.append(record)
+        if steps.synchronous and steps.arrived:
+            self._round_records.append(record)  # applied (and logged) with its round
+        else:
+            self._applied.append(record)
         self.cond.notify_all()
         return record
 
@@ -248,7 +253,15 @@ class Job:
             self.store.apply(self.accumulator.mean())
             self.accumulator.reset()
         self.steps.round_applied()
+        self._applied.extend(dataclasses.replace(r, version=self.store.version) for r in self._round_records)
+        self._round_records.clear()
         self.cond.notify_all()
+
+    def take_applied(self) -> list[UpdateRecord]:
+        """Updates applied since the last call, in order (for the update log)."""
+        applied, self._applied = self._applied, []
+        self.updates.extend(applied)
+        return applied
 
     # --- progress ---------------------------------------------------------------
 

@@ -153,3 +153,34 @@ def test_server_killed_twice_restores_its_checkpoint_and_the_job_matches(up, fau
     restores = [e for e in entries if e["event"] == "restore" and e["job_id"] == job.job_id]
     assert len(restores) == 2 and all(r["version"] > 0 for r in restores)
     assert_each_update_once(up.root, job.job_id, info.total_steps)
+
+
+def test_sigterm_stops_everything_and_writes_the_final_checkpoint(tmp_path):
+    from psgrid.server.checkpoint import CheckpointStore
+
+    cluster = Up(tmp_path, cluster=CLUSTER.replace('"--checkpoint-interval", "1"', '"--checkpoint-interval", "60"'))
+    try:
+        nodes = cluster.wait_running(60)
+        with Client(nodes["server"].address) as client:
+            job = client.submit(digits(epochs=200))
+            wait_step(job, 0.02)
+        pids = [n.pid for n in nodes.values()]
+        cluster.proc.send_signal(signal.SIGTERM)
+        assert cluster.wait_exit(60) == 0
+        assert not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids)
+        applied = effective_updates(tmp_path, job.job_id)
+        ckpt = CheckpointStore(tmp_path / "checkpoints").load_latest(job.job_id)
+        # no periodic checkpoint ran (interval 60 s): this one is the final one, taken
+        # after the workers stopped, and it holds every update the server applied
+        assert ckpt is not None and ckpt.meta["state"] == "RUNNING"
+        assert ckpt.meta["version"] == max(e["version"] for e in applied) > 0
+    finally:
+        cluster.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
