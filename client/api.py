@@ -10,6 +10,7 @@ from torch import nn
 from psgrid.client.job_client import JobServiceClient
 from psgrid.client.progress import Progress
 from psgrid.errors import JobCancelled, JobFailed
+from psgrid.partition import assemble
 from psgrid.security import Security
 from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
 
@@ -61,9 +62,16 @@ class Job:
         return info
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The job's current parameters, by name (copies; safe to keep)."""
-        pulled = self._client._rpc.fetch(self.job_id)
-        return {k: v.clone() for k, v in pulled.layout.views(pulled.buffer).items()}
+        """The job's current parameters, by name (copies; safe to keep).
+
+        For a sharded job every shard's part is fetched and the whole tensors
+        are put back together.
+        """
+        parts = []
+        for rpc in self._client._shard_clients(self.status().shards):
+            pulled = rpc.fetch(self.job_id)
+            parts.append({k: v.clone() for k, v in pulled.layout.views(pulled.buffer).items()})
+        return assemble(parts)
 
     def model(self) -> nn.Module:
         """The job's model built from its import path, with the trained weights loaded."""
@@ -87,7 +95,9 @@ class Client:
 
     def __init__(self, address: str, timeout: float = 30.0, security: Security | None = None):
         self.address = address
+        self._security = security
         self._rpc = JobServiceClient(address, timeout_s=timeout, security=security)
+        self._shards: dict[str, JobServiceClient] = {}
 
     def __enter__(self) -> "Client":
         return self
@@ -97,6 +107,16 @@ class Client:
 
     def close(self) -> None:
         self._rpc.close()
+        for rpc in self._shards.values():
+            rpc.close()
+
+    def _shard_clients(self, shards: tuple[str, ...]) -> list[JobServiceClient]:
+        """The coordinator's client, then one per other shard (kept for reuse)."""
+        for address in shards:
+            if address not in self._shards:
+                self._shards[address] = JobServiceClient(address, timeout_s=self._rpc.timeout_s,
+                                                         security=self._security)
+        return [self._rpc, *(self._shards[a] for a in shards)]
 
     def submit(self, spec: JobSpec) -> Job:
         return Job(self, self._rpc.submit(spec))

@@ -17,11 +17,15 @@ from psgrid.worker.device import default_threads
 
 
 class LocalCluster:
-    """A server and ``workers`` worker processes on loopback. Use as a context manager."""
+    """``servers`` parameter-server shards and ``workers`` workers on loopback.
+
+    Use as a context manager. Shard 0, the coordinator, is the one clients and
+    workers dial (``address``); the others are named to it with ``--shards``.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, workers: int = 2, threads: int | None = None,
                  server_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (),
-                 log_level: str = "INFO"):
+                 log_level: str = "INFO", servers: int = 1):
         self.run_dir = pathlib.Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for old in self.run_dir.glob("*.log"):
@@ -32,6 +36,9 @@ class LocalCluster:
         self.worker_args = tuple(worker_args)
         self.log_level = log_level
         self.server: subprocess.Popen | None = None
+        self.n_servers = servers
+        self.shard_servers: list[subprocess.Popen] = []
+        self.shard_addresses: list[str] = []
         self.workers: list[subprocess.Popen] = []
         self.port = 0
 
@@ -49,19 +56,30 @@ class LocalCluster:
         finally:
             log.close()
 
-    def start_server(self, timeout: float = 60.0) -> None:
-        port_file = self.run_dir / "server.port"
+    def _start_server_process(self, name: str, *extra: str, timeout: float = 60.0) -> tuple[subprocess.Popen, int]:
+        port_file = self.run_dir / f"{name}.port"
         port_file.unlink(missing_ok=True)
-        self.server = self._spawn("server", "server", "--host", "127.0.0.1", "--port", "0",
-                                  "--port-file", str(port_file), *self.server_args)
+        proc = self._spawn(name, "server", "--host", "127.0.0.1", "--port", "0",
+                           "--port-file", str(port_file), *self.server_args, *extra)
         deadline = time.monotonic() + timeout
         while not port_file.exists():
-            if self.server.poll() is not None:
-                raise RuntimeError(f"server exited with {self.server.returncode}; see {self.run_dir}/server.log")
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.run_dir}/{name}.log")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"server did not report its port within {timeout}s")
+                raise TimeoutError(f"{name} did not report its port within {timeout}s")
             time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        return proc, int(port_file.read_text())
+
+    def start_server(self, timeout: float = 60.0) -> None:
+        """Start the shard servers (when ``servers`` > 1), then the coordinator naming them."""
+        addresses = []
+        for index in range(1, self.n_servers):
+            proc, port = self._start_server_process(f"shard{index}", timeout=timeout)
+            self.shard_servers.append(proc)
+            addresses.append(f"127.0.0.1:{port}")
+        extra = ("--shards", ",".join(addresses)) if addresses else ()
+        self.server, self.port = self._start_server_process("server", *extra, timeout=timeout)
+        self.shard_addresses = addresses
 
     def start_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start one more worker; ``env`` adds environment variables for it alone."""
@@ -79,7 +97,7 @@ class LocalCluster:
         return self
 
     def processes(self) -> list[subprocess.Popen]:
-        return [p for p in [*self.workers, self.server] if p is not None]
+        return [p for p in [*self.workers, self.server, *self.shard_servers] if p is not None]
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every child (workers first), SIGKILL whatever outlives ``grace``."""

@@ -110,3 +110,25 @@ def covers(part: Partition, layout: Layout) -> bool:
         if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
             return False
     return True
+
+
+def assemble(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Whole tensors from every shard's pieces, using only the pieces' names.
+
+    A piece named ``t#a:b`` holds rows a..b of ``t``; any other name is a whole
+    tensor. Tensors come out in the order their first piece appears.
+    """
+    rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for part in parts:
+        for name, tensor in part.items():
+            base, sep, span = name.rpartition("#")
+            start = span.split(":")[0] if sep else ""
+            if sep and start.isdigit():
+                rows.setdefault(base, []).append((int(start), tensor))
+            else:
+                rows.setdefault(name, []).append((0, tensor))
+    out = {}
+    for name, pieces in rows.items():
+        pieces.sort(key=lambda p: p[0])
+        out[name] = pieces[0][1] if len(pieces) == 1 else torch.cat([t for _, t in pieces])
+    return out
