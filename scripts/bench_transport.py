@@ -89,41 +89,47 @@ def _wait_port(path: pathlib.Path, proc: subprocess.Popen) -> int:
 
 
 def psgrid_rig(address: str, nbytes: int):
+    """A one-worker async job on a running cluster, driven through the worker's own shard links."""
     from psgrid.client.job_client import JobServiceClient
     from psgrid.codec import Layout
+    from psgrid.partition import partition
     from psgrid.spec import JobSpec, OptimizerSpec
-    from psgrid.worker.ps_client import ParameterServerClient, push_header
+    from psgrid.worker.ps_client import ParameterServerClient
+    from psgrid.worker.shards import ShardLinks
 
     ps = ParameterServerClient(address)
     jobs = JobServiceClient(address)
-    worker, _ = ps.register("bench", "localhost", os.getpid(), "cpu")
+    name = f"bench-{nbytes}-{time.monotonic_ns()}"
+    worker, _ = ps.register(name, "localhost", os.getpid(), "cpu")
     spec = JobSpec(model="psgrid.examples.models:linear", dataset="psgrid.examples.datasets:linear_regression",
                    steps=10**6, num_workers=1, staleness=None, optimizer=OptimizerSpec("sgd", lr=0.01))
     job_id = jobs.submit(spec).job_id
     deadline = time.monotonic() + 30
-    while ps.heartbeat(worker, "")[0] is None:
+    while (assignment := ps.heartbeat(worker, "")[0]) is None:
         if time.monotonic() > deadline:
             raise RuntimeError("the job was not assigned")
         time.sleep(0.05)
+    links = ShardLinks(ps, lambda: worker, name, ("localhost", os.getpid(), "cpu"), None)
+    links.open(assignment)
     numel = nbytes // 4
     # four tensors, as a model has several: 1/2, 1/4, 1/8, the rest
     sizes = [numel // 2, numel // 4, numel // 8]
     sizes.append(numel - sum(sizes))
-    layout = Layout.of([(f"layer{i}.weight", torch.float32, (n,)) for i, n in enumerate(sizes)])
-    payload = torch.zeros(layout.total_bytes, dtype=torch.uint8)
-    ps.push(push_header(job_id, worker, 0, 0, 0, layout, init=True), payload)
-    grads = layout.pack({m.name: torch.full(m.shape, 1e-3) for m in layout.tensors})
-    receive = torch.empty(layout.total_bytes, dtype=torch.uint8)
+    full = Layout.of([(f"layer{i}.weight", torch.float32, (n,)) for i, n in enumerate(sizes)])
+    layouts = partition(full, links.count).layouts
+    links.push(job_id, 0, [], layouts, [torch.zeros(l.total_bytes, dtype=torch.uint8) for l in layouts], init=True)
+    grads = [l.pack({m.name: torch.full(m.shape, 1e-3) for m in l.tensors}) for l in layouts]
+    receive = [torch.empty(l.total_bytes, dtype=torch.uint8) for l in layouts]
     state = {"seq": 0}
 
     def push():
-        ps.push(push_header(job_id, worker, state["seq"], 0, 0, layout), grads)
+        links.push(job_id, state["seq"], [], layouts, grads)
         state["seq"] += 1
 
     def pull():
-        ps.pull(job_id, worker, state["seq"], False, lambda n: receive)
+        links.pull(job_id, state["seq"], False, lambda shard: lambda n: receive[shard])
 
-    return push, pull, layout.total_bytes
+    return push, pull, full.total_bytes
 
 
 def timed_interleaved(fns: dict, reps: int) -> dict[str, float]:
@@ -144,6 +150,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4],
+                        help="shard counts to compare at the largest size")
     parser.add_argument("--socket-server", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.socket_server:
@@ -170,6 +178,22 @@ def main() -> None:
                 "psgrid pull": pull, "socket pull": lambda: sock.pull(into),
             }, reps)
             rows.append((mib, nbytes, result))
+        cluster.stop()
+        shard_rows = []
+        mib = max(args.sizes_mib)
+        for shards in args.shards:
+            sharded = LocalCluster(tmp / f"shards{shards}", workers=0, servers=shards, log_level="WARNING")
+            try:
+                sharded.start()
+                push, pull, nbytes = psgrid_rig(sharded.address, mib * MiB)
+                payload = torch.full((nbytes // 4,), 1e-3).view(torch.uint8)
+                into = torch.empty(nbytes, dtype=torch.uint8)
+                shard_rows.append((shards, nbytes, timed_interleaved({
+                    "psgrid push": push, "socket push": lambda: sock.push(payload),
+                    "psgrid pull": pull, "socket pull": lambda: sock.pull(into),
+                }, max(4, args.reps // 2))))
+            finally:
+                sharded.stop()
     finally:
         cluster.stop()
         baseline.kill()
@@ -185,6 +209,14 @@ def main() -> None:
         both_theirs = r["socket push"] + r["socket pull"]
         print(f"{mib:>5}MiB  both {both_ours * 1e3:>10.1f} {2 * nbytes / both_ours / 1e9:>6.2f} "
               f"{both_theirs * 1e3:>10.1f} {2 * nbytes / both_theirs / 1e9:>6.2f} {both_theirs / both_ours:>6.2f}")
+    print(f"\n{max(args.sizes_mib)} MiB over several parameter-server shards (one process each):")
+    print(f"{'shards':>6} {'push GB/s':>10} {'pull GB/s':>10} {'socket push':>12} {'socket pull':>12} "
+          f"{'push ratio':>10} {'pull ratio':>10}")
+    for shards, nbytes, r in shard_rows:
+        gbs = {k: nbytes / v / 1e9 for k, v in r.items()}
+        print(f"{shards:>6} {gbs['psgrid push']:>10.2f} {gbs['psgrid pull']:>10.2f} {gbs['socket push']:>12.2f} "
+              f"{gbs['socket pull']:>12.2f} {gbs['psgrid push'] / gbs['socket push']:>10.2f} "
+              f"{gbs['psgrid pull'] / gbs['socket pull']:>10.2f}")
     print("\nratio = psgrid throughput / plain-socket throughput (1.0 = as fast as the socket)")
 
 
