@@ -62,6 +62,8 @@ class PushHeader:
     base_step: int
     init: bool
     layout: Layout
+    #: Examples the gradient averages over (BSP weight).
+    samples: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,8 @@ class PullResult:
     payload: torch.Tensor | None
     #: The step the server expects this worker to compute next.
     clock: int = 0
+    #: The data shards (ranks) the worker computes this step on.
+    ranks: tuple[int, ...] = ()
 
 
 class NotReady(FailedPrecondition):
@@ -379,7 +383,8 @@ class ParameterServerCore:
                 payload = store.flat
             else:
                 payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
-            return PullResult(job.state, store.version, step, store.layout, payload, clock)
+            return PullResult(job.state, store.version, step, store.layout, payload, clock,
+                              tuple(job.coverage(worker_id)))
 
     def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
         """Receive, validate and apply one push; return (version, duplicate).
@@ -405,7 +410,8 @@ class ParameterServerCore:
             with job.cond:
                 job.require_running()
                 record = job.accept_gradient(
-                    header.worker_id, header.seq, header.base_version, header.base_step, grads
+                    header.worker_id, header.seq, header.base_version, header.base_step, grads,
+                    header.samples,
                 )
                 self._log_applied(job)
             return record.version, False

@@ -177,6 +177,16 @@ class Job:
         self.steps.rejoin(worker_id)
         self.emit("worker")
 
+    def coverage(self, worker_id: str) -> list[int]:
+        """The data shards (ranks) this worker computes on: its own, plus a fair
+        share of the ranks whose workers are gone, so no data is left out."""
+        rank = self.rank_of(worker_id)
+        live = [r for r, w in enumerate(self.workers) if w not in self.lost]
+        gone = [r for r, w in enumerate(self.workers) if w in self.lost]
+        if not gone or rank not in live:
+            return [rank]
+        return [rank, *(g for i, g in enumerate(gone) if live[i % len(live)] == rank)]
+
     def rank_of(self, worker_id: str) -> int:
         try:
             return self.workers.index(worker_id)
@@ -222,13 +232,13 @@ class Job:
         return buf
 
     def accept_gradient(self, worker_id: str, seq: int, base_version: int, base_step: int,
-                        grads: dict[str, torch.Tensor]) -> UpdateRecord:
-        """Apply (or, in BSP, accumulate) one validated gradient push."""
+                        grads: dict[str, torch.Tensor], samples: int = 1) -> UpdateRecord:
+        """Apply (or, in BSP, accumulate weighted by ``samples``) one validated gradient push."""
         store = self.require_store()
         steps = self.steps
         steps.check_push(worker_id, seq)
         if steps.synchronous:
-            self.accumulator.add(grads)
+            self.accumulator.add(grads, max(1, samples))
             if steps.accept(worker_id, seq):
                 self._apply_round()
             version = store.version if not steps.arrived else store.version + 1

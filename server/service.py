@@ -22,7 +22,7 @@ _PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhas
 
 def pull_frames(result: PullResult) -> Iterator[bytes]:
     return codec.encode_pull(result.state, result.version, result.step, result.layout,
-                             result.payload, result.clock)
+                             result.payload, result.clock, result.ranks)
 
 
 class ParameterServerService:
@@ -65,7 +65,7 @@ class ParameterServerService:
         h = codec.decode_push_header(next(request_iterator, None))
         header = PushHeader(
             job_id=h.job_id, worker_id=h.worker_id, seq=h.seq, base_version=h.base_version,
-            base_step=h.base_step, init=h.init,
+            base_step=h.base_step, init=h.init, samples=h.samples,
             layout=codec.layout_from_proto(h.tensors, self.core.config.max_payload_bytes),
         )
         version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest))

@@ -70,19 +70,23 @@ class GradientAccumulator:
             for m in layout.tensors
         }
         self.count = 0
+        self.weight = 0
 
-    def add(self, grads: Mapping[str, torch.Tensor]) -> None:
+    def add(self, grads: Mapping[str, torch.Tensor], weight: int = 1) -> None:
+        """Add a gradient averaged over ``weight`` examples."""
         for name, acc in self.sums.items():
-            acc.add_(grads[name])
+            acc.add_(grads[name], alpha=weight)
         self.count += 1
+        self.weight += weight
 
     def mean(self) -> dict[str, torch.Tensor]:
-        """Divide the sums by the count in place and return them."""
+        """The example-weighted mean, computed in place; equal weights give the plain mean."""
         for acc in self.sums.values():
-            acc.div_(self.count)
+            acc.div_(self.weight)
         return self.sums
 
     def reset(self) -> None:
         for acc in self.sums.values():
             acc.zero_()
         self.count = 0
+        self.weight = 0

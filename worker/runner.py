@@ -165,7 +165,7 @@ class Worker:
         dataset = build_dataset(spec, self.allowed_modules)
         sampler = ShardSampler(len(dataset.train_x), a.rank, a.world_size, spec.batch_size, spec.seed)
         self.shards.open(a)
-        step = GradientStep(model, dataset, sampler, device, shards=self.shards.count)
+        step = GradientStep(model, dataset, sampler, device, shards=self.shards.count, world_size=a.world_size)
         if a.rank == 0:
             payloads = [step.initial_payload(k) for k in range(self.shards.count)]
             self.shards.push(a.job_id, 0, [], step.layouts, payloads, init=True)
@@ -199,8 +199,10 @@ class Worker:
                 clock = pulled[0].clock
                 if clock >= total:
                     break
-            loss, rows = step.run(clock)
-            self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers)
+            if pulled[0].ranks and pulled[0].ranks != (a.rank,):
+                logger.debug("%s step %d also covers ranks %s", tag, clock, pulled[0].ranks[1:])
+            loss, rows = step.run(clock, pulled[0].ranks)
+            self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows)
             losses.append(loss)
             samples += rows
             elapsed = time.monotonic() - window_start

@@ -77,11 +77,12 @@ class ShardLinks:
         return self._each(one)
 
     def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
-             payloads: list[torch.Tensor], init: bool = False) -> None:
+             payloads: list[torch.Tensor], init: bool = False, samples: int = 0) -> None:
         def one(shard: int) -> object:
             base = pulled[shard] if pulled else None
             header = push_header(job_id, self.worker_id(shard), seq, base.version if base else 0,
                                  base.step if base else 0, layouts[shard], init=init)
+            header.samples = samples
             return self.client(shard).push(header, payloads[shard])
         self._each(one)
 

@@ -21,11 +21,13 @@ class GradientStep:
     """Computes this worker's gradient for a step into reusable host buffers, one per shard."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, sampler: ShardSampler,
-                 device: torch.device, shards: int = 1):
+                 device: torch.device, shards: int = 1, world_size: int = 1):
         self.device = device
         self.model = model.to(device)
         self.dataset = dataset
         self.sampler = sampler
+        self.world_size = world_size
+        self._samplers = {sampler.rank: sampler}
         self.params = trainable(self.model)
         self._by_name = dict(self.params)
         self.full_layout = Layout.of_tensors((n, p.detach()) for n, p in self.params)
@@ -61,13 +63,25 @@ class GradientStep:
         for piece in self.partition.pieces[shard]:
             piece_view(self._by_name[piece.tensor], piece).copy_(views[piece.name], non_blocking=True)
 
-    def run(self, step: int) -> tuple[float, int]:
-        """Forward/backward on this worker's batch for ``step``; return (loss, rows).
+    def indices(self, step: int, ranks: tuple[int, ...] = ()) -> torch.Tensor:
+        """Rows of the batch for ``step``: this worker's shard, or the union of ``ranks``' shards
+        (it also computes for workers that are gone)."""
+        parts = []
+        for rank in ranks or (self.sampler.rank,):
+            if rank not in self._samplers:
+                s = self.sampler
+                self._samplers[rank] = ShardSampler(len(self.dataset.train_x), rank, self.world_size,
+                                                    s.batch_size, s.seed)
+            parts.append(self._samplers[rank].indices(step))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def run(self, step: int, ranks: tuple[int, ...] = ()) -> tuple[float, int]:
+        """Forward/backward on the batch for ``step`` (see :meth:`indices`); return (loss, rows).
 
         Each shard's gradients end up in ``grad_buffers[shard]``, laid out as
         ``layouts[shard]``.
         """
-        idx = self.sampler.indices(step).to(self.device)
+        idx = self.indices(step, ranks).to(self.device)
         for _, p in self.params:
             p.grad = None
         loss = self.dataset.loss_fn(self.model(self._x[idx]), self._y[idx])

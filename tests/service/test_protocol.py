@@ -12,6 +12,7 @@ from psgrid.errors import FailedPrecondition, JobNotRunning
 from psgrid.spec import JobState, OptimizerSpec
 
 from helpers.inproc import make_rig, spec
+from psgrid.worker.ps_client import push_header
 from helpers.wait import wait_until
 
 
@@ -166,3 +167,24 @@ def test_a_restarted_worker_takes_back_its_rank_and_clock(server):
     rig.workers[1] = new_id
     v, dup = rig.push(1, 2, ones(0.1))
     assert not dup and v == 3
+
+
+def test_a_gone_workers_data_shard_is_covered_by_the_others(server_factory):
+    server = server_factory(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.4)
+    rig = make_rig(server.port, spec(num_workers=3, staleness=0))
+    assert rig.pull(0, 0).ranks == (0,)
+    # worker 2 goes silent; workers 0 and 1 keep beating until it is dropped
+    wait_until(lambda: [rig.ps.heartbeat(w, rig.job_id) for w in rig.workers[:2]]
+               and server.core.job(rig.job_id).lost, timeout=10, message="worker 2 to be dropped")
+    covers = {rig.pull(0, 0).ranks, rig.pull(1, 0).ranks}
+    assert covers == {(0, 2), (1,)}
+    # BSP weights each gradient by its examples: 2 shards' worth from worker 0, 1 from worker 1
+    start = rig.params()
+    for worker, value, samples in ((0, 3.0, 64), (1, 0.0, 32)):
+        header = push_header(rig.job_id, rig.workers[worker], 0, 0, 0, rig.layout)
+        header.samples = samples
+        rig.ps.push(header, rig.layout.pack(ones(value)))
+    torch.testing.assert_close(rig.params()["w"], start["w"] - 0.5 * 2.0, rtol=0, atol=1e-6)
+    # back again: everyone covers only its own shard
+    rig.pull(2, 1)
+    assert rig.pull(0, 1).ranks == (0,)
