@@ -12,7 +12,7 @@ from psgrid.client.progress import Progress
 from psgrid.errors import JobCancelled, JobFailed
 from psgrid.partition import assemble
 from psgrid.security import Security
-from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
+from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState, WorkerStatus
 
 
 class Job:
@@ -35,6 +35,16 @@ class Job:
     def events(self, from_seq: int = 0, timeout: float | None = None) -> Iterator[JobEvent]:
         """Progress events (step, loss, samples/s, state changes) until the job ends."""
         yield from self._client._rpc.watch(self.job_id, from_seq, timeout)
+
+    def history(self) -> list[HistoryRow]:
+        """The job's training curve as rows: step, time, loss, samples/s, metrics."""
+        return self._client._rpc.history(self.job_id)
+
+    def write_tensorboard(self, logdir: str) -> int:
+        """Write the job's curve as TensorBoard event files under ``logdir``; return the row count."""
+        from psgrid.client.curves import write_tensorboard
+
+        return write_tensorboard(self.history(), logdir, self.job_id)
 
     def cancel(self) -> JobInfo:
         self._info = self._client._rpc.cancel(self.job_id)
@@ -127,3 +137,7 @@ class Client:
 
     def list_jobs(self) -> list[JobInfo]:
         return self._rpc.list()
+
+    def workers(self) -> list[WorkerStatus]:
+        """Every worker registered with the server, and what it is doing."""
+        return self._rpc.workers()

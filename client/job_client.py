@@ -11,7 +11,7 @@ from psgrid import codec, rpc
 from psgrid.backoff import Backoff
 from psgrid.codec import Pulled
 from psgrid.security import Security
-from psgrid.spec import JobEvent, JobInfo, JobSpec
+from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, WorkerStatus
 from psgrid.v1 import job_pb2
 from psgrid.v1 import job_service_pb2 as js
 
@@ -34,6 +34,8 @@ class JobServiceClient:
         self._get = unary("GetJob", js.GetJobRequest, js.GetJobResponse)
         self._cancel = unary("CancelJob", js.CancelJobRequest, js.CancelJobResponse)
         self._list = unary("ListJobs", js.ListJobsRequest, js.ListJobsResponse)
+        self._history = unary("GetJobHistory", js.GetJobHistoryRequest, js.GetJobHistoryResponse)
+        self._workers = unary("ListWorkers", js.ListWorkersRequest, js.ListWorkersResponse)
         self._watch = self.channel.unary_stream(
             _SERVICE + "WatchJob", request_serializer=js.WatchJobRequest.SerializeToString,
             response_deserializer=job_pb2.JobEvent.FromString)
@@ -61,6 +63,13 @@ class JobServiceClient:
 
     def list(self) -> list[JobInfo]:
         return [codec.info_from_proto(j) for j in self._call(self._list, js.ListJobsRequest()).jobs]
+
+    def history(self, job_id: str) -> list[HistoryRow]:
+        reply = self._call(self._history, js.GetJobHistoryRequest(job_id=job_id))
+        return [codec.history_from_proto(r) for r in reply.rows]
+
+    def workers(self) -> list[WorkerStatus]:
+        return [codec.worker_from_proto(w) for w in self._call(self._workers, js.ListWorkersRequest()).workers]
 
     def watch(self, job_id: str, from_seq: int = 0, timeout_s: float | None = None) -> Iterator[JobEvent]:
         """Events from ``from_seq`` until the job is terminal (or the deadline).

@@ -51,8 +51,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         update_log=args.update_log, max_payload_bytes=args.max_payload_bytes,
         checkpoint_dir=args.checkpoint_dir, checkpoint_interval_s=args.checkpoint_interval,
         keep_checkpoints=args.keep_checkpoints, heartbeat_timeout_s=args.heartbeat_timeout,
-        allowed_modules=args.allow_modules, shards=args.shards,
+        allowed_modules=args.allow_modules, shards=args.shards, advertise=args.advertise,
     )
+    if config.advertise:
+        logger.info("[ps] advertised as %s: workers and clients dial that", config.advertise)
     serve(config, _security(args))
     return 0
 
@@ -257,15 +259,22 @@ def _supervisor_address(args: argparse.Namespace) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from psgrid.supervisor.app import serve
-    from psgrid.supervisor.cluster import ClusterConfig
+    from psgrid.supervisor.cluster import ChildSecurity, ClusterConfig
 
     try:
         config = ClusterConfig.load(args.cluster, workers=args.workers)
     except (OSError, ValueError) as exc:  # ValueError includes TOML syntax errors
         print(f"psgrid: bad cluster file: {exc}", file=sys.stderr)
         return 2
+    try:
+        config.check_host(args.host)
+    except ValueError as exc:
+        print(f"psgrid: {exc}", file=sys.stderr)
+        return 2
+    children = ChildSecurity(token_file=args.token_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                             tls_key=args.tls_key)
     return serve(config, args.run_dir, port_file=args.port_file, log_level=args.log_level,
-                 security=_security(args))
+                 security=_security(args), host=args.host, child_security=children)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -276,11 +285,12 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([n.to_json() for n in nodes], indent=2))
         return 0
-    print(f"{'NODE':<12} {'ROLE':<7} {'STATE':<9} {'PID':>7} {'RESTARTS':>8} {'UPTIME':>9}  "
+    width = max([12, *(len(n.name) for n in nodes)])  # <host>-worker-<i> can be long
+    print(f"{'NODE':<{width}} {'ROLE':<7} {'STATE':<9} {'PID':>7} {'RESTARTS':>8} {'UPTIME':>9}  "
           f"{'ADDRESS':<21} LAST EXIT")
     for n in nodes:
         uptime = f"{n.uptime_s:.0f}s" if n.pid else "-"
-        print(f"{n.name:<12} {n.role.value:<7} {n.state.value:<9} {n.pid or '-':>7} {n.restarts:>8} "
+        print(f"{n.name:<{width}} {n.role.value:<7} {n.state.value:<9} {n.pid or '-':>7} {n.restarts:>8} "
               f"{uptime:>9}  {n.address or '-':<21} {n.last_exit or '-'}")
     return 0
 
@@ -353,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default psgrid.examples; '*' allows any)")
     p.add_argument("--shards", help="comma-separated HOST:PORT of the other parameter-server shards; "
                    "jobs submitted here spread their parameters over this server and those")
+    p.add_argument("--advertise", help="HOST:PORT other machines dial to reach this server "
+                   "(logged and reported; default: the bound address)")
     _add_security_flags(p)
     p.set_defaults(func=cmd_server)
 
@@ -391,9 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=".psgrid/demo", help="where the processes' logs go")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("up", help="start a server and workers and keep them running (a supervisor)")
-    p.add_argument("cluster", nargs="?", help="cluster TOML file ([supervisor], [server], [workers])")
-    p.add_argument("--workers", type=int, help="number of workers (overrides the file; default 2)")
+    p = sub.add_parser("up", help="start a server and workers and keep them running (a supervisor)",
+                       description="Start this machine's nodes of a cluster file and keep them running; "
+                       "every node gets the security flags given here. See docs/operations.md.")
+    p.add_argument("cluster", nargs="?", help="cluster TOML file ([supervisor], [server], [workers], "
+                   "and one [hosts.NAME] per machine in the multi-host form)")
+    p.add_argument("--host", help="run this [hosts.NAME]'s nodes (required by, and only for, a "
+                   "multi-host cluster file)")
+    p.add_argument("--workers", type=int, help="number of workers (single-host form; overrides the "
+                   "file; default 2)")
     p.add_argument("--run-dir", default=".psgrid/cluster", help="where the nodes' logs go")
     p.add_argument("--port-file", help="write the Supervisor service's bound port to this file")
     _add_security_flags(p)
@@ -406,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("restart", help="restart one node of a `psgrid up` cluster")
-    p.add_argument("node", help="node name: server, worker-0, ...")
+    p.add_argument("node", help="node name: server, shard-1, worker-0 (<host>-worker-0 on a "
+                   "multi-host cluster), ...")
     p.add_argument("--supervisor", help="HOST:PORT of the supervisor (env PSGRID_SUPERVISOR)")
     _add_security_flags(p)
     p.set_defaults(func=cmd_restart)

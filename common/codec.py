@@ -26,7 +26,15 @@ from psgrid.errors import (
     PayloadTooLarge,
     ShapeMismatch,
 )
-from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState, OptimizerSpec
+from psgrid.spec import (
+    HistoryRow,
+    JobEvent,
+    JobInfo,
+    JobSpec,
+    JobState,
+    OptimizerSpec,
+    WorkerStatus,
+)
 from psgrid.v1 import job_pb2, parameter_server_pb2, tensor_pb2
 
 if sys.byteorder != "little":  # pragma: no cover
@@ -383,7 +391,7 @@ def spec_to_proto(spec: JobSpec) -> job_pb2.JobSpec:
             beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps,
         ),
         batch_size=spec.batch_size, epochs=spec.epochs, steps=spec.steps,
-        num_workers=spec.num_workers, seed=spec.seed, device=spec.device,
+        num_workers=spec.num_workers, seed=spec.seed, device=spec.device, eval_every=spec.eval_every,
     )
     if spec.staleness is not None:
         msg.staleness = spec.staleness
@@ -416,7 +424,7 @@ def spec_from_proto(msg: job_pb2.JobSpec) -> JobSpec:
         dataset_kwargs=_kwargs(msg.dataset_kwargs_json, "dataset_kwargs"),
         optimizer=optimizer, batch_size=msg.batch_size, epochs=msg.epochs, steps=msg.steps,
         staleness=msg.staleness if msg.HasField("staleness") else None,
-        num_workers=msg.num_workers, seed=msg.seed, device=msg.device,
+        num_workers=msg.num_workers, seed=msg.seed, device=msg.device, eval_every=msg.eval_every,
     )
 
 
@@ -449,3 +457,20 @@ def event_to_proto(event: JobEvent) -> job_pb2.JobEvent:
 
 def event_from_proto(msg: job_pb2.JobEvent) -> JobEvent:
     return JobEvent(seq=msg.seq, time_unix=msg.time_unix, kind=msg.kind, job=info_from_proto(msg.job))
+
+
+def history_to_proto(row: HistoryRow) -> job_pb2.HistoryRow:
+    return job_pb2.HistoryRow(step=row.step, time_unix=row.time_unix, loss=row.loss,
+                              samples_per_sec=row.samples_per_sec, metrics=row.metrics)
+
+
+def history_from_proto(msg: job_pb2.HistoryRow) -> HistoryRow:
+    return HistoryRow(msg.step, msg.time_unix, msg.loss, msg.samples_per_sec, dict(msg.metrics))
+
+
+def worker_to_proto(w: WorkerStatus) -> job_pb2.WorkerStatus:
+    return job_pb2.WorkerStatus(**dataclasses.asdict(w))
+
+
+def worker_from_proto(msg: job_pb2.WorkerStatus) -> WorkerStatus:
+    return WorkerStatus(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(WorkerStatus)})

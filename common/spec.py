@@ -107,8 +107,12 @@ class JobSpec:
     seed: int = 0
     name: str = ""
     device: str = ""
+    #: Rank 0 evaluates every this many steps (0: only at the end).
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            raise InvalidSpec(f"eval_every must be >= 0, got {self.eval_every}")
         for field in ("model", "dataset"):
             value = getattr(self, field)
             if not _IMPORT_PATH.match(value or ""):
@@ -217,3 +221,31 @@ class JobEvent:
     time_unix: float
     kind: str
     job: JobInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryRow:
+    """One point of a job's training curve."""
+
+    step: int
+    time_unix: float
+    loss: float = float("nan")
+    samples_per_sec: float = 0.0
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerStatus:
+    """One registered worker as the parameter server sees it."""
+
+    worker_id: str
+    name: str
+    host: str
+    pid: int
+    device: str
+    job_id: str = ""
+    rank: int = 0
+    step: int = 0
+    samples_per_sec: float = 0.0
+    last_seen_s: float = 0.0
+    lost: bool = False

@@ -76,6 +76,11 @@ class ParameterServerApp:
         host = self.config.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    @property
+    def advertised(self) -> str:
+        """HOST:PORT other machines should dial (``--advertise``); the bound address by default."""
+        return self.config.advertise or self.address
+
     def start(self) -> "ParameterServerApp":
         self.server.start()
         for name in ("", *SERVICES):

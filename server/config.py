@@ -12,6 +12,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def _check_address(name: str, value: object) -> None:
+    """ValueError naming ``value`` unless it is HOST:PORT with a port in 1..65535."""
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not host.strip("[]") or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{name} must be HOST:PORT with a port in 1..65535, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """Everything a parameter-server process is started with."""
@@ -40,6 +47,9 @@ class ServerConfig:
     shards: tuple[str, ...] = ()
     #: Module prefixes jobs may name for their model and dataset ("*": any).
     allowed_modules: tuple[str, ...] = ("psgrid.examples",)
+    #: HOST:PORT other machines should dial to reach this server (informative:
+    #: logged and reported); None means the bound address.
+    advertise: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,6 +62,8 @@ class ServerConfig:
             raise ValueError("checkpoint_interval_s must be > 0 and keep_checkpoints >= 1")
         if self.pull_wait_s <= 0 or self.max_rpc_threads < 4:
             raise ValueError("pull_wait_s must be > 0 and max_rpc_threads >= 4")
+        if self.advertise is not None:
+            _check_address("advertise", self.advertise)
 
     @classmethod
     def load(cls, path: str | pathlib.Path | None = None, **overrides: Any) -> "ServerConfig":

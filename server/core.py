@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
-from psgrid.errors import FailedPrecondition, InvalidArgument, UnknownJob, UnknownWorker
+from psgrid.errors import FailedPrecondition, InvalidArgument, PsgridError, UnknownJob, UnknownWorker
+from psgrid.metrics import ServerMetrics
 from psgrid.server import recovery
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.jobs import Job
 from psgrid.server.store import check_finite
-from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
+from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState, WorkerStatus
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class ParameterServerCore:
         self._workers: dict[str, WorkerRecord] = {}
         self._pending: list[str] = []
         self._checkpointed: dict[str, tuple[int, JobState]] = {}
+        self.metrics = ServerMetrics()
+        self.metrics.jobs.labels("ALL").set_function(lambda: len(self._jobs))
+        self.metrics.workers.set_function(lambda: len(self._workers))
         self._update_log = open(config.update_log, "a", buffering=1) if config.update_log else None
 
     def close(self) -> None:
@@ -355,6 +359,29 @@ class ParameterServerCore:
                 if event.job.state.terminal and event.kind == "state":
                     return
 
+    def history(self, job_id: str) -> list[HistoryRow]:
+        job = self.job(job_id)
+        with job.cond:
+            return list(job.history)
+
+    def list_workers(self) -> list[WorkerStatus]:
+        """Every registered worker, what it runs and how fast."""
+        now, out = self._clock(), []
+        for w in sorted(self._workers.values(), key=lambda w: w.name):
+            status = WorkerStatus(w.worker_id, w.name, w.host, w.pid, w.device,
+                                  last_seen_s=max(0.0, now - w.last_seen))
+            job = self._jobs.get(w.job_id) if w.job_id else None
+            if job is not None:
+                with job.cond:
+                    if w.worker_id in job.workers:
+                        p = job.progress[w.worker_id]
+                        status = dataclasses.replace(
+                            status, job_id=job.job_id, rank=job.rank_of(w.worker_id), step=p.step,
+                            samples_per_sec=0.0 if p.finished else p.samples_per_sec,
+                            lost=w.worker_id in job.lost)
+            out.append(status)
+        return out
+
     def fetch(self, job_id: str) -> PullResult:
         """A consistent copy of the job's current parameters."""
         job = self.job(job_id)
@@ -383,6 +410,8 @@ class ParameterServerCore:
                 payload = store.flat
             else:
                 payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
+            self.metrics.pulls.labels(job_id).inc()
+            self.metrics.bytes_out.inc(store.layout.total_bytes)
             return PullResult(job.state, store.version, step, store.layout, payload, clock,
                               tuple(job.coverage(worker_id)))
 
@@ -391,6 +420,16 @@ class ParameterServerCore:
 
         Nothing changes unless the whole payload arrived and passed every check.
         """
+        try:
+            version, duplicate = self._push(header, payload)
+        except PsgridError as exc:
+            self.metrics.rejected.labels(type(exc).__name__).inc()
+            raise
+        self.metrics.bytes_in.inc(header.layout.total_bytes)
+        (self.metrics.duplicates if duplicate else self.metrics.pushes).labels(header.job_id).inc()
+        return version, duplicate
+
+    def _push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
         job, _ = self._member(header.job_id, header.worker_id)
         with job.push_locks[header.worker_id]:
             if header.init:
@@ -407,6 +446,7 @@ class ParameterServerCore:
                 return job.store.version, True
             grads = header.layout.views(buffer)
             check_finite(grads)
+            started = time.perf_counter()
             with job.cond:
                 job.require_running()
                 record = job.accept_gradient(
@@ -414,6 +454,8 @@ class ParameterServerCore:
                     header.samples,
                 )
                 self._log_applied(job)
+            self.metrics.apply_seconds.observe(time.perf_counter() - started)
+            self.metrics.staleness.observe(record.staleness)
             return record.version, False
 
     def _push_init(self, job: Job, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
@@ -459,7 +501,8 @@ class ParameterServerCore:
             if phase == "FAILED":
                 ended = job.set_state(JobState.FAILED, f"worker {worker_id}: {error}")
             elif not job.state.terminal:
-                job.report(worker_id, step, total_steps, loss, samples, seconds)
+                job.report(worker_id, step, total_steps, loss, samples, seconds,
+                           metrics if phase == "TRAINING" else None)
                 if phase == "FINISHED":
                     job.worker_finished(worker_id)
                 elif phase == "EVALUATED":

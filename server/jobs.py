@@ -16,7 +16,7 @@ from psgrid.codec import Layout
 from psgrid.errors import FailedPrecondition, JobNotRunning, NotAssigned
 from psgrid.server.consistency import StepClock
 from psgrid.server.store import GradientAccumulator, ParameterStore
-from psgrid.spec import JobEvent, JobInfo, JobSpec, JobState
+from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState
 
 #: Prefix of the stand-in id of a rank whose worker has not (re-)registered yet.
 AWAY = "away:"
@@ -24,6 +24,8 @@ AWAY = "away:"
 MAX_EVENTS = 10_000
 #: Applied-update records kept in memory per job (the update log keeps all).
 MAX_UPDATE_RECORDS = 100_000
+#: Points of a job's training curve kept (the oldest go first).
+MAX_HISTORY = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Job:
         self.events: deque[JobEvent] = deque(maxlen=MAX_EVENTS)
         self._next_event = next_event
         self.updates: deque[UpdateRecord] = deque(maxlen=MAX_UPDATE_RECORDS)
+        self.history: deque[HistoryRow] = deque(maxlen=MAX_HISTORY)
         self._round_records: list[UpdateRecord] = []
         self._applied: list[UpdateRecord] = []
         self.push_locks: dict[str, threading.Lock] = {}
@@ -276,7 +279,7 @@ class Job:
     # --- progress ---------------------------------------------------------------
 
     def report(self, worker_id: str, step: int, total_steps: int, loss: float,
-               samples: int, seconds: float) -> None:
+               samples: int, seconds: float, metrics: dict[str, float] | None = None) -> None:
         p = self.progress[worker_id]
         p.step = step
         if not math.isnan(loss):
@@ -285,6 +288,9 @@ class Job:
             p.samples_per_sec = samples / seconds
         self.total_steps = max(self.total_steps, total_steps)
         self.emit("progress")
+        info = self.events[-1].job
+        self.history.append(HistoryRow(info.step, self.updated, info.loss, info.samples_per_sec,
+                                       dict(metrics or {})))
 
     def worker_finished(self, worker_id: str) -> None:
         self.progress[worker_id].finished = True
@@ -298,5 +304,7 @@ class Job:
 
     def evaluated(self, metrics: dict[str, float]) -> None:
         self.metrics.update(metrics)
+        self.history.append(HistoryRow(self.steps.global_step if self.steps else 0, self._clock(),
+                                       metrics=dict(metrics)))
         self.emit("metrics")
         self.set_state(JobState.SUCCEEDED)

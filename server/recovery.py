@@ -19,7 +19,10 @@ from psgrid.server.checkpoint import JobCheckpoint
 from psgrid.server.consistency import StepClock
 from psgrid.server.jobs import AWAY, Job
 from psgrid.server.store import GradientAccumulator, ParameterStore
-from psgrid.spec import JobState
+from psgrid.spec import HistoryRow, JobState
+
+#: Newest training-curve points a checkpoint keeps.
+HISTORY_IN_CHECKPOINT = 5000
 from psgrid.v1 import job_pb2
 
 def snapshot(job: Job, seq: int) -> JobCheckpoint:
@@ -42,6 +45,8 @@ def snapshot(job: Job, seq: int) -> JobCheckpoint:
         "next_event": job.next_event,
         "created": job.created,
         "shards": list(job.shards),
+        "history": [[r.step, r.time_unix, r.loss, r.samples_per_sec, r.metrics]
+                    for r in list(job.history)[-HISTORY_IN_CHECKPOINT:]],
     }
     params = dict(store.params) if store else {}
     optimizer_state = store.optimizer.state_tensors() if store else {}
@@ -71,6 +76,7 @@ def restore(ckpt: JobCheckpoint) -> Job:
             spec.staleness, {AWAY + n: meta["clocks"].get(n, 0) for n in names}, meta["global_step"])
         for name in meta["finished"]:
             job.progress[AWAY + name].finished = True
+    job.history.extend(HistoryRow(*row) for row in meta.get("history", ()))
     with job.cond:
         job.emit("restored")
     return job

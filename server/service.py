@@ -125,6 +125,15 @@ class JobServiceService:
         return js.ListJobsResponse(jobs=[codec.info_to_proto(i) for i in self.core.list_jobs()])
 
     @translate_errors
+    def GetJobHistory(self, request: js.GetJobHistoryRequest, context) -> js.GetJobHistoryResponse:
+        rows = self.core.history(request.job_id)
+        return js.GetJobHistoryResponse(rows=[codec.history_to_proto(r) for r in rows])
+
+    @translate_errors
+    def ListWorkers(self, request: js.ListWorkersRequest, context) -> js.ListWorkersResponse:
+        return js.ListWorkersResponse(workers=[codec.worker_to_proto(w) for w in self.core.list_workers()])
+
+    @translate_errors
     def FetchParameters(self, request: js.FetchParametersRequest, context) -> Iterator[bytes]:
         yield from pull_frames(self.core.fetch(request.job_id))
 
@@ -159,6 +168,8 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
                 response_serializer=lambda m: m.SerializeToString()),
             "CancelJob": _unary(j.CancelJob, js.CancelJobRequest, js.CancelJobResponse),
             "ListJobs": _unary(j.ListJobs, js.ListJobsRequest, js.ListJobsResponse),
+            "GetJobHistory": _unary(j.GetJobHistory, js.GetJobHistoryRequest, js.GetJobHistoryResponse),
+            "ListWorkers": _unary(j.ListWorkers, js.ListWorkersRequest, js.ListWorkersResponse),
             "FetchParameters": grpc.unary_stream_rpc_method_handler(
                 j.FetchParameters, request_deserializer=js.FetchParametersRequest.FromString,
                 response_serializer=identity),

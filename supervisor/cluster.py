@@ -1,34 +1,27 @@
 """The cluster file: what ``psgrid up`` runs, and how it supervises it.
 
-A TOML file with three tables, every key optional (defaults shown)::
+A TOML file; every table and key is optional. The single-host form (the
+default) runs everything on the machine ``psgrid up`` runs on::
 
-    [supervisor]
-    strategy = "one_for_one"   # one_for_all, rest_for_one
-    max_restarts = 5           # more restarts than this within period_s: give up
-    period_s = 60
-    host = "127.0.0.1"         # the Supervisor gRPC service
-    port = 0                   # 0 = any free port (--port-file reports it)
-    check_interval_s = 0.5     # how often children are polled and checked
+    [supervisor]   strategy, max_restarts, period_s, host, port, check_interval_s
+    [server]       host, port (0 = any; restarts reuse it), checkpoint_dir, args, + ChildSettings
+    [workers]      count, device, args, + ChildSettings
 
-    [server]
-    host = "127.0.0.1"
-    port = 0                   # 0 = any free port; restarts reuse the bound one
-    checkpoint_dir = ".psgrid/checkpoints"   # "" = no checkpoints
-    args = []                  # extra `psgrid server` flags
-    liveness_timeout_s = 5     # plus restart, shutdown_s, backoff_*_s, healthy_after_s
+The multi-host form adds one ``[hosts.NAME]`` table per machine (``address``,
+``bind``, ``servers``, ``server_port``, ``workers``, ``device``), and each
+machine runs ``psgrid up FILE --host NAME`` for its own nodes. ``[server]``
+and ``[workers]`` then hold every server's and worker's defaults. Exactly one
+host runs servers, on fixed ports; its shard 0, node ``server``, is the
+coordinator that workers and clients dial, told the other shards' addresses
+with ``--shards``. docs/operations.md has the whole reference and its rules.
 
-    [workers]
-    count = 2
-    device = "auto"
-    args = []                  # extra `psgrid worker` flags
-    liveness_timeout_s = 15
-
-:class:`ClusterConfig` parses it (defaults < file < flags) into frozen
-sections validated on construction; :meth:`ClusterConfig.supervisor_spec` and
-:meth:`ClusterConfig.nodes` turn it into children in start order: ``server``,
-then ``worker-0`` .. ``worker-{count-1}``. Relative paths are relative to the
-directory ``psgrid up`` runs in. Every node runs on this machine; a per-node
-``host`` (and a launcher that reaches it) would slot into :class:`NodeSpec`.
+:class:`ClusterConfig` parses either form (defaults < file < flags) into
+frozen sections validated on construction; :meth:`ClusterConfig.nodes` and
+:meth:`ClusterConfig.supervisor_spec` give one host's children in start order:
+``shard-1`` .. ``shard-{S-1}``, then ``server`` (it starts after the shards it
+names), then the workers (``worker-i`` in the single-host form,
+``<host>-worker-i`` in the multi-host form). Relative paths are relative to
+the directory ``psgrid up`` runs in.
 """
 from __future__ import annotations
 
@@ -36,6 +29,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 from typing import Any, ClassVar
 
 from psgrid.spec import tomllib
@@ -44,16 +38,32 @@ from psgrid.supervisor.policy import ChildSpec, RestartType, Strategy, Superviso
 
 SERVER_NAME = "server"
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+#: A host name becomes part of node and log-file names.
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
-def worker_name(index: int) -> str:
-    """The stable name of worker ``index``: a restart keeps it, and with it the worker's rank."""
-    return f"worker-{index}"
+def worker_name(index: int, host: str = "") -> str:
+    """The stable name of worker ``index`` (of ``host`` in the multi-host form).
+
+    A restart keeps it, and with it the worker's rank; the host prefix keeps
+    names unique across the cluster.
+    """
+    return f"{host}-worker-{index}" if host else f"worker-{index}"
+
+
+def shard_name(shard: int) -> str:
+    """The node name of parameter-server shard ``shard``: ``server`` for the coordinator (0)."""
+    return SERVER_NAME if shard == 0 else f"shard-{shard}"
 
 
 def _port(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(f"{name} must be an int in 0..65535, got {value!r}")
+
+
+def _count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -108,11 +118,12 @@ class ChildSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ServerSection(ChildSettings):
-    """The ``[server]`` table: one parameter server, checked by gRPC health."""
+    """The ``[server]`` table: parameter servers, checked by gRPC health."""
 
     #: Flags the supervisor passes itself; ``args`` may not repeat them.
     SECTION: ClassVar[str] = "server"
-    RESERVED: ClassVar[tuple[str, ...]] = ("--host", "--port", "--port-file", "--checkpoint-dir")
+    RESERVED: ClassVar[tuple[str, ...]] = (
+        "--host", "--port", "--port-file", "--checkpoint-dir", "--advertise")
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -140,17 +151,30 @@ class ServerSection(ChildSettings):
         """HOST:PORT that workers and clients dial for a server bound to ``port``."""
         return format_address(self.dial_host, port)
 
-    def argv(self, port: int, port_file: str | os.PathLike) -> list[str]:
-        """``psgrid server`` arguments binding ``port`` (0: any) and reporting it in ``port_file``."""
-        argv = ["server", "--host", self.host, "--port", str(port), "--port-file", str(port_file)]
-        if self.checkpoint_dir:
-            argv += ["--checkpoint-dir", self.checkpoint_dir]
-        return argv + list(self.args)
+    def argv(self, port: int, port_file: str | os.PathLike, *, host: str | None = None,
+             advertise: str | None = None, shards: tuple[str, ...] = (),
+             checkpoint_dir: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+        """``psgrid server`` arguments binding ``port`` (0: any) and reporting it in ``port_file``.
+
+        ``host`` and ``checkpoint_dir`` default to this table's; ``advertise``
+        and ``shards`` are passed when given; ``extra`` (security flags) goes
+        before ``args``, so a flag repeated in ``args`` wins.
+        """
+        argv = ["server", "--host", self.host if host is None else host, "--port", str(port),
+                "--port-file", str(port_file)]
+        if advertise:
+            argv += ["--advertise", advertise]
+        if shards:
+            argv += ["--shards", ",".join(shards)]
+        checkpoint_dir = self.checkpoint_dir if checkpoint_dir is None else checkpoint_dir
+        if checkpoint_dir:
+            argv += ["--checkpoint-dir", checkpoint_dir]
+        return argv + list(extra) + list(self.args)
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkersSection(ChildSettings):
-    """The ``[workers]`` table: ``count`` identical workers, checked by a liveness file.
+    """The ``[workers]`` table: identical workers, checked by a liveness file.
 
     A worker touches its liveness file every heartbeat interval (1 s by
     default); the default ``liveness_timeout_s`` outlasts a heartbeat RPC's own
@@ -167,18 +191,24 @@ class WorkersSection(ChildSettings):
     args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
-            raise ValueError(f"workers.count must be an int >= 0, got {self.count!r}")
+        _count("workers.count", self.count)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"workers.device must be a non-empty string, got {self.device!r}")
         object.__setattr__(self, "args", _args("workers", self.args, self.RESERVED))
         super().__post_init__()
 
-    def argv(self, index: int, server_address: str, liveness_file: str | os.PathLike) -> list[str]:
-        """``psgrid worker`` arguments for worker ``index`` of a server at ``server_address``."""
-        return ["worker", "--server", server_address, "--name", worker_name(index),
-                "--local-workers", str(max(1, self.count)), "--device", self.device,
-                "--liveness-file", str(liveness_file), *self.args]
+    def argv(self, index: int, server_address: str, liveness_file: str | os.PathLike, *,
+             name: str | None = None, local_workers: int | None = None, device: str | None = None,
+             extra: tuple[str, ...] = ()) -> list[str]:
+        """``psgrid worker`` arguments for worker ``index`` of a server at ``server_address``.
+
+        ``name``, ``local_workers`` and ``device`` default to the single-host
+        form's; ``extra`` (security flags) goes before ``args``.
+        """
+        return ["worker", "--server", server_address, "--name", name or worker_name(index),
+                "--local-workers", str(local_workers or max(1, self.count)),
+                "--device", device or self.device, "--liveness-file", str(liveness_file),
+                *extra, *self.args]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +228,7 @@ class SupervisorSection:
         except ValueError:
             raise ValueError(f"supervisor.strategy must be one of {[s.value for s in Strategy]}, "
                              f"got {self.strategy!r}") from None
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) \
-                or self.max_restarts < 0:
-            raise ValueError(f"supervisor.max_restarts must be an int >= 0, got {self.max_restarts!r}")
+        _count("supervisor.max_restarts", self.max_restarts)
         _positive("supervisor.period_s", self.period_s)
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"supervisor.host must be a non-empty string, got {self.host!r}")
@@ -209,65 +237,282 @@ class SupervisorSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class HostSection:
+    """A ``[hosts.NAME]`` table: one machine of a multi-host cluster and the nodes it runs.
+
+    ``address`` is what other machines dial (never a wildcard); ``bind`` what
+    its servers bind (default: ``address``). Shard i binds ``server_port + i``,
+    a fixed port: other machines must know it before the server starts.
+    """
+
+    name: str
+    address: str = ""
+    bind: str = ""
+    servers: int = 0
+    server_port: int = 0
+    workers: int = 0
+    device: str = ""  # "" = the [workers] table's
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _HOST_NAME.match(self.name):
+            raise ValueError(f"host name {self.name!r} must start with a letter or digit and hold "
+                             "only letters, digits, '.', '_' and '-'")
+        where = f"hosts.{self.name}"
+        if not isinstance(self.address, str) or self.address in WILDCARD_HOSTS:
+            raise ValueError(f"{where}.address must be the address other machines dial "
+                             f"(not empty, not a wildcard), got {self.address!r}")
+        if not isinstance(self.bind, str):
+            raise ValueError(f"{where}.bind must be a string, got {self.bind!r}")
+        object.__setattr__(self, "bind", self.bind or self.address)
+        _count(f"{where}.servers", self.servers)
+        _count(f"{where}.workers", self.workers)
+        _port(f"{where}.server_port", self.server_port)
+        if not isinstance(self.device, str):
+            raise ValueError(f"{where}.device must be a string, got {self.device!r}")
+        if self.servers and not self.server_port:
+            raise ValueError(f"{where}.server_port must be a fixed port, not 0: other machines "
+                             "dial the servers before they start")
+        if self.servers and self.server_port + self.servers - 1 > 65535:
+            raise ValueError(f"{where}: {self.servers} servers from server_port {self.server_port} "
+                             "run past port 65535")
+        if not self.servers and self.server_port:
+            raise ValueError(f"{where}.server_port is {self.server_port} but the host runs no servers")
+        if not self.servers and not self.workers:
+            raise ValueError(f"{where} runs nothing: give it servers or workers")
+
+    def server_address(self, shard: int) -> str:
+        """HOST:PORT other machines dial for shard ``shard`` of this host."""
+        return format_address(self.address, self.server_port + shard)
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeSpec:
-    """One node of the cluster: its name, role, supervision spec and worker index."""
+    """One node of the cluster: its name, role, supervision spec and how it is started.
+
+    ``index`` is a worker's index on its host, or a server's shard (0: the
+    coordinator). A server binds ``bind``:``port`` (0: any free port, single-host
+    form only) and is dialled at ``advertise_host``; a worker uses ``device``
+    and shares its machine with ``local_workers`` workers.
+    """
 
     name: str
     role: NodeRole
     child: ChildSpec
-    index: int = 0  # the worker's index; 0 for the server
+    index: int = 0
+    host: str = ""  # the [hosts.NAME] that runs it; "" in the single-host form
+    bind: str = ""
+    port: int = 0
+    advertise_host: str = ""
+    device: str = ""
+    local_workers: int = 1
 
 
-def _section(cls: type, name: str, values: Any):
+def _section(cls: type, table: str, values: Any, **fixed: Any):
+    """``cls`` from TOML table ``table`` (plus ``fixed`` fields it may not set)."""
     if not isinstance(values, dict):
-        raise ValueError(f"[{name}] must be a table, got {values!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
+        raise ValueError(f"[{table}] must be a table, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)} - set(fixed)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown keys in [{name}]: {unknown}")
-    return cls(**values)
+        raise ValueError(f"unknown keys in [{table}]: {unknown}")
+    return cls(**values, **fixed)
+
+
+def _hosts(data: dict[str, Any]) -> tuple[HostSection, ...]:
+    """The ``[hosts.NAME]`` tables; ValueError for keys the multi-host form takes from them."""
+    if "hosts" not in data:
+        return ()
+    tables = data["hosts"]
+    if not isinstance(tables, dict) or not tables:
+        raise ValueError(f"[hosts] must hold one [hosts.NAME] table per machine, got {tables!r}")
+    for table, key, instead in (("server", "host", "bind"), ("server", "port", "server_port"),
+                                ("workers", "count", "workers")):
+        if isinstance(data.get(table), dict) and key in data[table]:
+            raise ValueError(f"{table}.{key} is not used in the multi-host form: "
+                             f"set {instead} in each [hosts.NAME] table instead")
+    return tuple(_section(HostSection, f"hosts.{name}", values, name=name)
+                 for name, values in tables.items())
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    """A whole cluster file: ``[supervisor]``, ``[server]`` and ``[workers]``."""
+    """A whole cluster file: ``[supervisor]``, ``[server]``, ``[workers]`` and any ``[hosts.NAME]``."""
 
     supervisor: SupervisorSection = dataclasses.field(default_factory=SupervisorSection)
     server: ServerSection = dataclasses.field(default_factory=ServerSection)
     workers: WorkersSection = dataclasses.field(default_factory=WorkersSection)
+    #: The machines of the multi-host form, in file order; empty in the single-host form.
+    hosts: tuple[HostSection, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hosts", tuple(self.hosts))
+        if not self.hosts:
+            return
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"host names must be unique, got {names}")
+        serving = [h.name for h in self.hosts if h.servers]
+        if len(serving) != 1:
+            raise ValueError("exactly one host may run servers (set servers = N on one "
+                             f"[hosts.NAME] table), got {serving or 'none'}")
+        for arg in self.server.args:
+            if arg.split("=", 1)[0] == "--shards":
+                raise ValueError(f"server.args must not set {arg!r} in the multi-host form: "
+                                 "the supervisor names the other shards to the coordinator")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
         """From parsed TOML; ValueError naming an unknown table or key, or a bad value."""
         sections = {"supervisor": SupervisorSection, "server": ServerSection, "workers": WorkersSection}
-        unknown = sorted(set(data) - set(sections))
+        unknown = sorted(set(data) - set(sections) - {"hosts"})
         if unknown:
             raise ValueError(f"unknown tables in the cluster file: {unknown}")
+        hosts = _hosts(data)
         return cls(**{name: _section(section, name, data.get(name, {}))
-                      for name, section in sections.items()})
+                      for name, section in sections.items()}, hosts=hosts)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, workers: int | None = None) -> ClusterConfig:
-        """Defaults, then the cluster file at ``path`` (if any), then the flags given (non-None)."""
+        """Defaults, then the cluster file at ``path`` (if any), then the flags given (non-None).
+
+        ``workers`` (``psgrid up --workers``) applies to the single-host form only.
+        """
         data: dict[str, Any] = {}
         if path is not None:
             with open(pathlib.Path(path), "rb") as f:
                 data = tomllib.load(f)
         if workers is not None:
+            if "hosts" in data:
+                raise ValueError("--workers applies to the single-host form; "
+                                 "set workers = N in the [hosts.NAME] tables instead")
             data.setdefault("workers", {})
             if isinstance(data["workers"], dict):
                 data["workers"] = {**data["workers"], "count": workers}
         return cls.from_dict(data)
 
-    def nodes(self) -> tuple[NodeSpec, ...]:
-        """Every node in start order: the server, then the workers by index."""
-        server = NodeSpec(SERVER_NAME, NodeRole.SERVER, self.server.child_spec(SERVER_NAME))
-        workers = tuple(NodeSpec(worker_name(i), NodeRole.WORKER, self.workers.child_spec(worker_name(i)), i)
-                        for i in range(self.workers.count))
-        return (server, *workers)
+    # ---- where things are ------------------------------------------------------------
 
-    def supervisor_spec(self) -> SupervisorSpec:
-        """The supervisor's spec: strategy, intensity and the children in start order."""
+    @property
+    def multi_host(self) -> bool:
+        """Whether the file has ``[hosts.NAME]`` tables."""
+        return bool(self.hosts)
+
+    @property
+    def server_host(self) -> HostSection | None:
+        """The host that runs the servers; None in the single-host form."""
+        return next((h for h in self.hosts if h.servers), None)
+
+    def coordinator_address(self) -> str | None:
+        """HOST:PORT workers and clients dial when the file fixes it; None while port 0 is unbound."""
+        if self.server_host is not None:
+            return self.server_host.server_address(0)
+        return self.server.address(self.server.port) if self.server.port else None
+
+    def shard_addresses(self) -> tuple[str, ...]:
+        """The advertised addresses of shards 1..S-1, for the coordinator's ``--shards``."""
+        host = self.server_host
+        return () if host is None else tuple(host.server_address(i) for i in range(1, host.servers))
+
+    def check_host(self, host: str | None) -> None:
+        """ValueError unless ``host`` selects nodes to run: a host name in the multi-host
+        form (listing the names otherwise), None in the single-host form."""
+        names = ", ".join(h.name for h in self.hosts)
+        if not self.hosts and host is not None:
+            raise ValueError(f"--host {host}: the cluster file has no [hosts.NAME] tables; "
+                             "without --host it runs every node on this machine")
+        if self.hosts and host is None:
+            raise ValueError(f"the cluster file describes several machines: give --host NAME, "
+                             f"one of: {names}")
+        if self.hosts and host not in {h.name for h in self.hosts}:
+            raise ValueError(f"no host named {host!r} in the cluster file; hosts: {names}")
+
+    # ---- the nodes ---------------------------------------------------------------------
+
+    def nodes(self, host: str | None = None) -> tuple[NodeSpec, ...]:
+        """The nodes ``psgrid up --host host`` runs, in start order (see :meth:`check_host`).
+
+        Shards 1..S-1 first, then the coordinator ``server`` (so it starts after
+        the shards it names), then the workers by index.
+        """
+        self.check_host(host)
+        if not self.hosts:
+            server = NodeSpec(SERVER_NAME, NodeRole.SERVER, self.server.child_spec(SERVER_NAME),
+                              bind=self.server.host, port=self.server.port,
+                              advertise_host=self.server.dial_host)
+            return (server, *(self._worker(i, "", self.workers.count, self.workers.device)
+                              for i in range(self.workers.count)))
+        h = next(h for h in self.hosts if h.name == host)
+        servers = tuple(NodeSpec(shard_name(s), NodeRole.SERVER, self.server.child_spec(shard_name(s)),
+                                 s, h.name, bind=h.bind, port=h.server_port + s, advertise_host=h.address)
+                        for s in (*range(1, h.servers), 0) if h.servers)
+        workers = tuple(self._worker(i, h.name, h.workers, h.device or self.workers.device)
+                        for i in range(h.workers))
+        return (*servers, *workers)
+
+    def _worker(self, index: int, host: str, local: int, device: str) -> NodeSpec:
+        name = worker_name(index, host)
+        return NodeSpec(name, NodeRole.WORKER, self.workers.child_spec(name), index, host,
+                        device=device, local_workers=max(1, local))
+
+    def all_nodes(self) -> tuple[NodeSpec, ...]:
+        """Every node of the cluster, host by host in file order."""
+        if not self.hosts:
+            return self.nodes()
+        return tuple(node for h in self.hosts for node in self.nodes(h.name))
+
+    def supervisor_spec(self, host: str | None = None) -> SupervisorSpec:
+        """The spec of ``psgrid up --host host``: strategy, intensity, its children in start order."""
         s = self.supervisor
-        return SupervisorSpec(tuple(node.child for node in self.nodes()), s.strategy,
+        return SupervisorSpec(tuple(node.child for node in self.nodes(host)), s.strategy,
                               s.max_restarts, s.period_s)
+
+    # ---- command lines -----------------------------------------------------------------
+
+    def server_argv(self, node: NodeSpec, port: int, port_file: str | os.PathLike,
+                    advertise: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+        """``psgrid server`` arguments of server ``node`` binding ``port`` (0: any).
+
+        The coordinator gets ``--shards``; in the multi-host form each shard
+        checkpoints to its own ``<checkpoint_dir>/<node name>``.
+        """
+        checkpoint_dir = self.server.checkpoint_dir
+        if self.hosts and checkpoint_dir:
+            checkpoint_dir = os.path.join(checkpoint_dir, node.name)
+        return self.server.argv(port, port_file, host=node.bind, advertise=advertise,
+                                shards=self.shard_addresses() if node.index == 0 else (),
+                                checkpoint_dir=checkpoint_dir, extra=extra)
+
+    def worker_argv(self, node: NodeSpec, server_address: str, liveness_file: str | os.PathLike,
+                    extra: tuple[str, ...] = ()) -> list[str]:
+        """``psgrid worker`` arguments of worker ``node`` dialling ``server_address``."""
+        return self.workers.argv(node.index, server_address, liveness_file, name=node.name,
+                                 local_workers=node.local_workers, device=node.device, extra=extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildSecurity:
+    """The security files ``psgrid up`` was given; every node it starts gets them too.
+
+    Paths are made absolute, so a node finds them whatever its working
+    directory. A token from the environment (``PSGRID_TOKEN``) reaches the
+    nodes by inheritance and is never put on a command line.
+    """
+
+    token_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value:
+                object.__setattr__(self, field.name, os.path.abspath(value))
+
+    def argv(self) -> tuple[str, ...]:
+        """``--token-file F --tls-ca F ...`` for the files given."""
+        out: list[str] = []
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name):
+                out += [f"--{field.name.replace('_', '-')}", getattr(self, field.name)]
+        return tuple(out)

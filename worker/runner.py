@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between training-progress reports.
 REPORT_EVERY_S = 0.5
+#: Seconds between touches of the liveness file.
+LIVENESS_EVERY_S = 0.5
 
 
 class JobStopped(Exception):
@@ -64,7 +66,9 @@ class Worker:
 
     def run(self) -> None:
         """Serve jobs until ``stop`` is set."""
-        self._touch_liveness()
+        if self.liveness_file:
+            # Its own thread: "alive" must not wait for the server (registration retries).
+            threading.Thread(target=self._liveness_loop, name="liveness", daemon=True).start()
         self._register()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
@@ -84,10 +88,13 @@ class Worker:
         except OSError as exc:  # the heartbeat must go on; the supervisor will notice
             logger.warning("%s cannot touch %s: %s", self.tag, self.liveness_file, exc)
 
+    def _liveness_loop(self) -> None:
+        self._touch_liveness()
+        while not self.stop.wait(LIVENESS_EVERY_S):
+            self._touch_liveness()
+
     def _heartbeat_loop(self) -> None:
         while not self.stop.wait(self.heartbeat_interval):
-            # Before the RPC: this says the process is alive, whether or not the server is.
-            self._touch_liveness()
             try:
                 assignment, state = self.client.heartbeat(self.worker_id, self._current_job)
             except UnknownWorker:
@@ -206,10 +213,13 @@ class Worker:
             losses.append(loss)
             samples += rows
             elapsed = time.monotonic() - window_start
-            if elapsed >= REPORT_EVERY_S or clock == total - 1:
+            metrics = None
+            if a.rank == 0 and spec.eval_every and (clock + 1) % spec.eval_every == 0:
+                metrics = step.dataset.metrics(step.model)  # on the weights of this step
+            if elapsed >= REPORT_EVERY_S or clock == total - 1 or metrics:
                 state = self.client.report(
                     self.worker_id, a.job_id, "TRAINING", step=clock + 1, total_steps=total,
-                    loss=sum(losses) / len(losses), samples=samples, seconds=elapsed)
+                    loss=sum(losses) / len(losses), samples=samples, seconds=elapsed, metrics=metrics)
                 if state is not None and state.terminal:
                     raise JobStopped()
                 losses, samples, window_start = [], 0, time.monotonic()

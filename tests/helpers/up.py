@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from psgrid.security import Security
 from psgrid.supervisor.supervisor_client import SupervisorClient
 
 from helpers.wait import wait_until
@@ -25,9 +26,14 @@ def running(pid: int) -> bool:
 
 
 class Up:
-    """A `psgrid up` process started by a test, and a client of its Supervisor service."""
+    """A `psgrid up` process started by a test, and a client of its Supervisor service.
 
-    def __init__(self, root: pathlib.Path, *args: str, cluster: str | None = None):
+    ``args`` go to `psgrid up` (``--host NAME``, security flags, ...);
+    ``security`` is what the test's own Supervisor client presents.
+    """
+
+    def __init__(self, root: pathlib.Path, *args: str, cluster: str | None = None,
+                 security: Security | None = None):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = root / "up.log"
@@ -46,7 +52,7 @@ class Up:
                    message="the supervisor's port file")
         assert port_file.exists(), self.log.read_text()
         self.address = f"127.0.0.1:{int(port_file.read_text())}"
-        self.client = SupervisorClient(self.address)
+        self.client = SupervisorClient(self.address, security=security)
 
     def nodes(self) -> dict:
         return {n.name: n for n in self.client.nodes()}

@@ -1,16 +1,18 @@
-"""`psgrid up` with real processes and real signals: crashes, hangs, restarts, give-up, shutdown.
+"""`psgrid up` with real processes and real signals: crashes, hangs, restarts, give-up, shutdown,
+security flags passed to every node, and a two-host cluster run as two `psgrid up` on this machine.
 
-Every deadline is a wait_until; every port comes from a port file. The cluster
-files use short liveness timeouts and back-offs so the file runs in well under
-a minute on a 2-core machine.
+Every deadline is a wait_until; every port comes from a port file, except the
+fixed ports of the multi-host test (see :func:`consecutive_free_ports`). The
+cluster files use short liveness timeouts and back-offs so the file runs in
+about a minute on a 2-core machine.
 """
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -20,7 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers.up import Up, running
 from helpers.wait import wait_until
-from psgrid.supervisor.supervisor_client import SupervisorClient
+from psgrid import certs
+from psgrid.client import Client
+from psgrid.examples import spec_path
+from psgrid.security import Security
+from psgrid.spec import JobSpec, JobState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -67,17 +73,17 @@ def fresh(tmp_path):
     """Start `psgrid up` clusters of a test's own; stop them and their children at teardown."""
     started: list[Up] = []
 
-    def start(*args: str, cluster: str = FAST) -> Up:
-        started.append(Up(tmp_path / f"up{len(started)}", *args, cluster=cluster))
+    def start(*args: str, cluster: str = FAST, security: Security | None = None) -> Up:
+        started.append(Up(tmp_path / f"up{len(started)}", *args, cluster=cluster, security=security))
         return started[-1]
 
     yield start
-    for cluster in started:
+    for cluster in reversed(started):  # a worker host before the server host it dials
         cluster.close()
 
 
 def health_status(address: str) -> int | None:
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address) as channel:  # health stays open: no token needed
         try:
             return health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
@@ -196,3 +202,127 @@ def test_a_bad_cluster_file_is_refused_before_anything_starts(tmp_path):
     missing = psgrid("nodes", timeout=30)
     if "PSGRID_SUPERVISOR" not in os.environ:
         assert missing.returncode == 1 and "--supervisor" in missing.stderr
+
+
+# ---- security flags reach every node -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory):
+    """A cluster token and a CA with one node certificate for 127.0.0.1 (client and server)."""
+    root = tmp_path_factory.mktemp("creds")
+    (root / "token").write_text("up-test-token\n")
+    certs.make_node(root / "certs", "node", ["127.0.0.1", "localhost"])
+    return root
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["token", "token-and-mutual-tls"])
+def test_up_passes_its_security_flags_to_every_node(fresh, credentials, tmp_path, tls):
+    token = ["--token-file", str(credentials / "token")]
+    pki = credentials / "certs"
+    files = {"ca": str(pki / "ca.pem"), "cert": str(pki / "node.pem"), "key": str(pki / "node.key")} if tls else {}
+    tls_flags = [arg for kind, path in files.items() for arg in (f"--tls-{kind}", path)]
+    security = Security.from_files(token_file=token[1], **files)
+    # `psgrid up` runs in the cluster's root (tmp_path/up0): a relative path there
+    # must reach every node made absolute.
+    relative = os.path.relpath(credentials / "token", tmp_path / "up0")
+    # With TLS the supervisor's health probe dials the server over mutual TLS
+    # (the server asks for a client certificate): RUNNING says it works.
+    cluster = fresh("--workers", "1", "--token-file", relative, *tls_flags, security=security)
+    server = cluster.wait_running()["server"].address
+    for node in ("server", "worker-0"):
+        launch = (cluster.root / "run" / f"{node}.log").read_text().splitlines()[0]
+        assert " ".join([*token, *tls_flags]) in launch, launch
+    trained = psgrid("submit", "--example", "linear", "--epochs", "1", "--workers", "1", "--wait",
+                     "--server", server, *token, *tls_flags, timeout=60)
+    assert trained.returncode == 0 and "succeeded" in trained.stdout, trained.stderr
+    refused = psgrid("jobs", "--server", server, *tls_flags)  # no token
+    assert refused.returncode == 1 and "Unauthenticated" in refused.stderr, refused.stderr
+    listed = psgrid("jobs", "--server", server, *token, *tls_flags)
+    assert listed.returncode == 0 and "linear-regression" in listed.stdout, listed.stderr
+
+
+# ---- two hosts, two `psgrid up` ---------------------------------------------------------------
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that were free a moment ago.
+
+    Everywhere else a child reports the port it bound. The multi-host form needs
+    fixed ports instead (other machines dial a server before it starts), and this
+    test plays both machines on one: so it binds port-0 sockets and closes them
+    just before `psgrid up` binds the same ports. Acceptable in this test only;
+    another process could take a port in between.
+    """
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            base = first.getsockname()[1]
+            others = [socket.socket() for _ in range(1, count)]
+            try:
+                for offset, sock in enumerate(others, start=1):
+                    sock.bind(("127.0.0.1", base + offset))
+            except OSError:
+                continue
+            finally:
+                for sock in others:
+                    sock.close()
+            return base
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+TWO_HOSTS = FAST.replace("[server]", """[hosts.ps]
+address = "127.0.0.1"
+servers = 2
+server_port = {port}
+
+[hosts.gpu1]
+address = "127.0.0.1"
+workers = 2
+device = "cpu"
+
+[server]""")
+
+
+def test_two_hosts_train_through_the_coordinator_and_a_killed_shard_returns_on_its_port(fresh):
+    port = consecutive_free_ports(2)
+    cluster = TWO_HOSTS.format(port=port)
+    coordinator, shard = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
+    ps = fresh("--host", "ps", cluster=cluster)
+    gpu1 = fresh("--host", "gpu1", cluster=cluster)
+    servers = ps.wait_running()
+    assert [(n.name, n.address) for n in servers.values()] == [("shard-1", shard), ("server", coordinator)]
+    workers = gpu1.wait_running()
+    assert list(workers) == ["gpu1-worker-0", "gpu1-worker-1"]
+    assert f"server listening on {coordinator}" in ps.out.read_text()
+    assert f"shard-1 listening on {shard}" in ps.out.read_text()
+    assert f"workers dial the server at {coordinator}" in gpu1.out.read_text()
+    launch = (ps.root / "run" / "server.log").read_text()
+    assert f"--advertise {coordinator} --shards {shard}" in launch
+    assert f"advertised as {coordinator}" in launch
+
+    with Client(coordinator) as client:
+        info = client.submit(JobSpec.from_toml(spec_path("digits"))).wait(timeout=120, progress=False)
+    assert info.state is JobState.SUCCEEDED and info.shards == (shard,), info
+    assert info.metrics["test_accuracy"] >= 0.95, info.metrics
+
+    victim = servers["shard-1"]
+    os.kill(victim.pid, signal.SIGKILL)
+    node = ps.wait_new_pid("shard-1", victim.pid, timeout=20)
+    assert node.address == shard and node.restarts == 1 and node.last_exit == "signal SIGKILL"
+    wait_until(lambda: health_status(shard) == health_pb2.HealthCheckResponse.SERVING, 20,
+               message="the restarted shard to serve on its port")
+    assert ps.nodes()["server"].pid == servers["server"].pid  # one_for_one: the coordinator rode it out
+
+
+def test_a_server_exposes_the_address_it_advertises():
+    from psgrid.server.app import ParameterServerApp
+    from psgrid.server.config import ServerConfig
+
+    if not hasattr(ParameterServerApp, "advertised"):
+        pytest.skip("ParameterServerApp.advertised is not in server/app.py yet")
+    told = ParameterServerApp(ServerConfig(port=0, advertise="10.0.0.5:7070"))
+    default = ParameterServerApp(ServerConfig(port=0))
+    try:
+        assert told.advertised == "10.0.0.5:7070" and default.advertised == default.address
+    finally:
+        told.server.stop(0)
+        default.server.stop(0)

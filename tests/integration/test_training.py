@@ -100,3 +100,31 @@ def test_bad_model_path_fails_the_job_with_the_reason(client):
         job.wait(timeout=60, progress=False)
     assert "no_such_model" in str(info.value)
     assert job.status().state is JobState.FAILED
+
+
+def test_history_curves_plot_and_tensorboard(client, tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from psgrid.client.curves import plot_history
+
+    spec = JobSpec.from_toml(spec_path("digits")).replace(epochs=4, eval_every=20)
+    job = client.submit(spec)
+    info = job.wait(timeout=120, progress=False)
+    rows = job.history()
+    assert rows and rows[-1].metrics["test_accuracy"] == info.metrics["test_accuracy"]
+    evaluated = [r for r in rows if "test_accuracy" in r.metrics]
+    assert len(evaluated) >= info.total_steps // 20  # periodic evaluations plus the final one
+    assert all(a.step <= b.step for a, b in zip(rows, rows[1:]))
+    losses = [r.loss for r in rows if r.loss == r.loss]
+    assert losses[-1] < losses[0]  # it learned
+
+    png = plot_history(rows, tmp_path / "curve.png", width_px=1000, height_px=400)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (1000, 400)
+
+    assert job.write_tensorboard(str(tmp_path / "tb")) == len(rows)
+    runs = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(runs[0].parent)).Reload()
+    assert {"train/loss", "eval/test_accuracy"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("eval/test_accuracy")[-1].value == pytest.approx(info.metrics["test_accuracy"], abs=1e-6)

@@ -1,10 +1,13 @@
-"""The cluster file of `psgrid up`: parsing, defaults, validation, shorthand, the nodes it builds."""
+"""The cluster file of `psgrid up`, single- and multi-host: parsing, validation, the nodes and argv it builds."""
 from __future__ import annotations
 
 import pytest
 
-from psgrid.supervisor.cluster import (ClusterConfig, ServerSection, SupervisorSection, WorkersSection,
-                                       format_address)
+from psgrid.cli import build_parser
+from psgrid.server.config import ServerConfig
+from psgrid.supervisor.cluster import (ChildSecurity, ClusterConfig, ServerSection, SupervisorSection,
+                                       WorkersSection, format_address)
+from psgrid.supervisor.process import ProcessSupervisor
 from psgrid.supervisor.nodes import NodeRole
 from psgrid.supervisor.policy import RestartType, Strategy
 
@@ -150,3 +153,218 @@ def test_workers_dial_an_address_they_can_reach(host, dialled):
 
 def test_format_address_brackets_ipv6_once():
     assert format_address("::1", 1) == "[::1]:1" and format_address("[::1]", 1) == "[::1]:1"
+
+
+# ---- the multi-host form --------------------------------------------------------------
+
+MULTI = """
+[supervisor]
+strategy = "rest_for_one"
+
+[hosts.ps]
+address = "10.0.0.5"
+bind = "0.0.0.0"
+servers = 3
+server_port = 7070
+
+[hosts.gpu1]
+address = "10.0.0.6"
+workers = 2
+device = "cuda"
+
+[hosts.gpu2]
+address = "10.0.0.7"
+workers = 1
+
+[server]
+checkpoint_dir = "ckpt"
+args = ["--heartbeat-timeout", "5"]
+
+[workers]
+device = "cpu"
+args = ["--threads", "1"]
+liveness_timeout_s = 20
+"""
+
+
+@pytest.fixture
+def multi(tmp_path):
+    path = tmp_path / "cluster.toml"
+    path.write_text(MULTI)
+    return ClusterConfig.load(path)
+
+
+def test_host_tables_are_parsed_with_their_defaults(multi):
+    assert multi.multi_host and not ClusterConfig().multi_host
+    assert [h.name for h in multi.hosts] == ["ps", "gpu1", "gpu2"]
+    ps, gpu1, gpu2 = multi.hosts
+    assert (ps.address, ps.bind, ps.servers, ps.server_port, ps.workers) == ("10.0.0.5", "0.0.0.0", 3, 7070, 0)
+    assert (gpu1.bind, gpu1.servers, gpu1.workers, gpu1.device) == ("10.0.0.6", 0, 2, "cuda")
+    assert gpu2.device == "" and multi.server_host is ps
+    assert multi.coordinator_address() == "10.0.0.5:7070"
+    assert multi.shard_addresses() == ("10.0.0.5:7071", "10.0.0.5:7072")
+
+
+def test_each_host_runs_its_own_nodes_shards_before_the_coordinator(multi):
+    ps = multi.nodes("ps")
+    assert [(n.name, n.role, n.index, n.bind, n.port, n.advertise_host) for n in ps] == [
+        ("shard-1", NodeRole.SERVER, 1, "0.0.0.0", 7071, "10.0.0.5"),
+        ("shard-2", NodeRole.SERVER, 2, "0.0.0.0", 7072, "10.0.0.5"),
+        ("server", NodeRole.SERVER, 0, "0.0.0.0", 7070, "10.0.0.5")]
+    gpu1, gpu2 = multi.nodes("gpu1"), multi.nodes("gpu2")
+    assert [(n.name, n.role, n.index, n.device, n.local_workers) for n in gpu1] == [
+        ("gpu1-worker-0", NodeRole.WORKER, 0, "cuda", 2), ("gpu1-worker-1", NodeRole.WORKER, 1, "cuda", 2)]
+    assert [(n.name, n.device, n.local_workers) for n in gpu2] == [("gpu2-worker-0", "cpu", 1)]
+    assert all(n.child.liveness_timeout_s == 20 for n in (*gpu1, *gpu2))
+    spec = multi.supervisor_spec("ps")
+    assert spec.names == ("shard-1", "shard-2", "server") and spec.strategy is Strategy.REST_FOR_ONE
+    names = [n.name for n in multi.all_nodes()]
+    assert len(names) == len(set(names)) == 6
+
+
+def test_the_coordinator_is_told_the_other_shards_and_every_server_its_advertised_address(multi):
+    ps = {n.name: n for n in multi.nodes("ps")}
+    security = ("--token-file", "/s/token")
+    assert multi.server_argv(ps["server"], 7070, "run/server.port", advertise="10.0.0.5:7070",
+                             extra=security) == [
+        "server", "--host", "0.0.0.0", "--port", "7070", "--port-file", "run/server.port",
+        "--advertise", "10.0.0.5:7070", "--shards", "10.0.0.5:7071,10.0.0.5:7072",
+        "--checkpoint-dir", "ckpt/server", "--token-file", "/s/token", "--heartbeat-timeout", "5"]
+    shard = multi.server_argv(ps["shard-2"], 7072, "p", advertise="10.0.0.5:7072")
+    assert shard[:9] == ["server", "--host", "0.0.0.0", "--port", "7072", "--port-file", "p",
+                         "--advertise", "10.0.0.5:7072"]
+    assert "--shards" not in shard and shard[shard.index("--checkpoint-dir") + 1] == "ckpt/shard-2"
+
+
+def test_workers_on_every_host_dial_the_coordinator_under_cluster_unique_names(multi):
+    worker = multi.nodes("gpu1")[1]
+    assert multi.worker_argv(worker, multi.coordinator_address(), "run/gpu1-worker-1.alive",
+                             extra=("--tls-ca", "/c/ca.pem")) == [
+        "worker", "--server", "10.0.0.5:7070", "--name", "gpu1-worker-1", "--local-workers", "2",
+        "--device", "cuda", "--liveness-file", "run/gpu1-worker-1.alive", "--tls-ca", "/c/ca.pem",
+        "--threads", "1"]
+
+
+def test_host_selection(multi):
+    with pytest.raises(ValueError, match="give --host NAME, one of: ps, gpu1, gpu2"):
+        multi.nodes()
+    with pytest.raises(ValueError, match="no host named 'gpu9'.*hosts: ps, gpu1, gpu2"):
+        multi.supervisor_spec("gpu9")
+    with pytest.raises(ValueError, match="no \\[hosts.NAME\\] tables"):
+        ClusterConfig().nodes("ps")
+    ClusterConfig().check_host(None)
+    multi.check_host("gpu2")
+
+
+def test_the_single_host_form_is_unchanged_by_the_multi_host_one():
+    assert ClusterConfig().coordinator_address() is None and ClusterConfig().shard_addresses() == ()
+    config = ClusterConfig.from_dict({"server": {"host": "0.0.0.0", "port": 7070}})
+    assert config.coordinator_address() == "127.0.0.1:7070"
+    server = config.nodes()[0]
+    assert (server.name, server.bind, server.port, server.advertise_host) == ("server", "0.0.0.0", 7070, "127.0.0.1")
+    argv = config.server_argv(server, 7070, "p", advertise="127.0.0.1:7070", extra=("--token-file", "/t"))
+    assert argv == ["server", "--host", "0.0.0.0", "--port", "7070", "--port-file", "p",
+                    "--advertise", "127.0.0.1:7070", "--checkpoint-dir", ".psgrid/checkpoints",
+                    "--token-file", "/t"]
+    worker = config.nodes()[2]
+    assert config.worker_argv(worker, "127.0.0.1:7070", "a") == WorkersSection().argv(1, "127.0.0.1:7070", "a")
+
+
+def _multi(**changes) -> dict:
+    data = {"hosts": {"ps": {"address": "10.0.0.5", "servers": 1, "server_port": 7070},
+                      "gpu1": {"address": "10.0.0.6", "workers": 1}}}
+    for key, value in changes.items():
+        table, _, field = key.partition("__")
+        if table in ("ps", "gpu1", "gpu2"):
+            data["hosts"].setdefault(table, {})[field] = value
+        else:
+            data.setdefault(table, {})[field] = value
+    return data
+
+
+@pytest.mark.parametrize("data, named", [
+    (_multi(gpu1__servers=1, gpu1__server_port=8080), "exactly one host may run servers"),
+    (_multi(ps__servers=0, ps__server_port=0, ps__workers=1), "exactly one host may run servers"),
+    (_multi(ps__server_port=0), "hosts.ps.server_port must be a fixed port"),
+    (_multi(ps__servers=2, ps__server_port=65535), "65535"),
+    (_multi(ps__address="0.0.0.0"), "'0.0.0.0'"),
+    (_multi(gpu2__workers=1), "hosts.gpu2.address"),
+    (_multi(gpu1__workers=0), "hosts.gpu1 runs nothing"),
+    (_multi(gpu1__server_port=7070), "hosts.gpu1.server_port is 7070"),
+    (_multi(gpu1__servers=-1), "-1"),
+    (_multi(gpu1__workers=1.5), "1.5"),
+    (_multi(gpu1__wokers=2), "wokers"),
+    (_multi(gpu1__name="x"), "name"),
+    (_multi(gpu1__device=3), "3"),
+    (_multi(ps__bind=0), "hosts.ps.bind"),
+    (_multi(server__port=7070), "server.port is not used in the multi-host form"),
+    (_multi(server__host="0.0.0.0"), "server.host is not used in the multi-host form"),
+    (_multi(workers__count=4), "workers.count is not used in the multi-host form"),
+    (_multi(server__args=["--shards", "a:1"]), "--shards"),
+    (_multi(server__args=["--advertise=a:1"]), "--advertise"),
+    ({"hosts": 3}, "[hosts]"),
+    ({"hosts": {}}, "[hosts]"),
+    ({"hosts": {"ps": 3}}, "3"),
+    ({"hosts": {"gpu 1": {"address": "a", "workers": 1}}}, "'gpu 1'"),
+])
+def test_bad_multi_host_files_are_refused_naming_the_problem(data, named):
+    with pytest.raises(ValueError) as info:
+        ClusterConfig.from_dict(data)
+    assert named in str(info.value)
+
+
+def test_workers_shorthand_is_refused_for_a_multi_host_file(tmp_path):
+    path = tmp_path / "cluster.toml"
+    path.write_text(MULTI)
+    with pytest.raises(ValueError, match="--workers applies to the single-host form"):
+        ClusterConfig.load(path, workers=2)
+
+
+def test_security_files_are_passed_on_as_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = ChildSecurity(token_file="token", tls_ca="certs/ca.pem", tls_cert="/abs/n.pem", tls_key="k")
+    assert files.argv() == ("--token-file", str(tmp_path / "token"), "--tls-ca", str(tmp_path / "certs/ca.pem"),
+                            "--tls-cert", "/abs/n.pem", "--tls-key", str(tmp_path / "k"))
+    assert ChildSecurity().argv() == () and ChildSecurity(token_file="t").argv()[0] == "--token-file"
+
+
+def test_a_host_supervisor_reports_advertised_addresses_before_anything_starts(tmp_path):
+    # Fixed ports: every address is known from the file alone (no process is started here).
+    config = ClusterConfig.from_dict(_multi(ps__servers=2, ps__bind="0.0.0.0"))
+    ps = ProcessSupervisor(config, tmp_path / "ps", host="ps", security=ChildSecurity(tls_ca=None))
+    assert ps.server_address == "10.0.0.5:7070"
+    assert [(n.name, n.role, n.address) for n in ps.nodes()] == [
+        ("shard-1", NodeRole.SERVER, "10.0.0.5:7071"), ("server", NodeRole.SERVER, "10.0.0.5:7070")]
+    gpu1 = ProcessSupervisor(config, tmp_path / "gpu1", host="gpu1")
+    assert gpu1.server_address == "10.0.0.5:7070"
+    assert [(n.name, n.address) for n in gpu1.nodes()] == [("gpu1-worker-0", "")]
+    with pytest.raises(ValueError, match="give --host"):
+        ProcessSupervisor(config, tmp_path / "x")
+    single = ProcessSupervisor(ClusterConfig(), tmp_path / "single")
+    assert single.server_address is None  # port 0: known once the server reports it
+
+
+def test_psgrid_up_refuses_a_multi_host_file_without_host_before_starting_anything(tmp_path, capsys):
+    path = tmp_path / "cluster.toml"
+    path.write_text(MULTI)
+    args = build_parser().parse_args(["up", str(path), "--run-dir", str(tmp_path / "run")])
+    assert args.func(args) == 2
+    assert "give --host NAME, one of: ps, gpu1, gpu2" in capsys.readouterr().err
+    args = build_parser().parse_args(["up", str(path), "--host", "nope", "--run-dir", str(tmp_path / "run")])
+    assert args.func(args) == 2 and "hosts: ps, gpu1, gpu2" in capsys.readouterr().err
+    args = build_parser().parse_args(["up", "--host", "ps", "--run-dir", str(tmp_path / "run")])
+    assert args.func(args) == 2 and "no [hosts.NAME] tables" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["10.0.0.5:7070", "[::1]:1", "ps.example:65535"])
+def test_a_server_may_advertise_an_address(value):
+    assert ServerConfig(advertise=value).advertise == value
+    args = build_parser().parse_args(["server", "--advertise", value])
+    assert args.advertise == value
+
+
+@pytest.mark.parametrize("value", ["10.0.0.5", ":7070", "h:0", "h:70000", "h:x", ""])
+def test_a_bad_advertised_address_is_refused(value):
+    with pytest.raises(ValueError, match="advertise"):
+        ServerConfig(advertise=value)

@@ -47,7 +47,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "model_kwargs_json", "dataset", "dataset_kwargs_json", "optimizer", "batch_size", "epochs", "steps", "staleness", "num_workers", "seed", "device")
+    __slots__ = ("name", "model", "model_kwargs_json", "dataset", "dataset_kwargs_json", "optimizer", "batch_size", "epochs", "steps", "staleness", "num_workers", "seed", "device", "eval_every")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class JobSpec(_message.Message):
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     model_kwargs_json: str
@@ -74,7 +75,8 @@ class JobSpec(_message.Message):
     num_workers: int
     seed: int
     device: str
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_kwargs_json: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_kwargs_json: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., steps: _Optional[int] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    eval_every: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_kwargs_json: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_kwargs_json: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., steps: _Optional[int] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., eval_every: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("job_id", "spec", "state", "step", "total_steps", "version", "loss", "samples_per_sec", "metrics", "error", "worker_ids", "created_unix", "updated_unix", "shards")
@@ -126,3 +128,50 @@ class JobEvent(_message.Message):
     job: JobInfo
     kind: str
     def __init__(self, seq: _Optional[int] = ..., time_unix: _Optional[float] = ..., job: _Optional[_Union[JobInfo, _Mapping]] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class HistoryRow(_message.Message):
+    __slots__ = ("step", "time_unix", "loss", "samples_per_sec", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    time_unix: float
+    loss: float
+    samples_per_sec: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., time_unix: _Optional[float] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "name", "host", "pid", "device", "job_id", "rank", "step", "samples_per_sec", "last_seen_s", "lost")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    name: str
+    host: str
+    pid: int
+    device: str
+    job_id: str
+    rank: int
+    step: int
+    samples_per_sec: float
+    last_seen_s: float
+    lost: bool
+    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ..., job_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., samples_per_sec: _Optional[float] = ..., last_seen_s: _Optional[float] = ..., lost: _Optional[bool] = ...) -> None: ...

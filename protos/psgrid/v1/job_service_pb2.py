@@ -26,7 +26,7 @@ from psgrid.v1 import job_pb2 as psgrid_dot_v1_dot_job__pb2
 from psgrid.v1 import parameter_server_pb2 as psgrid_dot_v1_dot_parameter__server__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpsgrid/v1/job_service.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a psgrid/v1/parameter_server.proto\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\"4\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"3\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.psgrid.v1.JobInfo\"(\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t2\xb0\x03\n\nJobService\x12\x46\n\tSubmitJob\x12\x1b.psgrid.v1.SubmitJobRequest\x1a\x1c.psgrid.v1.SubmitJobResponse\x12=\n\x06GetJob\x12\x18.psgrid.v1.GetJobRequest\x1a\x19.psgrid.v1.GetJobResponse\x12=\n\x08WatchJob\x12\x1a.psgrid.v1.WatchJobRequest\x1a\x13.psgrid.v1.JobEvent0\x01\x12\x46\n\tCancelJob\x12\x1b.psgrid.v1.CancelJobRequest\x1a\x1c.psgrid.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.psgrid.v1.ListJobsRequest\x1a\x1b.psgrid.v1.ListJobsResponse\x12O\n\x0f\x46\x65tchParameters\x12!.psgrid.v1.FetchParametersRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpsgrid/v1/job_service.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a psgrid/v1/parameter_server.proto\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\"4\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"3\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.psgrid.v1.JobInfo\"(\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"&\n\x14GetJobHistoryRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x15GetJobHistoryResponse\x12#\n\x04rows\x18\x01 \x03(\x0b\x32\x15.psgrid.v1.HistoryRow\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.psgrid.v1.WorkerStatus2\xd2\x04\n\nJobService\x12\x46\n\tSubmitJob\x12\x1b.psgrid.v1.SubmitJobRequest\x1a\x1c.psgrid.v1.SubmitJobResponse\x12=\n\x06GetJob\x12\x18.psgrid.v1.GetJobRequest\x1a\x19.psgrid.v1.GetJobResponse\x12=\n\x08WatchJob\x12\x1a.psgrid.v1.WatchJobRequest\x1a\x13.psgrid.v1.JobEvent0\x01\x12\x46\n\tCancelJob\x12\x1b.psgrid.v1.CancelJobRequest\x1a\x1c.psgrid.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.psgrid.v1.ListJobsRequest\x1a\x1b.psgrid.v1.ListJobsResponse\x12O\n\x0f\x46\x65tchParameters\x12!.psgrid.v1.FetchParametersRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x12R\n\rGetJobHistory\x12\x1f.psgrid.v1.GetJobHistoryRequest\x1a .psgrid.v1.GetJobHistoryResponse\x12L\n\x0bListWorkers\x12\x1d.psgrid.v1.ListWorkersRequest\x1a\x1e.psgrid.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,6 +53,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSRESPONSE']._serialized_end=503
   _globals['_FETCHPARAMETERSREQUEST']._serialized_start=505
   _globals['_FETCHPARAMETERSREQUEST']._serialized_end=545
-  _globals['_JOBSERVICE']._serialized_start=548
-  _globals['_JOBSERVICE']._serialized_end=980
+  _globals['_GETJOBHISTORYREQUEST']._serialized_start=547
+  _globals['_GETJOBHISTORYREQUEST']._serialized_end=585
+  _globals['_GETJOBHISTORYRESPONSE']._serialized_start=587
+  _globals['_GETJOBHISTORYRESPONSE']._serialized_end=647
+  _globals['_LISTWORKERSREQUEST']._serialized_start=649
+  _globals['_LISTWORKERSREQUEST']._serialized_end=669
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=671
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=734
+  _globals['_JOBSERVICE']._serialized_start=737
+  _globals['_JOBSERVICE']._serialized_end=1331
 # @@protoc_insertion_point(module_scope)

@@ -67,6 +67,16 @@ class JobServiceStub:
                 request_serializer=psgrid_dot_v1_dot_job__service__pb2.FetchParametersRequest.SerializeToString,
                 response_deserializer=psgrid_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.GetJobHistory = channel.unary_unary(
+                '/psgrid.v1.JobService/GetJobHistory',
+                request_serializer=psgrid_dot_v1_dot_job__service__pb2.GetJobHistoryRequest.SerializeToString,
+                response_deserializer=psgrid_dot_v1_dot_job__service__pb2.GetJobHistoryResponse.FromString,
+                _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/psgrid.v1.JobService/ListWorkers',
+                request_serializer=psgrid_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=psgrid_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -112,6 +122,20 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobHistory(self, request, context):
+        """The job's training curve: loss, throughput and metrics by step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """Every registered worker and what it is doing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +168,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.FetchParameters,
                     request_deserializer=psgrid_dot_v1_dot_job__service__pb2.FetchParametersRequest.FromString,
                     response_serializer=psgrid_dot_v1_dot_parameter__server__pb2.PullResponse.SerializeToString,
+            ),
+            'GetJobHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobHistory,
+                    request_deserializer=psgrid_dot_v1_dot_job__service__pb2.GetJobHistoryRequest.FromString,
+                    response_serializer=psgrid_dot_v1_dot_job__service__pb2.GetJobHistoryResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=psgrid_dot_v1_dot_job__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=psgrid_dot_v1_dot_job__service__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +343,60 @@ class JobService:
             '/psgrid.v1.JobService/FetchParameters',
             psgrid_dot_v1_dot_job__service__pb2.FetchParametersRequest.SerializeToString,
             psgrid_dot_v1_dot_parameter__server__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psgrid.v1.JobService/GetJobHistory',
+            psgrid_dot_v1_dot_job__service__pb2.GetJobHistoryRequest.SerializeToString,
+            psgrid_dot_v1_dot_job__service__pb2.GetJobHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psgrid.v1.JobService/ListWorkers',
+            psgrid_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
+            psgrid_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,63 @@
+"""Prometheus metrics of psgrid processes, each on its own registry.
+
+A process exposes its registry with :func:`serve` (``--metrics-port``); the
+metric objects are cheap to update, so they are always kept.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServerMetrics:
+    """What a parameter server counts: traffic, updates, rejections, staleness."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.pushes = Counter("psgrid_pushes_total", "Gradient pushes applied or accumulated", ["job"], registry=r)
+        self.duplicates = Counter("psgrid_duplicate_pushes_total", "Retried pushes acknowledged, not applied",
+                                  ["job"], registry=r)
+        self.pulls = Counter("psgrid_pulls_total", "Parameter pulls served", ["job"], registry=r)
+        self.bytes_in = Counter("psgrid_bytes_received_total", "Payload bytes received by pushes", registry=r)
+        self.bytes_out = Counter("psgrid_bytes_sent_total", "Payload bytes sent by pulls and fetches", registry=r)
+        self.apply_seconds = Histogram("psgrid_apply_seconds", "Time to apply or accumulate one gradient",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.staleness = Histogram("psgrid_update_staleness_steps",
+                                   "Steps between a gradient's weights and its own step", buckets=STALENESS_BUCKETS,
+                                   registry=r)
+        self.rejected = Counter("psgrid_rejected_updates_total", "Pushes refused, by reason", ["reason"], registry=r)
+        self.workers = Gauge("psgrid_workers", "Registered workers", registry=r)
+        self.jobs = Gauge("psgrid_jobs", "Jobs by state", ["state"], registry=r)
+
+
+class WorkerMetrics:
+    """What a worker counts: steps, and how long each part of a step takes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.steps = Counter("psgrid_worker_steps_total", "Gradient steps computed and pushed", registry=r)
+        self.samples = Counter("psgrid_worker_samples_total", "Training examples processed", registry=r)
+        self.seconds = Histogram("psgrid_worker_phase_seconds", "Time per step phase", ["phase"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int, port_file: str | None = None) -> int:
+    """Expose ``registry`` over HTTP on ``host:port`` (0: any free port); return the bound port."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    bound = server.server_port
+    if port_file:
+        tmp = f"{port_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{bound}\n")
+        os.replace(tmp, port_file)
+    logger.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
