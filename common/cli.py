@@ -31,6 +31,20 @@ def _security(args: argparse.Namespace):
                                ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metrics")
+    g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free)")
+    g.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
+    g.add_argument("--metrics-port-file", help="write the metrics endpoint's bound port here")
+
+
+def _serve_metrics(args: argparse.Namespace, registry) -> None:
+    if args.metrics_port is not None:
+        from psgrid.metrics import serve
+
+        serve(registry, args.metrics_host, args.metrics_port, args.metrics_port_file)
+
+
 def _add_security_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("security")
     g.add_argument("--token-file", help="file holding the cluster token (else env PSGRID_TOKEN)")
@@ -55,7 +69,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     )
     if config.advertise:
         logger.info("[ps] advertised as %s: workers and clients dial that", config.advertise)
-    serve(config, _security(args))
+    serve(config, _security(args), on_start=lambda app: _serve_metrics(args, app.core.metrics.registry))
     return 0
 
 
@@ -68,9 +82,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pathlib.Path(args.liveness_file).touch()
     from psgrid.worker.device import default_threads, set_threads
     from psgrid.worker.ps_client import ParameterServerClient
-    from psgrid.worker.runner import Worker
-
     from psgrid.spec import parse_allowed
+    from psgrid.worker.runner import Worker
 
     set_threads(args.threads or default_threads(args.local_workers))
     security = _security(args)
@@ -79,6 +92,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                     allowed_modules=parse_allowed(args.allow_modules), security=security)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())
+    _serve_metrics(args, worker.metrics.registry)
     try:
         worker.run()
     finally:
@@ -104,6 +118,7 @@ def _spec_from_args(args: argparse.Namespace):
         "name": args.name, "model": args.model, "dataset": args.dataset,
         "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
         "num_workers": args.workers, "seed": args.seed, "device": args.device,
+        "eval_every": args.eval_every,
     }
     if args.epochs is not None and args.steps is None:
         flags["steps"] = 0
@@ -147,7 +162,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job = client.submit(spec)
         print(job.job_id)
         if args.wait:
-            _print_result(job.wait())
+            info = job.wait()
+            if args.tensorboard:
+                print(f"{job.write_tensorboard(args.tensorboard)} points written to {args.tensorboard}")
+            _print_result(info)
     return 0
 
 
@@ -316,6 +334,52 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace, client) -> dict:
+    from psgrid.client.status import job_rows, node_rows
+
+    nodes = None
+    if args.supervisor or os.environ.get("PSGRID_SUPERVISOR"):
+        from psgrid.supervisor.supervisor_client import SupervisorClient
+
+        with SupervisorClient(_supervisor_address(args), security=_security(args)) as sup:
+            nodes = sup.nodes()
+    jobs = client.list_jobs()
+    histories = {j.job_id: client.job(j.job_id).history() for j in jobs if not j.state.terminal}
+    return {"nodes": node_rows(client.workers(), nodes, _server_address(args)),
+            "jobs": job_rows(jobs, histories)}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from psgrid.client import Client
+    from psgrid.client.status import render
+
+    with Client(_server_address(args), security=_security(args)) as client:
+        while True:
+            status = _status(args, client)
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                print(render(status["nodes"], status["jobs"]), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(args.interval)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from psgrid.client import Client
+    from psgrid.client.curves import plot_history
+
+    with Client(_server_address(args), security=_security(args)) as client:
+        rows = client.job(args.job_id).history()
+    path = plot_history(rows, args.output, title=args.job_id, width_px=args.width, height_px=args.height)
+    print(f"{path}: {len(rows)} points")
+    return 0
+
+
 # --- argument parsing -------------------------------------------------------------------------
 
 
@@ -338,13 +402,16 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="number of workers")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (a metric curve)")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
+    p.add_argument("--tensorboard", metavar="DIR", help="with --wait: write the job's curves as TensorBoard events")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psgrid", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"psgrid {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("server", help="run a parameter server")
@@ -366,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise", help="HOST:PORT other machines dial to reach this server "
                    "(logged and reported; default: the bound address)")
     _add_security_flags(p)
+    _add_metrics_flags(p)
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("worker", help="run a worker that trains jobs from a server")
@@ -378,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-modules", help="comma-separated module prefixes this worker imports "
                    "for jobs (default psgrid.examples; '*' allows any)")
     _add_security_flags(p)
+    _add_metrics_flags(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("submit", help="submit a training job")
@@ -430,6 +499,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_flags(p)
     p.set_defaults(func=cmd_restart)
 
+    p = sub.add_parser("status", help="every node and job of the cluster in one table")
+    p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
+    p.add_argument("--supervisor", help="HOST:PORT of a `psgrid up` supervisor, for restarts and uptime")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    _add_security_flags(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("plot", help="draw a job's loss and metric curves to a PNG")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", default="curve.png")
+    p.add_argument("--width", type=int, default=1200, help="pixels")
+    p.add_argument("--height", type=int, default=500, help="pixels")
+    p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
+    _add_security_flags(p)
+    p.set_defaults(func=cmd_plot)
+
     p = sub.add_parser("certs", help="make a CA and a node certificate for TLS")
     p.add_argument("directory", help="where ca.pem/ca.key (made once) and NAME.pem/NAME.key go")
     p.add_argument("--name", default="node", help="file name of the node certificate (default node)")
@@ -438,9 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _node_name(args: argparse.Namespace) -> str:
+    if args.command == "worker":
+        return args.name or f"worker-{os.getpid()}"
+    return {"server": "server", "up": "supervisor", "serve": "serve"}.get(args.command, args.command)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, node=_node_name(args), as_json=args.log_json)
     from psgrid.errors import PsgridError
 
     try:

@@ -107,12 +107,14 @@ class ParameterServerApp:
 
 
 def serve(config: ServerConfig, security: Security | None = None,
-          stop: threading.Event | None = None, grace: float = 5.0) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set)."""
+          stop: threading.Event | None = None, grace: float = 5.0, on_start=None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``on_start(app)`` runs once serving."""
     stop = stop or threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     app = ParameterServerApp(config, security).start()
+    if on_start is not None:
+        on_start(app)
     try:
         stop.wait()
     finally:

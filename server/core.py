@@ -426,7 +426,8 @@ class ParameterServerCore:
             self.metrics.rejected.labels(type(exc).__name__).inc()
             raise
         self.metrics.bytes_in.inc(header.layout.total_bytes)
-        (self.metrics.duplicates if duplicate else self.metrics.pushes).labels(header.job_id).inc()
+        if not header.init:
+            (self.metrics.duplicates if duplicate else self.metrics.pushes).labels(header.job_id).inc()
         return version, duplicate
 
     def _push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:

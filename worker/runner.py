@@ -9,6 +9,7 @@ import threading
 import time
 
 from psgrid.errors import JobNotRunning, NotAssigned, PsgridError, UnknownWorker
+from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
 from psgrid.worker.data import ShardSampler
@@ -51,6 +52,7 @@ class Worker:
         self._assignments: list[Assignment] = []
         self._job_ended = threading.Event()
         self._wake = threading.Event()
+        self.metrics = WorkerMetrics()
         self.shards = ShardLinks(client, lambda: self.worker_id, self.name,
                                  (socket.gethostname(), os.getpid(), str(pick_device(device))), security)
 
@@ -198,7 +200,9 @@ class Worker:
         clock = a.start_step
         while clock < total:
             self._check_running()
+            started = time.perf_counter()
             pulled = self._pull_into(step, a, clock, False)
+            pulled_at = time.perf_counter()
             if pulled[0].clock != clock:
                 # The server is the truth: ahead after we were dropped from the
                 # barrier, behind after it restarted from a checkpoint.
@@ -209,7 +213,9 @@ class Worker:
             if pulled[0].ranks and pulled[0].ranks != (a.rank,):
                 logger.debug("%s step %d also covers ranks %s", tag, clock, pulled[0].ranks[1:])
             loss, rows = step.run(clock, pulled[0].ranks)
+            computed_at = time.perf_counter()
             self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows)
+            self._count_step(rows, started, pulled_at, computed_at)
             losses.append(loss)
             samples += rows
             elapsed = time.monotonic() - window_start
@@ -226,6 +232,14 @@ class Worker:
             clock += 1
         self.client.report(self.worker_id, a.job_id, "FINISHED", step=total, total_steps=total)
         logger.info("%s pushed all %d steps", tag, total)
+
+    def _count_step(self, rows: int, started: float, pulled_at: float, computed_at: float) -> None:
+        m = self.metrics
+        m.steps.inc()
+        m.samples.inc(rows)
+        m.seconds.labels("pull").observe(pulled_at - started)
+        m.seconds.labels("compute").observe(computed_at - pulled_at)
+        m.seconds.labels("push").observe(time.perf_counter() - computed_at)
 
     def _evaluate(self, a: Assignment, step: GradientStep, tag: str) -> None:
         total = step.sampler.total_steps(a.spec.epochs, a.spec.steps)

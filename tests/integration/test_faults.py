@@ -11,6 +11,8 @@ import os
 import pathlib
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -184,3 +186,30 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+def test_status_json_lists_every_node_and_job_with_restarts(up):
+    with Client(up.server_address) as client:
+        job = client.submit(digits(epochs=400))
+        wait_step(job, 0.01)
+        old = up.nodes()["worker-1"]
+        os.kill(old.pid, signal.SIGKILL)
+        up.wait_new_pid("worker-1", old.pid, timeout=3.0)
+        wait_until(lambda: job.status().step > 5 and all(w.job_id for w in client.workers()), 60,
+                   message="both workers back on the job")
+        out = subprocess.run([sys.executable, "-m", "psgrid", "status", "--json", "--server", up.server_address,
+                              "--supervisor", up.address], capture_output=True, text=True, timeout=60)
+        job.cancel()
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    nodes = {n["name"]: n for n in status["nodes"]}
+    assert set(nodes) == {"server", "worker-0", "worker-1"}
+    for n in nodes.values():
+        assert {"role", "host", "pid", "state", "restarts", "uptime_s"} <= set(n) and n["pid"]
+    assert nodes["worker-1"]["restarts"] >= old.restarts + 1
+    for name in ("worker-0", "worker-1"):
+        assert nodes[name]["job_id"] == job.job_id and nodes[name]["step"] is not None
+        assert nodes[name]["samples_per_sec"] is not None
+    running = {j["job_id"]: j for j in status["jobs"]}[job.job_id]
+    assert running["state"] == "RUNNING" and running["total_steps"] > running["step"] > 0
+    assert running["loss"] is not None and running["eta_s"] is not None and running["eta_s"] > 0

@@ -1,0 +1,85 @@
+"""`psgrid status`: one view of the whole cluster, as rows or a table.
+
+Pure: it takes what the server (jobs, workers, history) and, when there is
+one, the supervisor (nodes) said, and merges it by node name.
+"""
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Iterable
+
+from psgrid.spec import HistoryRow, JobInfo, WorkerStatus
+
+
+def eta_seconds(info: JobInfo, history: list[HistoryRow], window: int = 20) -> float | None:
+    """Seconds left at the recent step rate, or None when it cannot be told."""
+    if info.state.terminal or not info.total_steps:
+        return None
+    rows = [r for r in history if r.step > 0][-window:]
+    if len(rows) < 2 or rows[-1].time_unix <= rows[0].time_unix or rows[-1].step <= rows[0].step:
+        return None
+    rate = (rows[-1].step - rows[0].step) / (rows[-1].time_unix - rows[0].time_unix)
+    return max(0.0, (info.total_steps - info.step) / rate)
+
+
+def node_rows(workers: Iterable[WorkerStatus], nodes: Iterable | None, server_address: str) -> list[dict]:
+    """Every node: from the supervisor when known, with each worker's job, step and rate."""
+    by_name = {w.name: w for w in workers}
+    rows = []
+    if nodes is None:  # no supervisor: the server and the workers it knows
+        rows.append({"name": "server", "role": "server", "host": server_address.rsplit(":", 1)[0],
+                     "address": server_address, "pid": None, "state": "RUNNING", "restarts": None,
+                     "uptime_s": None})
+        for w in by_name.values():
+            rows.append({"name": w.name, "role": "worker", "host": w.host, "address": "", "pid": w.pid,
+                         "state": "LOST" if w.lost else ("RUNNING" if w.job_id else "IDLE"),
+                         "restarts": None, "uptime_s": None})
+    else:
+        for n in nodes:
+            w = by_name.get(n.name)
+            host = w.host if w else (n.address.rsplit(":", 1)[0] if n.address else socket.gethostname())
+            rows.append({"name": n.name, "role": n.role.value, "host": host, "address": n.address,
+                         "pid": n.pid, "state": n.state.value, "restarts": n.restarts,
+                         "uptime_s": round(n.uptime_s, 1), "last_exit": n.last_exit})
+    for row in rows:
+        w = by_name.get(row["name"])
+        row.update(job_id=w.job_id if w else "", step=w.step if w else None,
+                   samples_per_sec=round(w.samples_per_sec, 1) if w else None)
+    return rows
+
+
+def job_rows(jobs: Iterable[JobInfo], histories: dict[str, list[HistoryRow]]) -> list[dict]:
+    rows = []
+    for j in jobs:
+        eta = eta_seconds(j, histories.get(j.job_id, []))
+        rows.append({
+            "job_id": j.job_id, "name": j.spec.name, "state": j.state.value, "step": j.step,
+            "total_steps": j.total_steps, "progress": round(j.progress, 4),
+            "loss": None if math.isnan(j.loss) else j.loss, "samples_per_sec": round(j.samples_per_sec, 1),
+            "eta_s": None if eta is None else round(eta, 1), "metrics": j.metrics, "workers": len(j.worker_ids),
+        })
+    return rows
+
+
+def _cell(value, fmt: str = "{}") -> str:
+    return "-" if value is None or value == "" else fmt.format(value)
+
+
+def render(nodes: list[dict], jobs: list[dict]) -> str:
+    """The status as two plain-text tables."""
+    lines = [f"{'NODE':<16} {'ROLE':<7} {'HOST':<15} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} "
+             f"{'UPTIME':>8}  {'JOB':<16} {'STEP':>6} {'SAMPLES/S':>10}"]
+    for n in nodes:
+        lines.append(f"{n['name']:<16} {n['role']:<7} {n['host'][:15]:<15} {_cell(n['pid']):>7} "
+                     f"{n['state']:<9} {_cell(n['restarts']):>8} {_cell(n['uptime_s'], '{:.0f}s'):>8}  "
+                     f"{_cell(n['job_id']):<16} {_cell(n['step']):>6} {_cell(n['samples_per_sec'], '{:,.0f}'):>10}")
+    lines += ["", f"{'JOB':<16} {'NAME':<18} {'STATE':<11} {'PROGRESS':>15} {'LOSS':>8} "
+                  f"{'SAMPLES/S':>10} {'ETA':>7}  METRICS"]
+    for j in jobs:
+        progress = f"{j['step']}/{j['total_steps']} {j['progress']:.0%}" if j["total_steps"] else "-"
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(j["metrics"].items()))
+        lines.append(f"{j['job_id']:<16} {j['name'][:18]:<18} {j['state']:<11} {progress:>15} "
+                     f"{_cell(j['loss'], '{:.4f}'):>8} {_cell(j['samples_per_sec'], '{:,.0f}'):>10} "
+                     f"{_cell(j['eta_s'], '{:.0f}s'):>7}  {metrics or '-'}")
+    return "\n".join(lines)
