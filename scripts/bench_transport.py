@@ -127,7 +127,7 @@ def psgrid_rig(address: str, nbytes: int):
         state["seq"] += 1
 
     def pull():
-        links.pull(job_id, state["seq"], False, lambda shard: lambda n: receive[shard])
+        links.pull(job_id, state["seq"], lambda shard: lambda n: receive[shard])
 
     return push, pull, full.total_bytes
 

@@ -401,7 +401,8 @@ class ParameterServerCore:
             if not job.cond.wait_for(lambda: job.ready_for(worker_id, clock, final), timeout_s):
                 raise NotReady(f"step {clock} of {worker_id} is not ready yet")
             step = job.steps.global_step
-            if job.state.terminal:
+            if job.state.terminal or (final and worker_id != job.evaluator):
+                # Over, or evaluated by another worker: nothing to compute.
                 return PullResult(job.state, job.store.version if job.store else 0, step, None, None)
             store = job.store
             clock = max(clock, job.steps.clocks[worker_id])
@@ -507,8 +508,8 @@ class ParameterServerCore:
                 if phase == "FINISHED":
                     job.worker_finished(worker_id)
                 elif phase == "EVALUATED":
-                    if job.rank_of(worker_id) != 0 or job.state is not JobState.EVALUATING:
-                        raise InvalidArgument("only rank 0 reports evaluation, after training")
+                    if worker_id != job.evaluator or job.state is not JobState.EVALUATING:
+                        raise InvalidArgument("only the designated evaluator reports evaluation, after training")
                     job.evaluated(metrics)
                     ended = True
             state = job.state

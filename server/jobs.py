@@ -70,6 +70,8 @@ class Job:
         #: Worker names by rank: a restarted worker of the same name takes its rank back.
         self.worker_names: list[str] = []
         self.lost: set[str] = set()
+        #: The worker that evaluates the final weights: the lowest-ranked one still there.
+        self.evaluator: str | None = None
         self.steps: StepClock | None = None
         self.store: ParameterStore | None = None
         self.accumulator: GradientAccumulator | None = None
@@ -159,6 +161,8 @@ class Job:
         self.push_locks.pop(old, None)
         self.staging.pop(old, None)
         self.snapshots.pop(old, None)
+        if self.evaluator in (old, None):
+            self._designate_evaluator()
         self.emit("worker")
 
     def worker_lost(self, worker_id: str) -> None:
@@ -169,6 +173,8 @@ class Job:
         self.steps.leave(worker_id)
         if self.steps.synchronous and self.store is not None and self.steps.round_complete():
             self._apply_round()
+        if self.evaluator == worker_id:
+            self._designate_evaluator()
         self.emit("worker")
         self._maybe_done_training()
 
@@ -178,6 +184,8 @@ class Job:
             return
         self.lost.discard(worker_id)
         self.steps.rejoin(worker_id)
+        if self.evaluator is None:
+            self._designate_evaluator()
         self.emit("worker")
 
     def coverage(self, worker_id: str) -> list[int]:
@@ -300,7 +308,14 @@ class Job:
         """Training ends when every worker that is still around has finished."""
         done = all(p.finished or w in self.lost for w, p in self.progress.items())
         if done and len(self.lost) < len(self.workers) and self.state is JobState.RUNNING:
+            self._designate_evaluator()
             self.set_state(JobState.EVALUATING)
+
+    def _designate_evaluator(self) -> None:
+        """Once training is over, the lowest-ranked worker still there evaluates."""
+        live = [w for w in self.workers if w not in self.lost]
+        self.evaluator = live[0] if live else None
+        self.cond.notify_all()
 
     def evaluated(self, metrics: dict[str, float]) -> None:
         self.metrics.update(metrics)

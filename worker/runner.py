@@ -137,12 +137,10 @@ class Worker:
             return
         try:
             self._train(a, step, tag)
-            if a.rank == 0:
-                self._evaluate(a, step, tag)
-                self.shards.close(a.job_id, JobState.SUCCEEDED)
+            self._finish(a, step, tag)
         except JobStopped:
             logger.info("%s job ended elsewhere; back to idle", tag)
-            if a.rank == 0 and self.shards.count > 1:
+            if self.shards.count > 1:
                 self._close_partitions(a)
         except (JobNotRunning, NotAssigned, UnknownWorker) as exc:
             logger.info("%s %s; back to idle", tag, exc)
@@ -184,9 +182,9 @@ class Worker:
         if self.stop.is_set() or self._job_ended.is_set():
             raise JobStopped()
 
-    def _pull_into(self, step: GradientStep, a: Assignment, clock: int, final: bool) -> list:
+    def _pull_into(self, step: GradientStep, a: Assignment, clock: int) -> list:
         """Pull every shard's weights into the model; raise JobStopped once the job is over."""
-        pulled = self.shards.pull(a.job_id, clock, final, step.buffer_for)
+        pulled = self.shards.pull(a.job_id, clock, step.buffer_for)
         if any(p.layout is None for p in pulled):
             raise JobStopped()
         for shard, p in enumerate(pulled):
@@ -201,7 +199,7 @@ class Worker:
         while clock < total:
             self._check_running()
             started = time.perf_counter()
-            pulled = self._pull_into(step, a, clock, False)
+            pulled = self._pull_into(step, a, clock)
             pulled_at = time.perf_counter()
             if pulled[0].clock != clock:
                 # The server is the truth: ahead after we were dropped from the
@@ -241,12 +239,25 @@ class Worker:
         m.seconds.labels("compute").observe(computed_at - pulled_at)
         m.seconds.labels("push").observe(time.perf_counter() - computed_at)
 
-    def _evaluate(self, a: Assignment, step: GradientStep, tag: str) -> None:
+    def _finish(self, a: Assignment, step: GradientStep, tag: str) -> None:
+        """After training: evaluate when the server designates this worker, else stay
+        on the job (so it is not handed out again) until it ends, asking again in
+        case the evaluator is lost."""
         total = step.sampler.total_steps(a.spec.epochs, a.spec.steps)
-        pulled = self._pull_into(step, a, total, True)
-        if pulled[0].state is not JobState.EVALUATING:
-            raise JobStopped()
-        metrics = step.dataset.metrics(step.model)
-        self.client.report(self.worker_id, a.job_id, "EVALUATED", metrics=metrics)
-        logger.info("%s evaluated version %d: %s", tag, pulled[0].version,
-                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        while not (self.stop.is_set() or self._job_ended.is_set()):
+            final = self.client.pull(a.job_id, self.worker_id, total, True, step.buffer_for(0))
+            if final.state.terminal:
+                return
+            if final.layout is None:  # another worker evaluates
+                self._job_ended.wait(2.0)
+                continue
+            step.load(0, final.layout, final.buffer)
+            # Every push precedes the end of training, on every shard.
+            for shard, p in enumerate(self.shards.pull(a.job_id, total, step.buffer_for, first=1), start=1):
+                step.load(shard, p.layout, p.buffer)
+            metrics = step.dataset.metrics(step.model)
+            self.client.report(self.worker_id, a.job_id, "EVALUATED", metrics=metrics)
+            logger.info("%s evaluated version %d: %s", tag, final.version,
+                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self.shards.close(a.job_id, JobState.SUCCEEDED)
+            return

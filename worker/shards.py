@@ -63,18 +63,16 @@ class ShardLinks:
             return [fn(0)]
         return list(self._pool.map(fn, range(self.count)))
 
-    def pull(self, job_id: str, clock: int, final: bool,
-             buffer_for: Callable[[int], Callable[[int], torch.Tensor]]) -> list[Pulled]:
-        """Weights for step ``clock`` from every shard.
-
-        ``final`` waits on the coordinator for the end of training; the other
-        shards are then pulled at the last step, which every push precedes.
-        """
+    def pull(self, job_id: str, clock: int,
+             buffer_for: Callable[[int], Callable[[int], torch.Tensor]], first: int = 0) -> list[Pulled]:
+        """Weights for step ``clock`` from every shard from ``first`` on."""
         def one(shard: int) -> Pulled:
-            if shard == 0:
-                return self.coordinator.pull(job_id, self.worker_id(0), clock, final, buffer_for(0))
             return self.client(shard).pull(job_id, self.worker_id(shard), clock, False, buffer_for(shard))
-        return self._each(one)
+        if first >= self.count:
+            return []
+        if self.count - first == 1:
+            return [one(first)]
+        return list(self._pool.map(one, range(first, self.count)))
 
     def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
              payloads: list[torch.Tensor], init: bool = False, samples: int = 0) -> None:
