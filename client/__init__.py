@@ -10,4 +10,14 @@
 """
 from psgrid.client.api import Client, Job
 
-__all__ = ["Client", "Job"]
+
+def __getattr__(name: str):
+    # The serving SDK: psgrid.client.InferenceClient(address).predict(x).
+    if name == "InferenceClient":
+        from psgrid.inference.client import InferenceClient
+
+        return InferenceClient
+    raise AttributeError(name)
+
+
+__all__ = ["Client", "Job", "InferenceClient"]

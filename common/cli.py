@@ -349,6 +349,22 @@ def _status(args: argparse.Namespace, client) -> dict:
             "jobs": job_rows(jobs, histories)}
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """psgrid serve: the inference pipeline, with the cluster's token/TLS and metrics."""
+    from psgrid.inference.app import serve
+    from psgrid.inference.cli import _config
+    from psgrid.metrics import inference_registry
+
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        print(f"psgrid serve: {exc}", file=sys.stderr)
+        return 2
+    serve(config, security=_security(args),
+          on_start=lambda app: _serve_metrics(args, inference_registry(app.pipeline.stats)))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
@@ -498,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervisor", help="HOST:PORT of the supervisor (env PSGRID_SUPERVISOR)")
     _add_security_flags(p)
     p.set_defaults(func=cmd_restart)
+
+    from psgrid.inference.cli import add_serve_parser
+
+    p = add_serve_parser(sub)
+    p.add_argument("--allow-modules", help="comma-separated module prefixes a served model may come from "
+                   "(default psgrid.examples; '*' allows any)")
+    _add_security_flags(p)
+    _add_metrics_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="every node and job of the cluster in one table")
     p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")

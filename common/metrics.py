@@ -9,6 +9,7 @@ import logging
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,42 @@ class WorkerMetrics:
         self.samples = Counter("psgrid_worker_samples_total", "Training examples processed", registry=r)
         self.seconds = Histogram("psgrid_worker_phase_seconds", "Time per step phase", ["phase"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+
+
+class PipelineCollector:
+    """Reads an inference pipeline's stats at scrape time: queue depths, batches, sizes."""
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def collect(self):
+        stats = self._stats()
+        depth = GaugeMetricFamily("psgrid_inference_queue_depth", "Requests waiting, by stage", labels=["stage"])
+        for stage, waiting in stats.waiting.items():
+            depth.add_metric([stage], waiting)
+        yield depth
+        b = stats.batches
+        for name, value, help_text in (
+            ("batches", b.batches, "Model calls (batches) run"),
+            ("examples", b.examples, "Examples run through the model"),
+            ("requests", b.requests, "Requests answered"),
+            ("rejected", stats.rejected, "Requests refused with RESOURCE_EXHAUSTED"),
+            ("dropped", stats.dropped, "Requests dropped (cancelled or past their deadline)"),
+        ):
+            yield CounterMetricFamily(f"psgrid_inference_{name}", help_text, value=value)
+        mean = GaugeMetricFamily("psgrid_inference_mean_batch_size", "Examples per batch since start")
+        mean.add_metric([], b.examples / b.batches if b.batches else 0.0)
+        yield mean
+        largest = GaugeMetricFamily("psgrid_inference_max_batch_size", "Largest batch run since start")
+        largest.add_metric([], b.max_batch_examples)
+        yield largest
+
+
+def inference_registry(stats) -> CollectorRegistry:
+    """A registry exposing an inference pipeline's ``stats()``."""
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(stats))
+    return registry
 
 
 def serve(registry: CollectorRegistry, host: str, port: int, port_file: str | None = None) -> int:
