@@ -24,9 +24,11 @@ test: venv
 
 protos: venv
 	$(PY) scripts/gen_protos.py
+	$(PY) scripts/gen_proto_docs.py
 
 bench: venv
 	$(PY) scripts/bench_transport.py
+	$(PY) scripts/bench_inference.py
 
 clean:
 	rm -rf $(VENV) .psgrid .pytest_cache .hypothesis

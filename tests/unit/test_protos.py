@@ -17,3 +17,11 @@ def test_generated_code_matches_the_protos(tmp_path):
     assert set(fresh) == set(committed), "generated files differ: run `make protos`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"{stale} are stale: run `make protos` and commit the result"
+
+
+def test_proto_reference_matches_the_protos():
+    spec = importlib.util.spec_from_file_location("gen_proto_docs", ROOT / "scripts" / "gen_proto_docs.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    committed = (ROOT / "docs" / "proto-reference.md").read_text()
+    assert committed == gen.render(), "docs/proto-reference.md is stale: run scripts/gen_proto_docs.py"
