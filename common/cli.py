@@ -280,10 +280,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     from psgrid.supervisor.cluster import ChildSecurity, ClusterConfig
 
     try:
-        config = ClusterConfig.load(args.cluster, workers=args.workers)
+        config = ClusterConfig.load(args.cluster, workers=args.workers, servers=args.servers)
     except (OSError, ValueError) as exc:  # ValueError includes TOML syntax errors
         print(f"psgrid: bad cluster file: {exc}", file=sys.stderr)
         return 2
+    if args.servers and args.servers > 1 and args.host is None:
+        from psgrid.supervisor.cluster import LOCAL_HOST
+
+        args.host = LOCAL_HOST
     try:
         config.check_host(args.host)
     except ValueError as exc:
@@ -497,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "multi-host cluster file)")
     p.add_argument("--workers", type=int, help="number of workers (single-host form; overrides the "
                    "file; default 2)")
+    p.add_argument("--servers", type=int, help="parameter-server shards on this machine (default 1; "
+                   "more use fixed ports: [server] port, default 7070, and the ports after it)")
     p.add_argument("--run-dir", default=".psgrid/cluster", help="where the nodes' logs go")
     p.add_argument("--port-file", help="write the Supervisor service's bound port to this file")
     _add_security_flags(p)

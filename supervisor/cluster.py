@@ -42,6 +42,25 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 _HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
+#: The host name ``psgrid up --servers N`` gives this machine.
+LOCAL_HOST = "local"
+DEFAULT_SHARD_PORT = 7070
+
+
+def _as_local_shards(data: dict[str, Any], servers: int) -> dict[str, Any]:
+    """A single-host file as one ``[hosts.local]`` running ``servers`` shards."""
+    if "hosts" in data:
+        raise ValueError("--servers applies to the single-host form; set servers = N in [hosts.NAME]")
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    server, workers = data.setdefault("server", {}), data.setdefault("workers", {})
+    host = server.pop("host", "127.0.0.1")
+    port = server.pop("port", 0) or DEFAULT_SHARD_PORT  # shards are named by fixed addresses
+    data["hosts"] = {LOCAL_HOST: {"address": "127.0.0.1" if host in WILDCARD_HOSTS else host,
+                                  "bind": host, "servers": servers, "server_port": port,
+                                  "workers": workers.pop("count", 2)}}
+    return data
+
+
 def worker_name(index: int, host: str = "") -> str:
     """The stable name of worker ``index`` (of ``host`` in the multi-host form).
 
@@ -372,10 +391,14 @@ class ClusterConfig:
                       for name, section in sections.items()}, hosts=hosts)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, *, workers: int | None = None) -> ClusterConfig:
+    def load(cls, path: str | os.PathLike | None = None, *, workers: int | None = None,
+             servers: int | None = None) -> ClusterConfig:
         """Defaults, then the cluster file at ``path`` (if any), then the flags given (non-None).
 
         ``workers`` (``psgrid up --workers``) applies to the single-host form only.
+        ``servers`` > 1 (``--servers``) turns it into one local host, ``LOCAL_HOST``,
+        running that many parameter-server shards on consecutive ports from the
+        ``[server]`` port (default ``DEFAULT_SHARD_PORT``).
         """
         data: dict[str, Any] = {}
         if path is not None:
@@ -388,6 +411,8 @@ class ClusterConfig:
             data.setdefault("workers", {})
             if isinstance(data["workers"], dict):
                 data["workers"] = {**data["workers"], "count": workers}
+        if servers is not None and servers > 1:
+            data = _as_local_shards(data, servers)
         return cls.from_dict(data)
 
     # ---- where things are ------------------------------------------------------------

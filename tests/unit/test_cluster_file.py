@@ -368,3 +368,12 @@ def test_a_server_may_advertise_an_address(value):
 def test_a_bad_advertised_address_is_refused(value):
     with pytest.raises(ValueError, match="advertise"):
         ServerConfig(advertise=value)
+
+
+def test_servers_shorthand_makes_one_local_host_with_shards():
+    config = ClusterConfig.load(None, workers=3, servers=2)
+    config.check_host("local")
+    host = config.server_host
+    assert (host.name, host.servers, host.server_port, host.workers) == ("local", 2, 7070, 3)
+    assert config.shard_addresses() == ("127.0.0.1:7071",)
+    assert ClusterConfig.load(None, servers=1).hosts == ()
