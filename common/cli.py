@@ -295,8 +295,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     children = ChildSecurity(token_file=args.token_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                              tls_key=args.tls_key)
+    from psgrid.metrics import nodes_registry
+
     return serve(config, args.run_dir, port_file=args.port_file, log_level=args.log_level,
-                 security=_security(args), host=args.host, child_security=children)
+                 security=_security(args), host=args.host, child_security=children,
+                 on_start=lambda sup: _serve_metrics(args, nodes_registry(sup.nodes)))
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
@@ -506,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=".psgrid/cluster", help="where the nodes' logs go")
     p.add_argument("--port-file", help="write the Supervisor service's bound port to this file")
     _add_security_flags(p)
+    _add_metrics_flags(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("nodes", help="list the nodes of a `psgrid up` cluster")

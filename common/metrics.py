@@ -80,6 +80,30 @@ class PipelineCollector:
         yield largest
 
 
+class NodesCollector:
+    """Reads a supervisor's nodes at scrape time: restarts and whether each runs."""
+
+    def __init__(self, nodes):
+        self._nodes = nodes
+
+    def collect(self):
+        restarts = CounterMetricFamily("psgrid_node_restarts", "Restarts of each supervised node",
+                                       labels=["node", "role"])
+        up = GaugeMetricFamily("psgrid_node_up", "1 while the node's process runs", labels=["node", "role"])
+        for n in self._nodes():
+            restarts.add_metric([n.name, n.role.value], n.restarts)
+            up.add_metric([n.name, n.role.value], 1 if n.pid else 0)
+        yield restarts
+        yield up
+
+
+def nodes_registry(nodes) -> CollectorRegistry:
+    """A registry exposing a supervisor's ``nodes()``."""
+    registry = CollectorRegistry()
+    registry.register(NodesCollector(nodes))
+    return registry
+
+
 def inference_registry(stats) -> CollectorRegistry:
     """A registry exposing an inference pipeline's ``stats()``."""
     registry = CollectorRegistry()

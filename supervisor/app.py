@@ -7,6 +7,7 @@ import pathlib
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import TextIO
 
 from psgrid.security import Security
@@ -30,7 +31,8 @@ def write_port_file(path: str | os.PathLike, port: int) -> None:
 def run_cluster(config: ClusterConfig, run_dir: str | os.PathLike, stop: threading.Event,
                 port_file: str | os.PathLike | None = None, log_level: str = "INFO",
                 out: TextIO = sys.stdout, security: Security | None = None, host: str | None = None,
-                child_security: ChildSecurity | None = None) -> int:
+                child_security: ChildSecurity | None = None,
+                on_start: Callable[[ProcessSupervisor], None] | None = None) -> int:
     """Start this host's nodes and supervise them until ``stop`` is set or the supervisor gives up.
 
     ``host`` selects the nodes of a multi-host cluster file (None: the
@@ -46,6 +48,8 @@ def run_cluster(config: ClusterConfig, run_dir: str | os.PathLike, stop: threadi
     supervisor = ProcessSupervisor(config, run_dir, log_level=log_level, host=host,
                                    security=child_security)
     service = SupervisorServer(supervisor, config.supervisor.host, config.supervisor.port, security).start()
+    if on_start is not None:
+        on_start(supervisor)
     interval = config.supervisor.check_interval_s
     try:
         if port_file:
@@ -84,10 +88,11 @@ def _print_addresses(supervisor: ProcessSupervisor, out: TextIO) -> None:
 
 def serve(config: ClusterConfig, run_dir: str | os.PathLike, port_file: str | os.PathLike | None = None,
           log_level: str = "INFO", security: Security | None = None, host: str | None = None,
-          child_security: ChildSecurity | None = None) -> int:
+          child_security: ChildSecurity | None = None,
+          on_start: Callable[[ProcessSupervisor], None] | None = None) -> int:
     """:func:`run_cluster` until SIGTERM or SIGINT; returns the exit code."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     return run_cluster(config, run_dir, stop, port_file=port_file, log_level=log_level, security=security,
-                       host=host, child_security=child_security)
+                       host=host, child_security=child_security, on_start=on_start)

@@ -239,6 +239,12 @@ def test_up_passes_its_security_flags_to_every_node(fresh, credentials, tmp_path
     assert refused.returncode == 1 and "Unauthenticated" in refused.stderr, refused.stderr
     listed = psgrid("jobs", "--server", server, *token, *tls_flags)
     assert listed.returncode == 0 and "linear-regression" in listed.stdout, listed.stderr
+    # the Supervisor service wants the token too, for both of its RPCs; nothing restarts without it
+    pid = cluster.nodes()["worker-0"].pid
+    for command in (("nodes",), ("restart", "worker-0")):
+        denied = psgrid(*command, "--supervisor", cluster.address, *tls_flags)
+        assert denied.returncode == 1 and "Unauthenticated" in denied.stderr, denied.stderr
+    assert cluster.nodes()["worker-0"].pid == pid
 
 
 # ---- two hosts, two `psgrid up` ---------------------------------------------------------------

@@ -126,3 +126,13 @@ def test_mutual_tls(secured, pki):
     _, no_token = clients(server.port, tls(pki["good"], "client", pki["good"]))
     with pytest.raises(Unauthenticated):
         no_token.list()
+
+
+def test_a_job_outside_the_allow_list_is_refused_at_submit(server):
+    from psgrid.errors import PermissionDenied
+
+    jobs = JobServiceClient(f"127.0.0.1:{server.port}", retry_for_s=0)
+    with pytest.raises(PermissionDenied) as info:
+        jobs.submit(spec(model="os.path:join"))
+    assert info.value.grpc_code == grpc.StatusCode.PERMISSION_DENIED and "allow-list" in str(info.value)
+    assert jobs.list() == []
