@@ -15,21 +15,17 @@ from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, WorkerStatus
 from psgrid.v1 import job_pb2
 from psgrid.v1 import job_service_pb2 as js
 
-_SERVICE = "/psgrid.v1.JobService/"
 
 
-class JobServiceClient:
+class JobServiceClient(rpc.ServiceClient):
     """Typed calls of psgrid.v1.JobService; failures raise psgrid exceptions."""
+
+    service = "psgrid.v1.JobService"
 
     def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 120.0,
                  security: Security | None = None):
-        self.address = address
-        self.timeout_s = timeout_s
-        self.retry_for_s = retry_for_s
-        self.channel = rpc.make_channel(address, security=security)
-        unary = lambda name, req, resp: self.channel.unary_unary(  # noqa: E731
-            _SERVICE + name, request_serializer=req.SerializeToString,
-            response_deserializer=resp.FromString)
+        super().__init__(address, timeout_s, retry_for_s, security)
+        unary = self._unary
         self._submit = unary("SubmitJob", js.SubmitJobRequest, js.SubmitJobResponse)
         self._get = unary("GetJob", js.GetJobRequest, js.GetJobResponse)
         self._cancel = unary("CancelJob", js.CancelJobRequest, js.CancelJobResponse)
@@ -37,14 +33,11 @@ class JobServiceClient:
         self._history = unary("GetJobHistory", js.GetJobHistoryRequest, js.GetJobHistoryResponse)
         self._workers = unary("ListWorkers", js.ListWorkersRequest, js.ListWorkersResponse)
         self._watch = self.channel.unary_stream(
-            _SERVICE + "WatchJob", request_serializer=js.WatchJobRequest.SerializeToString,
+            self._method("WatchJob"), request_serializer=js.WatchJobRequest.SerializeToString,
             response_deserializer=job_pb2.JobEvent.FromString)
         self._fetch = self.channel.unary_stream(
-            _SERVICE + "FetchParameters", request_serializer=js.FetchParametersRequest.SerializeToString,
+            self._method("FetchParameters"), request_serializer=js.FetchParametersRequest.SerializeToString,
             response_deserializer=rpc.identity)
-
-    def close(self) -> None:
-        self.channel.close()
 
     def _call(self, fn, request, retry: bool = True):
         return rpc.call(fn, request, timeout=self.timeout_s,

@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("worker", help="run a worker that trains jobs from a server")
-    p.add_argument("--server", help=f"HOST:PORT of the parameter server (env PSGRID_SERVER)")
+    p.add_argument("--server", help="HOST:PORT of the parameter server (env PSGRID_SERVER)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: cores / --local-workers)")
     p.add_argument("--local-workers", type=int, default=1, help="workers sharing this machine")

@@ -6,9 +6,9 @@ metric objects are cheap to update, so they are always kept.
 from __future__ import annotations
 
 import logging
-import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from psgrid.portfile import write_port_file
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
@@ -116,9 +116,6 @@ def serve(registry: CollectorRegistry, host: str, port: int, port_file: str | No
     server, _ = start_http_server(port, addr=host, registry=registry)
     bound = server.server_port
     if port_file:
-        tmp = f"{port_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{bound}\n")
-        os.replace(tmp, port_file)
+        write_port_file(port_file, bound)
     logger.info("metrics on http://%s:%d/metrics", host, bound)
     return bound

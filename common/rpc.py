@@ -100,6 +100,39 @@ def make_channel(address: str, options: list | None = None, security: Security |
     return (security or Security()).channel(address, [*CHANNEL_OPTIONS, *(options or [])])
 
 
+class ServiceClient:
+    """Base of psgrid's typed clients: one channel to one service, deadlines, retries.
+
+    Subclasses name their ``service`` ("psgrid.v1.Foo") and build their method
+    callables with :meth:`_unary` (or the channel directly, for streams).
+    """
+
+    service = ""
+
+    def __init__(self, address: str, timeout_s: float, retry_for_s: float,
+                 security: Security | None = None, options: list | None = None):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retry_for_s = retry_for_s
+        self.channel = make_channel(address, options, security=security)
+
+    def _method(self, name: str) -> str:
+        return f"/{self.service}/{name}"
+
+    def _unary(self, name: str, request_cls, response_cls):
+        return self.channel.unary_unary(self._method(name), request_serializer=request_cls.SerializeToString,
+                                        response_deserializer=response_cls.FromString)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def call(fn: Callable[..., T], *args, timeout: float, retry_for: float = 0.0,
          backoff: Backoff | None = None, retry_codes=RETRYABLE, **kwargs) -> T:
     """Call a stub method with a deadline; retry retryable codes for ``retry_for`` s.

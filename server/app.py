@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from concurrent import futures
@@ -10,6 +9,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from psgrid.portfile import write_port_file
 from psgrid.security import Security
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
@@ -19,16 +19,6 @@ from psgrid.server.service import handlers
 logger = logging.getLogger(__name__)
 
 SERVICES = ("psgrid.v1.ParameterServer", "psgrid.v1.JobService")
-
-
-def write_port_file(path: str, port: int) -> None:
-    """Publish the bound port atomically: readers never see a partial file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{port}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ParameterServerApp:

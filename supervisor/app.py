@@ -3,29 +3,19 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from typing import TextIO
 
+from psgrid.portfile import write_port_file
 from psgrid.security import Security
 from psgrid.supervisor.cluster import SERVER_NAME, ChildSecurity, ClusterConfig, format_address
 from psgrid.supervisor.process import ChildStartError, ProcessSupervisor
 from psgrid.supervisor.service import SupervisorServer
 
 logger = logging.getLogger(__name__)
-
-
-def write_port_file(path: str | os.PathLike, port: int) -> None:
-    """Publish the bound port atomically: readers never see a partial file."""
-    tmp = pathlib.Path(f"{path}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{port}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def run_cluster(config: ClusterConfig, run_dir: str | os.PathLike, stop: threading.Event,

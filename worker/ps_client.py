@@ -14,7 +14,6 @@ from psgrid.security import Security
 from psgrid.spec import JobSpec, JobState
 from psgrid.v1 import parameter_server_pb2 as ps
 
-_SERVICE = "/psgrid.v1.ParameterServer/"
 _PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.items()}
 
 
@@ -29,32 +28,26 @@ class Assignment:
     worker_names: tuple[str, ...] = ()
 
 
-class ParameterServerClient:
+class ParameterServerClient(rpc.ServiceClient):
     """Calls a parameter server; every call has a deadline and retries UNAVAILABLE."""
+
+    service = "psgrid.v1.ParameterServer"
 
     def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0,
                  security: Security | None = None):
-        self.address = address
-        self.timeout_s = timeout_s
-        self.retry_for_s = retry_for_s
-        self.channel = rpc.make_channel(address, security=security)
-        unary = lambda name, req, resp: self.channel.unary_unary(  # noqa: E731
-            _SERVICE + name, request_serializer=req.SerializeToString,
-            response_deserializer=resp.FromString)
+        super().__init__(address, timeout_s, retry_for_s, security)
+        unary = self._unary
         self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)
         self._heartbeat = unary("Heartbeat", ps.HeartbeatRequest, ps.HeartbeatResponse)
         self._report = unary("ReportMetrics", ps.ReportMetricsRequest, ps.ReportMetricsResponse)
         self._open = unary("OpenPartition", ps.OpenPartitionRequest, ps.OpenPartitionResponse)
         self._close = unary("ClosePartition", ps.ClosePartitionRequest, ps.ClosePartitionResponse)
         self._pull = self.channel.unary_stream(
-            _SERVICE + "Pull", request_serializer=ps.PullRequest.SerializeToString,
+            self._method("Pull"), request_serializer=ps.PullRequest.SerializeToString,
             response_deserializer=rpc.identity)
         self._push = self.channel.stream_unary(
-            _SERVICE + "Push", request_serializer=rpc.identity,
+            self._method("Push"), request_serializer=rpc.identity,
             response_deserializer=ps.PushResponse.FromString)
-
-    def close(self) -> None:
-        self.channel.close()
 
     def _call(self, fn, request, **kw):
         return rpc.call(fn, request, timeout=kw.pop("timeout", self.timeout_s),

@@ -1,9 +1,6 @@
 """What an operator sees: Prometheus metrics, curves as a PNG, status as JSON."""
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -11,9 +8,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from psgrid.client import Client
 from psgrid.examples import spec_path
-from psgrid.spec import JobSpec, JobState
+from psgrid.spec import JobSpec
 
 from helpers.wait import wait_until
 

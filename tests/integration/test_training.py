@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 
-from psgrid.client import Client
 from psgrid.errors import JobCancelled
 from psgrid.spec import JobSpec, JobState, OptimizerSpec
 from psgrid.examples import spec_path

@@ -16,7 +16,7 @@ from psgrid.server.app import ParameterServerApp
 from psgrid.server.config import ServerConfig
 from psgrid.worker.ps_client import ParameterServerClient, push_header
 
-from helpers.inproc import make_rig, small_params, spec
+from helpers.inproc import make_rig, spec
 
 TOKEN = "s3cret-token"
 
