@@ -44,8 +44,10 @@ class JobServiceClient(rpc.ServiceClient):
                         retry_for=self.retry_for_s if retry else 0.0)
 
     def submit(self, spec: JobSpec) -> JobInfo:
-        # Not retried: a lost reply would submit the job twice.
-        reply = self._call(self._submit, js.SubmitJobRequest(spec=codec.spec_to_proto(spec)), retry=False)
+        # Not retried: a lost reply would submit the job twice. Waiting for the
+        # channel to connect first is safe: nothing is sent until it does.
+        reply = rpc.call(self._submit, js.SubmitJobRequest(spec=codec.spec_to_proto(spec)),
+                         timeout=self.timeout_s, wait_for_ready=True)
         return codec.info_from_proto(reply.job)
 
     def get(self, job_id: str) -> JobInfo:

@@ -297,9 +297,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                              tls_key=args.tls_key)
     from psgrid.metrics import nodes_registry
 
-    return serve(config, args.run_dir, port_file=args.port_file, log_level=args.log_level,
-                 security=_security(args), host=args.host, child_security=children,
-                 on_start=lambda sup: _serve_metrics(args, nodes_registry(sup.nodes)))
+    try:
+        return serve(config, args.run_dir, port_file=args.port_file, log_level=args.log_level,
+                     security=_security(args), host=args.host, child_security=children,
+                     on_start=lambda sup: _serve_metrics(args, nodes_registry(sup.nodes)))
+    except OSError as exc:
+        print(f"psgrid: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:

@@ -66,11 +66,14 @@ class Security:
 
     def add_port(self, server: grpc.Server, address: str) -> int:
         """Bind ``address`` with TLS when a certificate is configured."""
-        if self.cert is None:
-            return server.add_insecure_port(address)
-        creds = grpc.ssl_server_credentials(
-            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.ca is not None)
-        return server.add_secure_port(address, creds)
+        try:
+            if self.cert is None:
+                return server.add_insecure_port(address)
+            creds = grpc.ssl_server_credentials(
+                [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=self.ca is not None)
+            return server.add_secure_port(address, creds)
+        except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
+            raise OSError(f"cannot bind {address}: is another process using it?") from exc
 
     # --- client side -------------------------------------------------------------
 
