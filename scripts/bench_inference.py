@@ -16,7 +16,7 @@ phases, in the same run:
 2. **Open loop: latency below capacity.** Requests are sent on a fixed
    schedule (Poisson arrivals by default, ``--arrival constant`` for evenly
    spaced ones), at ``--open-rate`` req/s, or by default ``--open-fraction``
-   (0.6) of the dynamic server's closed-loop throughput just measured, split
+   (0.5) of the dynamic server's closed-loop throughput just measured, split
    over the client processes, whatever the answers do. Each request's latency
    runs from its *scheduled* send time, not from when it was actually sent,
    so a server (or a load generator) that falls behind is charged for it: no
@@ -31,7 +31,7 @@ the same device, with the servers' torch thread count, measured in this run
 (in the benchmark process, before the servers start).
 
     python scripts/bench_inference.py [--seconds 5] [--rounds 3] [--procs 2] [--callers 64]
-                                      [--open-fraction 0.6 | --open-rate RPS] [--open-seconds 6]
+                                      [--open-fraction 0.5 | --open-rate RPS] [--open-seconds 6]
 """
 from __future__ import annotations
 
@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each phase")
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--callers", type=int, default=64, help="closed-loop callers per client process")
-    parser.add_argument("--open-fraction", type=float, default=0.6,
+    parser.add_argument("--open-fraction", type=float, default=0.5,
                         help="open-loop rate as a fraction of the dynamic server's closed-loop req/s")
     parser.add_argument("--open-rate", type=float, default=None, help="open-loop req/s (overrides the fraction)")
     parser.add_argument("--open-seconds", type=float, default=6.0, help="measured seconds per open-loop phase")
