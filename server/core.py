@@ -238,8 +238,11 @@ class ParameterServerCore:
 
     def restore(self, checkpoints: CheckpointStore) -> list[str]:
         """Load the newest valid checkpoint of every job found; return their ids."""
-        restored = []
-        for job_id in checkpoints.job_ids():
+        restored, job_ids = [], checkpoints.job_ids()
+        if job_ids:
+            logger.info("[ps] restoring %d job(s) from %s", len(job_ids), checkpoints.directory)
+        for index, job_id in enumerate(job_ids, start=1):
+            started = time.monotonic()
             ckpt = checkpoints.load_latest(job_id)
             if ckpt is None:
                 continue
@@ -251,8 +254,10 @@ class ParameterServerCore:
             self._checkpointed[job_id] = (job.store.version if job.store else 0, job.state)
             self._log_line({"event": "restore", "job_id": job_id, "checkpoint": ckpt.seq,
                             "version": job.store.version if job.store else 0})
-            logger.info("[ps] job %s restored from checkpoint %d: %s, version %d",
-                        job_id, ckpt.seq, job.state.value, job.store.version if job.store else 0)
+            logger.info("[ps] restored %d/%d: job %s from checkpoint %d (%s, version %d, %.1f MB in %.2fs)",
+                        index, len(job_ids), job_id, ckpt.seq, job.state.value,
+                        job.store.version if job.store else 0,
+                        (job.store.nbytes if job.store else 0) / 1e6, time.monotonic() - started)
             restored.append(job_id)
         self._schedule()
         return restored
