@@ -73,6 +73,10 @@ class JobNotRunning(FailedPrecondition):
     """The job is not in a state that accepts this call (e.g. it ended)."""
 
 
+class ShardsDiverged(FailedPrecondition):
+    """A synchronous job's shards hold different steps (one restarted from an older checkpoint)."""
+
+
 class NotAssigned(FailedPrecondition):
     """The worker is not part of the job it named."""
 

@@ -33,10 +33,10 @@ class StepClock:
 
     @classmethod
     def restored(cls, staleness: int | None, clocks: dict[str, int], global_step: int) -> "StepClock":
-        """A clock rebuilt from a checkpoint: every worker away until it rejoins."""
+        """A clock rebuilt from a checkpoint. Every worker counts at the barrier: the
+        job waits for each to come back (or to be declared lost)."""
         clock = cls(staleness, clocks)
         clock.clocks = dict(clocks)
-        clock.active = set()
         clock._bsp_step = global_step
         return clock
 

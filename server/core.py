@@ -173,6 +173,12 @@ class ParameterServerCore:
                     job.worker_lost(worker.worker_id)
                     lost.append(worker.worker_id)
                     self._log_applied(job)
+        for job in list(self._jobs.values()):
+            with job.cond:
+                for stand_in in job.overdue(now, self.config.heartbeat_timeout_s):
+                    job.worker_lost(stand_in)
+                    lost.append(stand_in)
+                    self._log_applied(job)
         for worker_id in lost:
             logger.warning("[ps] worker %s missed its heartbeats: it leaves the barrier", worker_id)
         return lost

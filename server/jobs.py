@@ -70,6 +70,8 @@ class Job:
         #: Worker names by rank: a restarted worker of the same name takes its rank back.
         self.worker_names: list[str] = []
         self.lost: set[str] = set()
+        #: When the ranks of a restored or partition job went away (see open_away).
+        self.away_since = 0.0
         #: The worker that evaluates the final weights: the lowest-ranked one still there.
         self.evaluator: str | None = None
         self.steps: StepClock | None = None
@@ -133,11 +135,13 @@ class Job:
         return True
 
     def open_away(self, names: list[str]) -> None:
-        """Start with every rank away: workers take their ranks back by name
-        (a restored job, or a shard's part of a sharded job)."""
+        """Start with every rank away: workers take their ranks back by name (a
+        restored job, or a shard's part of a sharded job). Until then the barrier
+        waits for them; one that does not come back in time is declared lost."""
         self.worker_names = list(names)
         self.workers = [AWAY + n for n in names]
-        self.lost = set(self.workers)
+        self.lost = set()
+        self.away_since = self._clock()
         self.steps = StepClock.restored(self.spec.staleness, {w: 0 for w in self.workers}, 0)
         self.progress = {w: WorkerProgress() for w in self.workers}
         self.push_locks = {w: threading.Lock() for w in self.workers}
@@ -177,6 +181,12 @@ class Job:
             self._designate_evaluator()
         self.emit("worker")
         self._maybe_done_training()
+
+    def overdue(self, now: float, timeout_s: float) -> list[str]:
+        """Stand-ins of ranks whose workers did not come back within ``timeout_s``."""
+        if self.state.terminal or now - self.away_since <= timeout_s:
+            return []
+        return [w for w in self.workers if w.startswith(AWAY) and w not in self.lost]
 
     def worker_back(self, worker_id: str) -> None:
         """A lost worker answered again: it rejoins at the current global step."""

@@ -16,7 +16,7 @@ from psgrid.worker.data import ShardSampler
 from psgrid.worker.device import pick_device
 from psgrid.worker.loader import build_dataset, build_model
 from psgrid.worker.ps_client import Assignment, ParameterServerClient
-from psgrid.worker.shards import ShardLinks
+from psgrid.worker.shards import ShardLinks, check_consistent
 from psgrid.worker.step import GradientStep
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ class Worker:
         pulled = self.shards.pull(a.job_id, clock, step.buffer_for)
         if any(p.layout is None for p in pulled):
             raise JobStopped()
+        check_consistent(pulled, a.spec.synchronous)
         for shard, p in enumerate(pulled):
             step.load(shard, p.layout, p.buffer)
         return pulled

@@ -14,12 +14,22 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from psgrid.codec import Layout, Pulled
-from psgrid.errors import PsgridError, UnknownWorker
+from psgrid.errors import PsgridError, ShardsDiverged, UnknownWorker
 from psgrid.security import Security
 from psgrid.spec import JobState
 from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_header
 
 logger = logging.getLogger(__name__)
+
+
+def check_consistent(pulled: list[Pulled], synchronous: bool) -> None:
+    """In BSP every shard serves step t to a pull for step t; different steps mean a
+    shard was restored from an older checkpoint than the others, and computing on
+    the mix would be wrong: raise ShardsDiverged instead."""
+    steps = {p.step for p in pulled if p.layout is not None}
+    if synchronous and len(steps) > 1:
+        raise ShardsDiverged(f"the job's shards are at different steps {sorted(steps)}; "
+                             "a shard restarted from an older checkpoint")
 
 
 class ShardLinks:

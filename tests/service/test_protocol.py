@@ -188,3 +188,21 @@ def test_a_gone_workers_data_shard_is_covered_by_the_others(server_factory):
     # back again: everyone covers only its own shard
     rig.pull(2, 1)
     assert rig.pull(0, 1).ranks == (0,)
+
+
+def test_a_partition_barrier_waits_for_workers_that_have_not_joined_yet(server):
+    from psgrid.codec import Layout
+    from psgrid.worker.ps_client import ParameterServerClient
+
+    ps = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0)
+    first, _ = ps.register("part-a", "localhost", 1, "cpu")
+    ps.open_partition("job-shard1", spec(num_workers=2, staleness=0), ["part-a", "part-b"], 1, 2)
+    layout = Layout.of([("w", torch.float32, (4, 3)), ("b", torch.float32, (4,))])
+    ps.push(push_header("job-shard1", first, 0, 0, 0, layout, init=True), layout.pack(ones(0.0)))
+    assert ps.push(push_header("job-shard1", first, 0, 0, 0, layout), layout.pack(ones(1.0))) == (1, False)
+    job = server.core.job("job-shard1")
+    assert job.store.version == 0  # part-b has not joined: the round waits for it
+    second, _ = ps.register("part-b", "localhost", 2, "cpu")
+    assert ps.push(push_header("job-shard1", second, 0, 0, 0, layout), layout.pack(ones(3.0))) == (1, False)
+    assert job.store.version == 1
+    torch.testing.assert_close(job.store.params["w"], torch.full((4, 3), -0.5 * 2.0))

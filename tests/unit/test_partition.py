@@ -58,3 +58,19 @@ def test_assemble_puts_whole_tensors_back_from_piece_names():
     shards = [{p.name: piece_view(full[p.tensor], p).clone() for p in pieces} for pieces in part.pieces]
     rebuilt = assemble(shards)
     assert set(rebuilt) == set(full) and all(torch.equal(rebuilt[k], full[k]) for k in full)
+
+
+def test_bsp_pulls_from_shards_at_different_steps_are_refused():
+    import pytest
+
+    from psgrid.codec import Pulled
+    from psgrid.errors import ShardsDiverged
+    from psgrid.spec import JobState
+    from psgrid.worker.shards import check_consistent
+
+    layout = Layout.of([("w", torch.float32, (2,))])
+    at = lambda step: Pulled(JobState.RUNNING, step, step, layout, torch.zeros(64, dtype=torch.uint8))  # noqa: E731
+    check_consistent([at(5), at(5)], synchronous=True)
+    check_consistent([at(5), at(3)], synchronous=False)  # SSP/async shards drift by design
+    with pytest.raises(ShardsDiverged, match=r"\[3, 5\]"):
+        check_consistent([at(5), at(3)], synchronous=True)
