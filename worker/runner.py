@@ -98,24 +98,30 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         while not self.stop.wait(self.heartbeat_interval):
             try:
-                assignment, state = self.client.heartbeat(self.worker_id, self._current_job)
-            except UnknownWorker:
-                # The server restarted (or a newer process took our name): register
-                # again; a running job is given back with the step to resume at.
-                logger.warning("%s unknown to the server; registering again", self.tag)
-                self._job_ended.set()
-                self._safe(self._register)
-                continue
-            except PsgridError as exc:
-                logger.warning("%s heartbeat failed: %s", self.tag, exc)
-                continue
-            if state is not None and state.terminal and self._current_job:
-                self._job_ended.set()
-            if self._current_job:
-                self.shards.heartbeat_others(self._current_job)
-            if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
-                self._assignments.append(assignment)
-                self._wake.set()
+                self._heartbeat_once()
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one bad beat
+                logger.exception("%s heartbeat failed", self.tag)
+
+    def _heartbeat_once(self) -> None:
+        try:
+            assignment, state = self.client.heartbeat(self.worker_id, self._current_job)
+        except UnknownWorker:
+            # The server restarted (or a newer process took our name): register
+            # again; a running job is given back with the step to resume at.
+            logger.warning("%s unknown to the server; registering again", self.tag)
+            self._job_ended.set()
+            self._safe(self._register)
+            return
+        except PsgridError as exc:
+            logger.warning("%s heartbeat failed: %s", self.tag, exc)
+            return
+        if state is not None and state.terminal and self._current_job:
+            self._job_ended.set()
+        if self._current_job:
+            self.shards.heartbeat_others(self._current_job)
+        if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
+            self._assignments.append(assignment)
+            self._wake.set()
 
     def _safe(self, fn) -> None:
         try:

@@ -59,12 +59,15 @@ class ShardLinks:
 
     def open(self, a: Assignment) -> None:
         """Register with every other shard of ``a`` and make each hold its part."""
-        self.addresses = tuple(a.shards)
-        for index, address in enumerate(self.addresses, start=1):
+        addresses = tuple(a.shards)
+        for index, address in enumerate(addresses, start=1):
             if address not in self._clients:
                 self._clients[address] = ParameterServerClient(address, security=self._security)
             self._ids[address] = self._clients[address].register(self.name, *self._register_args)[0]
-            self._clients[address].open_partition(a.job_id, a.spec, list(a.worker_names), index, self.count)
+            self._clients[address].open_partition(a.job_id, a.spec, list(a.worker_names), index,
+                                                  1 + len(addresses))
+        # Published last: the heartbeat thread reads it, and every id is known by now.
+        self.addresses = addresses
         if self.count > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="shard-io")
 
@@ -97,6 +100,8 @@ class ShardLinks:
     def heartbeat_others(self, job_id: str) -> None:
         """Keep this worker alive on the other shards' liveness checks."""
         for address in self.addresses:
+            if address not in self._ids:
+                continue
             try:
                 self._clients[address].heartbeat(self._ids[address], job_id)
             except UnknownWorker:  # that shard restarted: take our rank back there
