@@ -38,6 +38,12 @@ def identity(data: bytes) -> bytes:
     return data
 
 
+def unary_handler(fn, request_cls, response_cls) -> grpc.RpcMethodHandler:
+    """A unary-unary handler that (de)serializes with the generated message classes."""
+    return grpc.unary_unary_rpc_method_handler(
+        fn, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
+
+
 def status_of(error: PsgridError) -> grpc.StatusCode:
     return grpc.StatusCode[error.code]
 

@@ -20,7 +20,7 @@ from psgrid.inference import wire
 from psgrid.inference.batcher import Ticket, TicketState
 from psgrid.inference.models import ModelRegistry
 from psgrid.inference.pipeline import Pipeline
-from psgrid.rpc import translate_errors
+from psgrid.rpc import translate_errors, unary_handler
 from psgrid.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -150,19 +150,14 @@ class _Stream:
         self._out.put(_END)
 
 
-def _unary(fn, req_cls, resp_cls):
-    return grpc.unary_unary_rpc_method_handler(
-        fn, request_deserializer=req_cls.FromString, response_serializer=resp_cls.SerializeToString)
-
-
 def handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
     """The generic handler of psgrid.v1.Inference, for ``server.add_generic_rpc_handlers``."""
     return [grpc.method_handlers_generic_handler(SERVICE, {
-        "Predict": _unary(service.Predict, pb.PredictRequest, pb.PredictResponse),
+        "Predict": unary_handler(service.Predict, pb.PredictRequest, pb.PredictResponse),
         "PredictStream": grpc.stream_stream_rpc_method_handler(
             service.PredictStream, request_deserializer=pb.PredictRequest.FromString,
             response_serializer=pb.PredictResponse.SerializeToString),
-        "GetServingStatus": _unary(service.GetServingStatus, pb.GetServingStatusRequest,
+        "GetServingStatus": unary_handler(service.GetServingStatus, pb.GetServingStatusRequest,
                                    pb.GetServingStatusResponse),
     })]
 

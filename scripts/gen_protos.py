@@ -1,5 +1,10 @@
 """Regenerate the Python code for protos/psgrid/v1/*.proto.
 
+Messages only: psgrid registers its services with generic handlers (one
+table per service, in each service module) and calls them through
+``psgrid.rpc.ServiceClient``, so no generated stubs or servicer base classes
+are needed.
+
 The generated modules live beside the .proto files and install as
 ``psgrid.v1``. Run with the pinned grpcio-tools (the ``test`` extra):
 
@@ -31,12 +36,11 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
         f"-I{include}",
         f"--python_out={out}",
         f"--pyi_out={out}",
-        f"--grpc_python_out={out}",
         *protos,
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    return sorted((out / "psgrid" / "v1").glob("*_pb2*.py*"))
+    return sorted((out / "psgrid" / "v1").glob("*_pb2.py*"))
 
 
 def main() -> None:

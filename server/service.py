@@ -12,7 +12,7 @@ import grpc
 
 from psgrid import codec
 from psgrid.errors import InvalidArgument
-from psgrid.rpc import identity, translate_errors
+from psgrid.rpc import identity, translate_errors, unary_handler
 from psgrid.server.core import ParameterServerCore, PullResult, PushHeader
 from psgrid.v1 import job_service_pb2 as js
 from psgrid.v1 import parameter_server_pb2 as ps
@@ -138,38 +138,32 @@ class JobServiceService:
         yield from pull_frames(self.core.fetch(request.job_id))
 
 
-def _unary(fn, req_cls, resp_cls):
-    return grpc.unary_unary_rpc_method_handler(
-        fn, request_deserializer=req_cls.FromString, response_serializer=resp_cls.SerializeToString
-    )
-
-
 def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
     """The generic handlers for both services, ready for ``server.add_generic_rpc_handlers``."""
     p, j = ParameterServerService(core), JobServiceService(core)
     return [
         grpc.method_handlers_generic_handler("psgrid.v1.ParameterServer", {
-            "RegisterWorker": _unary(p.RegisterWorker, ps.RegisterWorkerRequest, ps.RegisterWorkerResponse),
-            "Heartbeat": _unary(p.Heartbeat, ps.HeartbeatRequest, ps.HeartbeatResponse),
+            "RegisterWorker": unary_handler(p.RegisterWorker, ps.RegisterWorkerRequest, ps.RegisterWorkerResponse),
+            "Heartbeat": unary_handler(p.Heartbeat, ps.HeartbeatRequest, ps.HeartbeatResponse),
             "Pull": grpc.unary_stream_rpc_method_handler(
                 p.Pull, request_deserializer=ps.PullRequest.FromString, response_serializer=identity),
             "Push": grpc.stream_unary_rpc_method_handler(
                 p.Push, request_deserializer=identity,
                 response_serializer=ps.PushResponse.SerializeToString),
-            "ReportMetrics": _unary(p.ReportMetrics, ps.ReportMetricsRequest, ps.ReportMetricsResponse),
-            "OpenPartition": _unary(p.OpenPartition, ps.OpenPartitionRequest, ps.OpenPartitionResponse),
-            "ClosePartition": _unary(p.ClosePartition, ps.ClosePartitionRequest, ps.ClosePartitionResponse),
+            "ReportMetrics": unary_handler(p.ReportMetrics, ps.ReportMetricsRequest, ps.ReportMetricsResponse),
+            "OpenPartition": unary_handler(p.OpenPartition, ps.OpenPartitionRequest, ps.OpenPartitionResponse),
+            "ClosePartition": unary_handler(p.ClosePartition, ps.ClosePartitionRequest, ps.ClosePartitionResponse),
         }),
         grpc.method_handlers_generic_handler("psgrid.v1.JobService", {
-            "SubmitJob": _unary(j.SubmitJob, js.SubmitJobRequest, js.SubmitJobResponse),
-            "GetJob": _unary(j.GetJob, js.GetJobRequest, js.GetJobResponse),
+            "SubmitJob": unary_handler(j.SubmitJob, js.SubmitJobRequest, js.SubmitJobResponse),
+            "GetJob": unary_handler(j.GetJob, js.GetJobRequest, js.GetJobResponse),
             "WatchJob": grpc.unary_stream_rpc_method_handler(
                 j.WatchJob, request_deserializer=js.WatchJobRequest.FromString,
                 response_serializer=lambda m: m.SerializeToString()),
-            "CancelJob": _unary(j.CancelJob, js.CancelJobRequest, js.CancelJobResponse),
-            "ListJobs": _unary(j.ListJobs, js.ListJobsRequest, js.ListJobsResponse),
-            "GetJobHistory": _unary(j.GetJobHistory, js.GetJobHistoryRequest, js.GetJobHistoryResponse),
-            "ListWorkers": _unary(j.ListWorkers, js.ListWorkersRequest, js.ListWorkersResponse),
+            "CancelJob": unary_handler(j.CancelJob, js.CancelJobRequest, js.CancelJobResponse),
+            "ListJobs": unary_handler(j.ListJobs, js.ListJobsRequest, js.ListJobsResponse),
+            "GetJobHistory": unary_handler(j.GetJobHistory, js.GetJobHistoryRequest, js.GetJobHistoryResponse),
+            "ListWorkers": unary_handler(j.ListWorkers, js.ListWorkersRequest, js.ListWorkersResponse),
             "FetchParameters": grpc.unary_stream_rpc_method_handler(
                 j.FetchParameters, request_deserializer=js.FetchParametersRequest.FromString,
                 response_serializer=identity),

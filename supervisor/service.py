@@ -7,16 +7,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from psgrid.security import Security
-from psgrid.rpc import translate_errors
+from psgrid.rpc import translate_errors, unary_handler
 from psgrid.supervisor.process import ProcessSupervisor
 from psgrid.supervisor.serde import node_to_proto
 from psgrid.v1 import supervisor_pb2 as pb
-from psgrid.v1 import supervisor_pb2_grpc
 
 SERVICE_NAME = "psgrid.v1.Supervisor"
 
 
-class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
+class SupervisorService:
     """psgrid.v1.Supervisor over a :class:`ProcessSupervisor`."""
 
     def __init__(self, supervisor: ProcessSupervisor):
@@ -31,6 +30,14 @@ class SupervisorService(supervisor_pb2_grpc.SupervisorServicer):
         return pb.RestartNodeResponse(node=node_to_proto(self.supervisor.restart_node(request.name)))
 
 
+def handlers(service: SupervisorService) -> grpc.GenericRpcHandler:
+    """The generic handler of psgrid.v1.Supervisor, for ``server.add_generic_rpc_handlers``."""
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "ListNodes": unary_handler(service.ListNodes, pb.ListNodesRequest, pb.ListNodesResponse),
+        "RestartNode": unary_handler(service.RestartNode, pb.RestartNodeRequest, pb.RestartNodeResponse),
+    })
+
+
 class SupervisorServer:
     """A gRPC server with the Supervisor and health services; ``port`` is the bound port."""
 
@@ -40,7 +47,7 @@ class SupervisorServer:
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="sup-rpc"),
                                   options=[("grpc.so_reuseport", 0)], interceptors=security.interceptors())
-        supervisor_pb2_grpc.add_SupervisorServicer_to_server(SupervisorService(supervisor), self.server)
+        self.server.add_generic_rpc_handlers([handlers(SupervisorService(supervisor))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = security.add_port(self.server, f"{host}:{port}")
         if self.port == 0:

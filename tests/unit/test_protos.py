@@ -13,7 +13,7 @@ def test_generated_code_matches_the_protos(tmp_path):
     spec.loader.exec_module(gen)
     fresh = {p.name: p.read_bytes() for p in gen.generate(tmp_path)}
     committed_dir = ROOT / "protos" / "psgrid" / "v1"
-    committed = {p.name: p.read_bytes() for p in committed_dir.glob("*_pb2*.py*")}
+    committed = {p.name: p.read_bytes() for p in committed_dir.glob("*_pb2.py*")}
     assert set(fresh) == set(committed), "generated files differ: run `make protos`"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"{stale} are stale: run `make protos` and commit the result"
