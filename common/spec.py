@@ -249,3 +249,17 @@ class WorkerStatus:
     samples_per_sec: float = 0.0
     last_seen_s: float = 0.0
     lost: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """A job given to a worker: rank ``rank`` of ``world_size``, resuming at
+    ``start_step``, on the coordinator and the other ``shards``."""
+
+    job_id: str
+    rank: int
+    world_size: int
+    spec: JobSpec
+    start_step: int = 0
+    shards: tuple[str, ...] = ()
+    worker_names: tuple[str, ...] = ()

@@ -24,7 +24,7 @@ from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.jobs import Job
 from psgrid.server.store import check_finite
-from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState, WorkerStatus
+from psgrid.spec import Assignment, HistoryRow, JobEvent, JobInfo, JobSpec, JobState, WorkerStatus
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +41,6 @@ class WorkerRecord:
     registered_unix: float
     last_seen: float
     job_id: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Assignment:
-    job_id: str
-    rank: int
-    world_size: int
-    spec: JobSpec
-    start_step: int = 0
-    shards: tuple[str, ...] = ()
-    worker_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """The worker's side of the ParameterServer service: the only gRPC in the worker."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import grpc
@@ -11,21 +10,10 @@ from psgrid import codec, rpc
 from psgrid.codec import Layout, Pulled
 from psgrid.errors import NotFound
 from psgrid.security import Security
-from psgrid.spec import JobSpec, JobState
+from psgrid.spec import Assignment, JobSpec, JobState
 from psgrid.v1 import parameter_server_pb2 as ps
 
 _PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Assignment:
-    job_id: str
-    rank: int
-    world_size: int
-    spec: JobSpec
-    start_step: int = 0
-    shards: tuple[str, ...] = ()
-    worker_names: tuple[str, ...] = ()
 
 
 class ParameterServerClient(rpc.ServiceClient):
