@@ -308,10 +308,7 @@ class DynamicBatcher:
     # --- life cycle ----------------------------------------------------------------
 
     def start(self) -> "DynamicBatcher":
-        for i in range(self.concurrency):
-            thread = threading.Thread(target=self._loop, name=f"{self.name}-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads += start_threads(self._loop, self.name, self.concurrency)
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -325,6 +322,14 @@ class DynamicBatcher:
             while self._waiting:
                 self._waiting.popleft()[0].fail(Unavailable(f"{self.name} shut down"))
             self._rows = 0
+
+
+def start_threads(target, name: str, count: int) -> list[threading.Thread]:
+    """``count`` daemon threads running ``target``, named ``name-0`` .. ``name-{count-1}``."""
+    threads = [threading.Thread(target=target, name=f"{name}-{i}", daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 def _as_psgrid_error(exc: Exception) -> PsgridError:

@@ -32,7 +32,15 @@ from collections.abc import Callable
 from typing import Any
 
 from psgrid.errors import DeadlineExceeded, Internal, InvalidArgument, Overloaded, PsgridError, Unavailable
-from psgrid.inference.batcher import BatchFn, BatchPolicy, BatchStats, DynamicBatcher, Ticket, TicketState
+from psgrid.inference.batcher import (
+    BatchFn,
+    BatchPolicy,
+    BatchStats,
+    DynamicBatcher,
+    Ticket,
+    TicketState,
+    start_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +144,7 @@ class Stage:
             self._process(ticket)
 
     def start(self) -> "Stage":
-        for i in range(self.concurrency):
-            thread = threading.Thread(target=self._loop, name=f"{self.name}-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads += start_threads(self._loop, self.name, self.concurrency)
         return self
 
     def close(self, timeout: float = 5.0) -> None:
