@@ -64,7 +64,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         args.config, host=args.host, port=args.port, port_file=args.port_file,
         update_log=args.update_log, max_payload_bytes=args.max_payload_bytes,
         checkpoint_dir=args.checkpoint_dir, checkpoint_interval_s=args.checkpoint_interval,
-        keep_checkpoints=args.keep_checkpoints, heartbeat_timeout_s=args.heartbeat_timeout,
+        checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints, heartbeat_timeout_s=args.heartbeat_timeout,
         allowed_modules=args.allow_modules, shards=args.shards, advertise=args.advertise,
     )
     if config.advertise:
@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-payload-bytes", type=int, help="largest parameter set one job may hold")
     p.add_argument("--checkpoint-dir", help="checkpoint jobs here, and restore them from here at start")
     p.add_argument("--checkpoint-interval", type=float, help="seconds between checkpoints (default 5)")
+    p.add_argument("--checkpoint-every-steps", type=int,
+                   help="sharded synchronous jobs: checkpoint every N steps, the same steps on "
+                   "every shard, instead of by time (default 100)")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept per job (default 3)")
     p.add_argument("--heartbeat-timeout", type=float,
                    help="seconds of silence after which a worker leaves the barrier (default 10)")

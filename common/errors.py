@@ -53,6 +53,10 @@ class UnknownWorker(NotFound):
     """No worker with this id is registered."""
 
 
+class UnknownCheckpoint(NotFound):
+    """The server holds no usable checkpoint of that job at that step."""
+
+
 class ResourceExhausted(PsgridError):
     code = "RESOURCE_EXHAUSTED"
 

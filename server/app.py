@@ -27,11 +27,12 @@ class ParameterServerApp:
     def __init__(self, config: ServerConfig, security: Security | None = None):
         self.config = config
         security = security or Security()
-        self.core = ParameterServerCore(config)
         self.checkpoints = None
         if config.checkpoint_dir:
             self.checkpoints = CheckpointStore(config.checkpoint_dir, keep=config.keep_checkpoints)
-            self.core.restore(self.checkpoints)
+        self.core = ParameterServerCore(config, checkpoints=self.checkpoints)
+        if self.checkpoints:
+            self.core.restore()
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_rpc_threads, thread_name_prefix="ps-rpc"),
@@ -52,7 +53,7 @@ class ParameterServerApp:
                 name="ps-checkpoint", daemon=True))
 
     def _checkpoint(self) -> None:
-        self.core.checkpoint(self.checkpoints)
+        self.core.checkpoint()
 
     def _every(self, interval: float, task) -> None:
         while not self._stopping.wait(interval):
@@ -90,7 +91,7 @@ class ParameterServerApp:
         for thread in self._threads:
             thread.join()
         if self.checkpoints:
-            saved = self.core.checkpoint(self.checkpoints)
+            saved = self.core.checkpoint()
             logger.info("[ps] final checkpoint: %d job(s) saved", saved)
         self.core.close()
         logger.info("[ps] stopped")

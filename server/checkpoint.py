@@ -338,6 +338,34 @@ class CheckpointStore:
                 logger.warning("[ps] job %s checkpoint %d skipped: %s", job_id, seq, exc)
         return None
 
+    def manifests(self, job_id: str) -> list[tuple[int, dict[str, Any]]]:
+        """(seq, meta) of each checkpoint of ``job_id`` whose manifest verifies, oldest
+        first. Cheap: the tensor files are checked when one is loaded."""
+        job_dir = self._job_dir(job_id)
+        found = []
+        for seq in sorted(self._scan(job_dir)[0]):
+            try:
+                found.append((seq, _read_manifest(job_dir / f"ckpt-{seq:08d}.json", job_id, seq)["meta"]))
+            except (_Invalid, OSError) as exc:
+                logger.warning("[ps] job %s checkpoint %d skipped: %s", job_id, seq, exc)
+        return found
+
+    def load(self, job_id: str, seq: int) -> JobCheckpoint:
+        """Checkpoint ``seq`` of ``job_id``, verified end to end; ValueError if it does not verify."""
+        try:
+            return self._load(self._job_dir(job_id), job_id, seq)
+        except (_Invalid, OSError, safetensors.SafetensorError) as exc:
+            raise ValueError(f"job {job_id} checkpoint {seq} is unusable: {exc}") from None
+
+    def discard(self, job_id: str, seqs: list[int]) -> None:
+        """Remove checkpoints ``seqs`` of ``job_id`` (manifest first, as in pruning)."""
+        job_dir = self._job_dir(job_id)
+        for seq in seqs:
+            for suffix in ("json", "safetensors"):
+                (job_dir / f"ckpt-{seq:08d}.{suffix}").unlink(missing_ok=True)
+        if seqs:
+            _fsync_dir(job_dir)
+
     def _load(self, job_dir: pathlib.Path, job_id: str, seq: int) -> JobCheckpoint:
         manifest = _read_manifest(job_dir / f"ckpt-{seq:08d}.json", job_id, seq)
         tensor_path = job_dir / manifest["tensor_file"]

@@ -41,6 +41,9 @@ class ServerConfig:
     #: Checkpoint every job here, and restore from here at start (None: no checkpoints).
     checkpoint_dir: str | None = None
     checkpoint_interval_s: float = 5.0
+    #: Sharded synchronous jobs are checkpointed every this many steps instead,
+    #: the same steps on every shard, so that shards can be put back in step.
+    checkpoint_every_steps: int = 100
     keep_checkpoints: int = 3
     #: Addresses (as workers dial them) of the other parameter-server shards; jobs
     #: submitted here spread their parameters over this server and those.
@@ -58,8 +61,9 @@ class ServerConfig:
             raise ValueError(f"max_payload_bytes must be > 0, got {self.max_payload_bytes}")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError("need 0 < heartbeat_interval_s < heartbeat_timeout_s")
-        if self.checkpoint_interval_s <= 0 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_interval_s must be > 0 and keep_checkpoints >= 1")
+        if self.checkpoint_interval_s <= 0 or self.keep_checkpoints < 1 or self.checkpoint_every_steps < 1:
+            raise ValueError("checkpoint_interval_s must be > 0, keep_checkpoints >= 1 "
+                             "and checkpoint_every_steps >= 1")
         if self.pull_wait_s <= 0 or self.max_rpc_threads < 4:
             raise ValueError("pull_wait_s must be > 0 and max_rpc_threads >= 4")
         if self.advertise is not None:

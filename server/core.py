@@ -13,11 +13,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
-from psgrid.errors import FailedPrecondition, InvalidArgument, PsgridError, UnknownJob, UnknownWorker
+from psgrid.errors import (FailedPrecondition, InvalidArgument, PsgridError, UnknownCheckpoint, UnknownJob,
+                           UnknownWorker)
 from psgrid.metrics import ServerMetrics
 from psgrid.server import recovery
 from psgrid.server.checkpoint import CheckpointStore
@@ -80,9 +82,15 @@ class NotReady(FailedPrecondition):
 class ParameterServerCore:
     """All jobs and workers of one parameter-server process. Thread-safe."""
 
-    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time):
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.time,
+                 checkpoints: CheckpointStore | None = None):
         self.config = config
         self._clock = clock
+        self.checkpoints = checkpoints
+        #: One checkpoint write at a time (periodic, step-aligned, final).
+        self._save_lock = threading.Lock()
+        #: Writes the step-aligned checkpoints of sharded jobs off the push path.
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="ps-aligned") if checkpoints else None
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._workers: dict[str, WorkerRecord] = {}
@@ -94,6 +102,8 @@ class ParameterServerCore:
         self._update_log = open(config.update_log, "a", buffering=1) if config.update_log else None
 
     def close(self) -> None:
+        if self._saver is not None:
+            self._saver.shutdown(wait=True)
         if self._update_log:
             self._update_log.close()
 
@@ -128,7 +138,7 @@ class ParameterServerCore:
             for old in [w for w in self._workers.values() if w.name == name]:
                 del self._workers[old.worker_id]
             self._workers[record.worker_id] = record
-            for job in self._jobs.values():
+            for job in sorted(self._jobs.values(), key=lambda j: j.created, reverse=True):
                 if self._take_over(job, record):
                     break
         logger.info("[ps] worker %s registered (%s, pid %d, %s)", record.worker_id, name, pid, device)
@@ -222,7 +232,15 @@ class ParameterServerCore:
                 logger.info("[ps] job %s started on %s", job_id, ", ".join(job.workers))
 
     def _release(self, job: Job) -> None:
-        """Return a finished job's workers to the idle pool."""
+        """Return a finished job's workers to the idle pool, once its end is on disk:
+        a server restarted a moment later must not bring the job back as running."""
+        if self.checkpoints is not None:
+            with job.cond:
+                ckpt, timeline = recovery.snapshot(job, 0), job.timeline
+            try:
+                self._save(job, ckpt, timeline)
+            except Exception:  # noqa: BLE001 - the periodic checkpoint tries again
+                logger.exception("[ps] job %s: could not checkpoint its end", job.job_id)
         with self._lock:
             for w in self._workers.values():
                 if w.job_id == job.job_id:
@@ -231,8 +249,9 @@ class ParameterServerCore:
 
     # --- checkpoints ---------------------------------------------------------------------
 
-    def restore(self, checkpoints: CheckpointStore) -> list[str]:
+    def restore(self) -> list[str]:
         """Load the newest valid checkpoint of every job found; return their ids."""
+        checkpoints = self.checkpoints
         restored, job_ids = [], checkpoints.job_ids()
         if job_ids:
             logger.info("[ps] restoring %d job(s) from %s", len(job_ids), checkpoints.directory)
@@ -242,6 +261,7 @@ class ParameterServerCore:
             if ckpt is None:
                 continue
             job = recovery.restore(ckpt)
+            self._align(job)
             with self._lock:
                 self._jobs[job_id] = job
                 if job.state is JobState.PENDING:
@@ -257,19 +277,108 @@ class ParameterServerCore:
         self._schedule()
         return restored
 
-    def checkpoint(self, checkpoints: CheckpointStore) -> int:
-        """Checkpoint every job whose version or state changed since its last one."""
+    def checkpoint(self) -> int:
+        """Checkpoint every job whose version or state changed since its last one.
+
+        A running sharded synchronous job is the exception: it is checkpointed
+        only at aligned steps (see :meth:`_align`), never in between.
+        """
         saved = 0
         for job in list(self._jobs.values()):
             with job.cond:
                 key = (job.store.version if job.store else 0, job.state)
                 if self._checkpointed.get(job.job_id) == key:
                     continue
-                ckpt = recovery.snapshot(job, checkpoints.next_seq(job.job_id))
-            checkpoints.save(ckpt)
-            self._checkpointed[job.job_id] = key
-            saved += 1
+                if job.on_aligned is not None and job.state is JobState.RUNNING:
+                    continue
+                ckpt = recovery.snapshot(job, 0)
+            if self._save(job, ckpt, job.timeline):
+                saved += 1
         return saved
+
+    def _save(self, job: Job, ckpt, timeline: int) -> bool:
+        """Write ``ckpt`` as the job's newest checkpoint, unless a roll-back made it stale."""
+        with self._save_lock:
+            if job.timeline != timeline:
+                return False
+            ckpt = dataclasses.replace(ckpt, seq=self.checkpoints.next_seq(job.job_id))
+            self.checkpoints.save(ckpt)
+            self._checkpointed[job.job_id] = (ckpt.meta["version"], JobState(ckpt.meta["state"]))
+        return True
+
+    def _align(self, job: Job) -> None:
+        """Sharded BSP jobs snapshot every ``checkpoint_every_steps`` steps, the same
+        steps on every shard: the newest in memory, and as a checkpoint when there
+        is a checkpoint directory. When the shards drift apart (one restarted from
+        a checkpoint, or a worker dropped from the barrier by one shard and not by
+        another), every shard can be put back to one such step (:meth:`roll_back`)."""
+        if not (job.sharded and job.spec.synchronous):
+            return
+        job.aligned_every = self.config.checkpoint_every_steps
+        job.on_aligned = self._aligned
+
+    def _aligned(self, job: Job) -> None:
+        # Under job.cond, at a round boundary: copy now, write in the background.
+        ckpt = job.aligned_snapshot = recovery.snapshot(job, 0)
+        if self._saver is not None:
+            self._saver.submit(self._save_logged, job, ckpt, job.timeline)
+
+    def _save_logged(self, job: Job, ckpt, timeline: int) -> None:
+        try:
+            self._save(job, ckpt, timeline)
+        except Exception:  # noqa: BLE001 - the next aligned step tries again
+            logger.exception("[ps] job %s: step-aligned checkpoint failed", job.job_id)
+
+    def restore_points(self, job_id: str, worker_id: str) -> tuple[int, list[int]]:
+        """The job's step here now, and the steps of its checkpoints here."""
+        job, _ = self._member(job_id, worker_id)
+        with job.cond:
+            step = job.steps.global_step
+            held = {job.aligned_snapshot.meta["global_step"]} if job.aligned_snapshot else set()
+        found = self.checkpoints.manifests(job_id) if self.checkpoints else []
+        return step, sorted(held | {meta["global_step"] for _, meta in found})
+
+    def roll_back(self, job_id: str, worker_id: str, step: int, expect_step: int) -> tuple[int, bool]:
+        """Put this server's part of a sharded BSP job back to its checkpoint of ``step``.
+
+        Compare-and-set: nothing happens unless the job is at ``expect_step`` now
+        (several workers may ask at once; the first one wins). Checkpoints of
+        later steps are deleted: they belong to a timeline that no longer is.
+        """
+        job, _ = self._member(job_id, worker_id)
+        with job.cond:
+            job.require_running()
+            if not job.spec.synchronous:
+                raise FailedPrecondition(f"job {job_id} is not synchronous: its shards need no alignment")
+            current = job.steps.global_step
+            if current != expect_step or current == step:
+                return current, False
+            ckpt = job.aligned_snapshot
+        found = self.checkpoints.manifests(job_id) if self.checkpoints else []
+        if ckpt is None or ckpt.meta["global_step"] != step:
+            seqs = [seq for seq, meta in found if meta["global_step"] == step]
+            if not seqs:
+                raise UnknownCheckpoint(f"job {job_id} has no checkpoint of step {step} here")
+            try:
+                ckpt = self.checkpoints.load(job_id, seqs[-1])
+            except ValueError as exc:
+                raise UnknownCheckpoint(str(exc)) from None
+        with self._save_lock:
+            with job.cond:
+                if job.steps.global_step != expect_step:
+                    return job.steps.global_step, False
+                from_memory = ckpt is job.aligned_snapshot
+                recovery.roll_back(job, ckpt)
+                job.aligned_snapshot = ckpt
+                version = job.store.version
+            if self.checkpoints is not None:
+                self.checkpoints.discard(job_id, [seq for seq, meta in found if meta["global_step"] > step])
+            self._checkpointed[job_id] = (version, JobState.RUNNING)
+        source = "its snapshot in memory" if from_memory else f"checkpoint {ckpt.seq}"
+        self._log_line({"event": "restore", "job_id": job_id, "checkpoint": ckpt.seq, "version": version})
+        logger.warning("[ps] job %s rolled back from step %d to step %d (%s), "
+                       "to match the job's other shards", job_id, expect_step, step, source)
+        return step, True
 
     # --- jobs --------------------------------------------------------------------------
 
@@ -277,6 +386,7 @@ class ParameterServerCore:
         """Queue a job; PermissionDenied when it names modules outside the allow-list."""
         spec.check_modules(self.config.allowed_modules)
         job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=self._clock, shards=self.config.shards)
+        self._align(job)
         with self._lock:
             self._jobs[job.job_id] = job
             self._pending.append(job.job_id)
@@ -296,13 +406,18 @@ class ParameterServerCore:
         with self._lock:
             if job_id in self._jobs:
                 return
-            job = Job(job_id, spec, clock=self._clock)
+            job = Job(job_id, spec, clock=self._clock, partition=True)
+            self._align(job)
             with job.cond:
                 job.open_away(names)
                 job.set_state(JobState.RUNNING)
             self._jobs[job_id] = job
+            now = self._clock()
             for worker in self._workers.values():
-                if worker.name in names and worker.job_id is None:
+                # Only a live registration: a stale one (the worker has not talked
+                # to this shard since its last job) would be dropped from the
+                # barrier at once, while the coordinator still counts it.
+                if worker.name in names and worker.job_id is None and self._alive(worker, now):
                     self._take_over(job, worker)
         logger.info("[ps] holding a shard of job %s for %d workers", job_id, len(names))
 
@@ -401,11 +516,13 @@ class ParameterServerCore:
             if not job.cond.wait_for(lambda: job.ready_for(worker_id, clock, final), timeout_s):
                 raise NotReady(f"step {clock} of {worker_id} is not ready yet")
             step = job.steps.global_step
-            if job.state.terminal or (final and worker_id != job.evaluator):
-                # Over, or evaluated by another worker: nothing to compute.
-                return PullResult(job.state, job.store.version if job.store else 0, step, None, None)
+            clock = job.steps.clocks[worker_id]  # the truth: ahead after a rejoin, behind after a restore
+            if job.state.terminal or (final and (job.state is not JobState.EVALUATING
+                                                 or worker_id != job.evaluator)):
+                # Over, evaluated by another worker, or (final while RUNNING) this
+                # worker has steps to compute again: no weights in this reply.
+                return PullResult(job.state, job.store.version if job.store else 0, step, None, None, clock)
             store = job.store
-            clock = max(clock, job.steps.clocks[worker_id])
             if job.spec.synchronous or final:
                 # Nothing writes the parameters until this worker pushes again.
                 payload = store.flat

@@ -9,6 +9,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -58,10 +59,20 @@ class Job:
     """A job's whole server-side state, guarded by ``cond``."""
 
     def __init__(self, job_id: str, spec: JobSpec, clock=time.time, next_event: int = 0,
-                 shards: tuple[str, ...] = ()):
+                 shards: tuple[str, ...] = (), partition: bool = False):
         self.job_id = job_id
         self.spec = spec
         self.shards = tuple(shards)
+        #: This server holds one shard of a job coordinated elsewhere.
+        self.partition = partition
+        #: Sharded BSP: called (under ``cond``) at every step that is a multiple of
+        #: ``aligned_every``, so that every shard checkpoints the same steps.
+        self.on_aligned: Callable[[Job], None] | None = None
+        self.aligned_every = 0
+        #: Bumped by each roll-back: a snapshot of an older timeline is never saved.
+        self.timeline = 0
+        #: Sharded BSP: the newest step-aligned snapshot (a JobCheckpoint), kept in memory.
+        self.aligned_snapshot = None
         self.state = JobState.PENDING
         self._clock = clock
         self.created = self.updated = clock()
@@ -227,8 +238,40 @@ class Job:
         self.store = ParameterStore(layout, payload, self.spec.optimizer)
         if self.spec.synchronous:
             self.accumulator = GradientAccumulator(layout)
+        self._maybe_aligned()
         self.cond.notify_all()
         return True
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the job's parameters are spread over several servers."""
+        return bool(self.shards) or self.partition
+
+    def _maybe_aligned(self) -> None:
+        if self.on_aligned is not None and self.steps.global_step % self.aligned_every == 0:
+            self.on_aligned(self)
+
+    def roll_back(self, store: ParameterStore, clocks: dict[str, int], global_step: int,
+                  finished: set[str]) -> None:
+        """Put the running job back to an earlier step in place: the parameters and
+        optimizer of ``store``, each worker's clock (by id) and whether it had
+        finished (by name). Waiting pulls wake up and see the older step."""
+        self.store = store
+        self.accumulator = GradientAccumulator(store.layout) if self.spec.synchronous else None
+        self.steps = StepClock.restored(self.spec.staleness, clocks, global_step)
+        for worker in self.lost:
+            self.steps.leave(worker)
+        self._round_records.clear()
+        self.snapshots.clear()
+        for rank, worker in enumerate(self.workers):
+            p = self.progress[worker]
+            p.finished = self.worker_names[rank] in finished
+            p.step = min(p.step, global_step)
+        kept = [row for row in self.history if row.step <= global_step]
+        self.history.clear()
+        self.history.extend(kept)
+        self.timeline += 1
+        self.emit("rolled back")
 
     def require_store(self) -> ParameterStore:
         if self.store is None:
@@ -241,9 +284,14 @@ class Job:
             return True
         if self.store is None:
             return False
-        if final:
-            return self.state is JobState.EVALUATING
-        return self.state is JobState.RUNNING and self.steps.may_compute(worker_id, clock)
+        if final:  # or training again, after a roll-back or a restore lost its last steps
+            return self.state is JobState.EVALUATING or (
+                self.state is JobState.RUNNING and not self.progress[worker_id].finished)
+        # A worker asking beyond its clock here is answered at once: this server
+        # lost its last pushes (restored from a checkpoint), and the reply's
+        # clock tells the worker where to go on from.
+        return self.state is JobState.RUNNING and (
+            self.steps.may_compute(worker_id, clock) or clock > self.steps.clocks[worker_id])
 
     def staging_for(self, worker_id: str, nbytes: int) -> torch.Tensor:
         """This worker's reusable receive buffer (callers hold its push lock)."""
@@ -286,6 +334,7 @@ class Job:
         self.steps.round_applied()
         self._applied.extend(dataclasses.replace(r, version=self.store.version) for r in self._round_records)
         self._round_records.clear()
+        self._maybe_aligned()
         self.cond.notify_all()
 
     def take_applied(self) -> list[UpdateRecord]:

@@ -19,11 +19,12 @@ from psgrid.server.checkpoint import JobCheckpoint
 from psgrid.server.consistency import StepClock
 from psgrid.server.jobs import AWAY, Job
 from psgrid.server.store import GradientAccumulator, ParameterStore
-from psgrid.spec import HistoryRow, JobState
+from psgrid.spec import HistoryRow, JobSpec, JobState
+from psgrid.v1 import job_pb2
 
 #: Newest training-curve points a checkpoint keeps.
 HISTORY_IN_CHECKPOINT = 5000
-from psgrid.v1 import job_pb2
+
 
 def snapshot(job: Job, seq: int) -> JobCheckpoint:
     """The job's state as a checkpoint; call under ``job.cond`` (copies the tensors)."""
@@ -45,6 +46,7 @@ def snapshot(job: Job, seq: int) -> JobCheckpoint:
         "next_event": job.next_event,
         "created": job.created,
         "shards": list(job.shards),
+        "partition": job.partition,
         "history": [[r.step, r.time_unix, r.loss, r.samples_per_sec, r.metrics]
                     for r in list(job.history)[-HISTORY_IN_CHECKPOINT:]],
     }
@@ -57,18 +59,14 @@ def restore(ckpt: JobCheckpoint) -> Job:
     """Rebuild a job; its workers are away until they register again by name."""
     meta = ckpt.meta
     spec = codec.spec_from_proto(json_format.Parse(meta["spec"], job_pb2.JobSpec()))
-    job = Job(ckpt.job_id, spec, next_event=meta["next_event"], shards=tuple(meta.get("shards", ())))
+    job = Job(ckpt.job_id, spec, next_event=meta["next_event"], shards=tuple(meta.get("shards", ())),
+              partition=bool(meta.get("partition", False)))
     job.created = meta["created"]
     job.state = JobState(meta["state"])
     job.error, job.metrics, job.total_steps = meta["error"], dict(meta["metrics"]), meta["total_steps"]
     if ckpt.params:
-        layout = Layout.of_tensors(ckpt.params.items())
-        store = ParameterStore(layout, layout.pack(ckpt.params), spec.optimizer)
-        for name, tensor in store.optimizer.state_tensors().items():
-            tensor.copy_(ckpt.optimizer_state[name])
-        store.version, store.optimizer.steps = meta["version"], meta["optimizer_steps"]
-        job.store = store
-        job.accumulator = GradientAccumulator(layout) if spec.synchronous else None
+        job.store = _store(ckpt, spec)
+        job.accumulator = GradientAccumulator(job.store.layout) if spec.synchronous else None
     names = meta["worker_names"]
     if names:
         job.open_away(names)
@@ -80,3 +78,24 @@ def restore(ckpt: JobCheckpoint) -> Job:
     with job.cond:
         job.emit("restored")
     return job
+
+
+def _store(ckpt: JobCheckpoint, spec: JobSpec) -> ParameterStore:
+    """The parameters, optimizer state, version and optimizer step count of ``ckpt``."""
+    layout = Layout.of_tensors(ckpt.params.items())
+    store = ParameterStore(layout, layout.pack(ckpt.params), spec.optimizer)
+    for name, tensor in store.optimizer.state_tensors().items():
+        tensor.copy_(ckpt.optimizer_state[name])
+    store.version, store.optimizer.steps = ckpt.meta["version"], ckpt.meta["optimizer_steps"]
+    return store
+
+
+def roll_back(job: Job, ckpt: JobCheckpoint) -> None:
+    """Put a running job back to ``ckpt``, one of its own checkpoints; call under
+    ``job.cond``. Its workers keep their ids and ranks; each one's clock goes back
+    to the checkpoint's, so it computes again exactly the steps undone."""
+    meta = ckpt.meta
+    store = _store(ckpt, job.spec)
+    job.require_store().layout.check_matches(store.layout)
+    clocks = {worker: meta["clocks"].get(name, 0) for worker, name in zip(job.workers, job.worker_names)}
+    job.roll_back(store, clocks, meta["global_step"], set(meta["finished"]))

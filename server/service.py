@@ -80,7 +80,6 @@ class ParameterServerService:
         )
         return ps.ReportMetricsResponse(job_state=codec.state_to_proto(state))
 
-
     @translate_errors
     def OpenPartition(self, request: ps.OpenPartitionRequest, context) -> ps.OpenPartitionResponse:
         self.core.open_partition(request.job_id, codec.spec_from_proto(request.spec),
@@ -94,6 +93,16 @@ class ParameterServerService:
             raise InvalidArgument("ClosePartition needs a job state")
         self.core.close_partition(request.job_id, request.worker_id, state)
         return ps.ClosePartitionResponse()
+
+    @translate_errors
+    def ListRestorePoints(self, request: ps.ListRestorePointsRequest, context) -> ps.ListRestorePointsResponse:
+        step, steps = self.core.restore_points(request.job_id, request.worker_id)
+        return ps.ListRestorePointsResponse(step=step, checkpoint_steps=steps)
+
+    @translate_errors
+    def RollBack(self, request: ps.RollBackRequest, context) -> ps.RollBackResponse:
+        step, moved = self.core.roll_back(request.job_id, request.worker_id, request.step, request.expect_step)
+        return ps.RollBackResponse(step=step, rolled_back=moved)
 
 
 class JobServiceService:
@@ -153,6 +162,9 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
             "ReportMetrics": unary_handler(p.ReportMetrics, ps.ReportMetricsRequest, ps.ReportMetricsResponse),
             "OpenPartition": unary_handler(p.OpenPartition, ps.OpenPartitionRequest, ps.OpenPartitionResponse),
             "ClosePartition": unary_handler(p.ClosePartition, ps.ClosePartitionRequest, ps.ClosePartitionResponse),
+            "ListRestorePoints": unary_handler(p.ListRestorePoints, ps.ListRestorePointsRequest,
+                                               ps.ListRestorePointsResponse),
+            "RollBack": unary_handler(p.RollBack, ps.RollBackRequest, ps.RollBackResponse),
         }),
         grpc.method_handlers_generic_handler("psgrid.v1.JobService", {
             "SubmitJob": unary_handler(j.SubmitJob, js.SubmitJobRequest, js.SubmitJobResponse),

@@ -10,8 +10,9 @@ default) runs everything on the machine ``psgrid up`` runs on::
 The multi-host form adds one ``[hosts.NAME]`` table per machine (``address``,
 ``bind``, ``servers``, ``server_port``, ``workers``, ``device``), and each
 machine runs ``psgrid up FILE --host NAME`` for its own nodes. ``[server]``
-and ``[workers]`` then hold every server's and worker's defaults. Exactly one
-host runs servers, on fixed ports; its shard 0, node ``server``, is the
+and ``[workers]`` then hold every server's and worker's defaults. One or more
+hosts run servers, on fixed ports; the shards are numbered across those hosts
+in file order, and shard 0 (node ``server``, on the first of them) is the
 coordinator that workers and clients dial, told the other shards' addresses
 with ``--shards``. docs/operations.md has the whole reference and its rules.
 
@@ -370,10 +371,8 @@ class ClusterConfig:
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise ValueError(f"host names must be unique, got {names}")
-        serving = [h.name for h in self.hosts if h.servers]
-        if len(serving) != 1:
-            raise ValueError("exactly one host may run servers (set servers = N on one "
-                             f"[hosts.NAME] table), got {serving or 'none'}")
+        if not any(h.servers for h in self.hosts):
+            raise ValueError("no host runs servers: set servers = N on at least one [hosts.NAME] table")
         for arg in self.server.args:
             if arg.split("=", 1)[0] == "--shards":
                 raise ValueError(f"server.args must not set {arg!r} in the multi-host form: "
@@ -424,8 +423,14 @@ class ClusterConfig:
 
     @property
     def server_host(self) -> HostSection | None:
-        """The host that runs the servers; None in the single-host form."""
+        """The host of the coordinator (the first that runs servers); None in the single-host form."""
         return next((h for h in self.hosts if h.servers), None)
+
+    def shards(self) -> list[tuple[HostSection, int]]:
+        """Every parameter-server shard as (host, index on that host), in shard order:
+        the serving hosts in file order, each host's shards by port. Shard 0 is the
+        coordinator."""
+        return [(h, i) for h in self.hosts for i in range(h.servers)]
 
     def coordinator_address(self) -> str | None:
         """HOST:PORT workers and clients dial when the file fixes it; None while port 0 is unbound."""
@@ -435,8 +440,7 @@ class ClusterConfig:
 
     def shard_addresses(self) -> tuple[str, ...]:
         """The advertised addresses of shards 1..S-1, for the coordinator's ``--shards``."""
-        host = self.server_host
-        return () if host is None else tuple(host.server_address(i) for i in range(1, host.servers))
+        return tuple(h.server_address(i) for h, i in self.shards()[1:])
 
     def check_host(self, host: str | None) -> None:
         """ValueError unless ``host`` selects nodes to run: a host name in the multi-host
@@ -456,8 +460,8 @@ class ClusterConfig:
     def nodes(self, host: str | None = None) -> tuple[NodeSpec, ...]:
         """The nodes ``psgrid up --host host`` runs, in start order (see :meth:`check_host`).
 
-        Shards 1..S-1 first, then the coordinator ``server`` (so it starts after
-        the shards it names), then the workers by index.
+        The host's shards by number, the coordinator ``server`` last among them
+        (so it starts after the shards it names), then the workers by index.
         """
         self.check_host(host)
         if not self.hosts:
@@ -467,9 +471,11 @@ class ClusterConfig:
             return (server, *(self._worker(i, "", self.workers.count, self.workers.device)
                               for i in range(self.workers.count)))
         h = next(h for h in self.hosts if h.name == host)
+        mine = [(s, i) for s, (owner, i) in enumerate(self.shards()) if owner is h]
+        mine.sort(key=lambda shard: shard[0] == 0)  # the coordinator after the shards it names
         servers = tuple(NodeSpec(shard_name(s), NodeRole.SERVER, self.server.child_spec(shard_name(s)),
-                                 s, h.name, bind=h.bind, port=h.server_port + s, advertise_host=h.address)
-                        for s in (*range(1, h.servers), 0) if h.servers)
+                                 s, h.name, bind=h.bind, port=h.server_port + i, advertise_host=h.address)
+                        for s, i in mine)
         workers = tuple(self._worker(i, h.name, h.workers, h.device or self.workers.device)
                         for i in range(h.workers))
         return (*servers, *workers)

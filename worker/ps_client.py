@@ -30,6 +30,8 @@ class ParameterServerClient(rpc.ServiceClient):
         self._report = unary("ReportMetrics", ps.ReportMetricsRequest, ps.ReportMetricsResponse)
         self._open = unary("OpenPartition", ps.OpenPartitionRequest, ps.OpenPartitionResponse)
         self._close = unary("ClosePartition", ps.ClosePartitionRequest, ps.ClosePartitionResponse)
+        self._points = unary("ListRestorePoints", ps.ListRestorePointsRequest, ps.ListRestorePointsResponse)
+        self._roll_back = unary("RollBack", ps.RollBackRequest, ps.RollBackResponse)
         self._pull = self.channel.unary_stream(
             self._method("Pull"), request_serializer=ps.PullRequest.SerializeToString,
             response_deserializer=rpc.identity)
@@ -82,6 +84,17 @@ class ParameterServerClient(rpc.ServiceClient):
     def close_partition(self, job_id: str, worker_id: str, state: JobState) -> None:
         self._call(self._close, ps.ClosePartitionRequest(
             job_id=job_id, worker_id=worker_id, state=codec.state_to_proto(state)))
+
+    def restore_points(self, job_id: str, worker_id: str) -> tuple[int, list[int]]:
+        """The job's step on this server, and the steps it can be put back to."""
+        reply = self._call(self._points, ps.ListRestorePointsRequest(job_id=job_id, worker_id=worker_id))
+        return reply.step, list(reply.checkpoint_steps)
+
+    def roll_back(self, job_id: str, worker_id: str, step: int, expect_step: int) -> tuple[int, bool]:
+        """Put this server's part of the job back to ``step`` if it is at ``expect_step``."""
+        reply = self._call(self._roll_back, ps.RollBackRequest(
+            job_id=job_id, worker_id=worker_id, step=step, expect_step=expect_step))
+        return reply.step, reply.rolled_back
 
     def report(self, worker_id: str, job_id: str, phase: str, step: int = 0, total_steps: int = 0,
                loss: float = float("nan"), samples: int = 0, seconds: float = 0.0,

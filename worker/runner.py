@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from psgrid.errors import JobNotRunning, NotAssigned, PsgridError, UnknownWorker
+from psgrid.errors import JobNotRunning, NotAssigned, PsgridError, ShardsDiverged, UnknownWorker
 from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
@@ -16,7 +16,7 @@ from psgrid.worker.data import ShardSampler
 from psgrid.worker.device import pick_device
 from psgrid.worker.loader import build_dataset, build_model
 from psgrid.worker.ps_client import Assignment, ParameterServerClient
-from psgrid.worker.shards import ShardLinks, check_consistent
+from psgrid.worker.shards import ShardLinks, diverged
 from psgrid.worker.step import GradientStep
 
 logger = logging.getLogger(__name__)
@@ -25,10 +25,21 @@ logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
 #: Seconds between touches of the liveness file.
 LIVENESS_EVERY_S = 0.5
+#: Times a worker puts a BSP job's drifted shards back in step before giving up.
+REALIGN_TRIES = 5
 
 
 class JobStopped(Exception):
     """The job ended (cancelled, failed elsewhere) while this worker ran it."""
+
+
+class TrainAgain(Exception):
+    """After this worker finished, the server went back to an earlier step (a
+    restore or a roll-back): it computes again from ``clock``."""
+
+    def __init__(self, clock: int):
+        super().__init__(f"train again from step {clock}")
+        self.clock = clock
 
 
 class Worker:
@@ -117,8 +128,9 @@ class Worker:
             return
         if state is not None and state.terminal and self._current_job:
             self._job_ended.set()
-        if self._current_job:
-            self.shards.heartbeat_others(self._current_job)
+        # Between jobs too: a shard must not find this worker's registration stale
+        # when the next job opens there.
+        self.shards.heartbeat_others(self._current_job)
         if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
             self._assignments.append(assignment)
             self._wake.set()
@@ -142,8 +154,15 @@ class Worker:
             self._current_job = ""
             return
         try:
-            self._train(a, step, tag)
-            self._finish(a, step, tag)
+            clock = a.start_step
+            while True:
+                try:
+                    self._train(a, step, tag, clock)
+                    self._finish(a, step, tag)
+                    break
+                except TrainAgain as again:
+                    logger.info("%s the server went back to step %d: training again from there", tag, again.clock)
+                    clock = again.clock
         except JobStopped:
             logger.info("%s job ended elsewhere; back to idle", tag)
             if self.shards.count > 1:
@@ -189,20 +208,30 @@ class Worker:
             raise JobStopped()
 
     def _pull_into(self, step: GradientStep, a: Assignment, clock: int) -> list:
-        """Pull every shard's weights into the model; raise JobStopped once the job is over."""
+        """Pull every shard's weights into the model; raise JobStopped once the job is over.
+
+        A BSP job whose shards serve different steps is put back in step first
+        (every shard to a step all of them hold), then pulled again there.
+        """
         pulled = self.shards.pull(a.job_id, clock, step.buffer_for)
-        if any(p.layout is None for p in pulled):
-            raise JobStopped()
-        check_consistent(pulled, a.spec.synchronous)
+        for _ in range(REALIGN_TRIES):
+            if any(p.layout is None for p in pulled):
+                raise JobStopped()
+            if not diverged(pulled, a.spec.synchronous):
+                break
+            target = self.shards.realign(a.job_id)
+            pulled = self.shards.pull(a.job_id, target, step.buffer_for)
+        else:
+            raise ShardsDiverged(f"the shards of job {a.job_id} are still at steps "
+                                 f"{sorted({p.step for p in pulled})} after {REALIGN_TRIES} realignments")
         for shard, p in enumerate(pulled):
             step.load(shard, p.layout, p.buffer)
         return pulled
 
-    def _train(self, a: Assignment, step: GradientStep, tag: str) -> None:
+    def _train(self, a: Assignment, step: GradientStep, tag: str, clock: int) -> None:
         spec = a.spec
         total = step.sampler.total_steps(spec.epochs, spec.steps)
         losses, samples, window_start = [], 0, time.monotonic()
-        clock = a.start_step
         while clock < total:
             self._check_running()
             started = time.perf_counter()
@@ -255,6 +284,8 @@ class Worker:
             final = self.client.pull(a.job_id, self.worker_id, total, True, step.buffer_for(0))
             if final.state.terminal:
                 return
+            if final.layout is None and final.state is JobState.RUNNING and final.clock < total:
+                raise TrainAgain(final.clock)
             if final.layout is None:  # another worker evaluates
                 self._job_ended.wait(2.0)
                 continue

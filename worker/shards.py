@@ -22,14 +22,12 @@ from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_head
 logger = logging.getLogger(__name__)
 
 
-def check_consistent(pulled: list[Pulled], synchronous: bool) -> None:
-    """In BSP every shard serves step t to a pull for step t; different steps mean a
-    shard was restored from an older checkpoint than the others, and computing on
-    the mix would be wrong: raise ShardsDiverged instead."""
-    steps = {p.step for p in pulled if p.layout is not None}
-    if synchronous and len(steps) > 1:
-        raise ShardsDiverged(f"the job's shards are at different steps {sorted(steps)}; "
-                             "a shard restarted from an older checkpoint")
+def diverged(pulled: list[Pulled], synchronous: bool) -> bool:
+    """In BSP every shard serves step t to a pull for step t. Different steps mean
+    the shards drifted apart (one restarted from an older checkpoint, or one
+    dropped a worker from its barrier that another kept), and computing on the
+    mix would be wrong."""
+    return synchronous and len({p.step for p in pulled if p.layout is not None}) > 1
 
 
 class ShardLinks:
@@ -91,11 +89,36 @@ class ShardLinks:
              payloads: list[torch.Tensor], init: bool = False, samples: int = 0) -> None:
         def one(shard: int) -> object:
             base = pulled[shard] if pulled else None
-            header = push_header(job_id, self.worker_id(shard), seq, base.version if base else 0,
-                                 base.step if base else 0, layouts[shard], init=init)
+            # Each shard's own clock: in SSP and async a restarted shard may be behind.
+            header = push_header(job_id, self.worker_id(shard), base.clock if base else seq,
+                                 base.version if base else 0, base.step if base else 0, layouts[shard], init=init)
             header.samples = samples
             return self.client(shard).push(header, payloads[shard])
         self._each(one)
+
+    def realign(self, job_id: str) -> int:
+        """Put every shard of a BSP job back to the newest step all of them can
+        return to (each one's current step or a step-aligned snapshot); return it.
+
+        Raise ShardsDiverged when they hold no step in common. Each roll-back is a
+        compare-and-set on the step seen here, so workers realigning at once move
+        each shard back once.
+        """
+        points = self._each(lambda shard: self.client(shard).restore_points(job_id, self.worker_id(shard)))
+        common = set.intersection(*({step, *held} for step, held in points))
+        if not common:
+            raise ShardsDiverged(f"the shards of job {job_id} are at steps {[p[0] for p in points]} "
+                                 f"and hold no step in common to go back to: {[p[1] for p in points]}")
+        target = max(common)
+
+        def one(shard: int) -> None:
+            step = points[shard][0]
+            if step != target:
+                self.client(shard).roll_back(job_id, self.worker_id(shard), target, step)
+        self._each(one)
+        logger.warning("[worker %s] the shards of job %s were at steps %s: all put back to step %d",
+                       self.name, job_id, [p[0] for p in points], target)
+        return target
 
     def heartbeat_others(self, job_id: str) -> None:
         """Keep this worker alive on the other shards' liveness checks."""

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from helpers.ports import consecutive_free_ports
 from helpers.up import Up, running
 from helpers.wait import wait_until
 from psgrid import certs
@@ -249,32 +249,6 @@ def test_up_passes_its_security_flags_to_every_node(fresh, credentials, tmp_path
 
 # ---- two hosts, two `psgrid up` ---------------------------------------------------------------
 
-def consecutive_free_ports(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports that were free a moment ago.
-
-    Everywhere else a child reports the port it bound. The multi-host form needs
-    fixed ports instead (other machines dial a server before it starts), and this
-    test plays both machines on one: so it binds port-0 sockets and closes them
-    just before `psgrid up` binds the same ports. Acceptable in this test only;
-    another process could take a port in between.
-    """
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            base = first.getsockname()[1]
-            others = [socket.socket() for _ in range(1, count)]
-            try:
-                for offset, sock in enumerate(others, start=1):
-                    sock.bind(("127.0.0.1", base + offset))
-            except OSError:
-                continue
-            finally:
-                for sock in others:
-                    sock.close()
-            return base
-    raise RuntimeError(f"found no {count} consecutive free ports")
-
-
 TWO_HOSTS = FAST.replace("[server]", """[hosts.ps]
 address = "127.0.0.1"
 servers = 2
@@ -317,6 +291,36 @@ def test_two_hosts_train_through_the_coordinator_and_a_killed_shard_returns_on_i
     wait_until(lambda: health_status(shard) == health_pb2.HealthCheckResponse.SERVING, 20,
                message="the restarted shard to serve on its port")
     assert ps.nodes()["server"].pid == servers["server"].pid  # one_for_one: the coordinator rode it out
+
+
+SHARDS_ON_TWO_HOSTS = FAST.replace("[server]", """[hosts.ps1]
+address = "127.0.0.1"
+servers = 1
+server_port = {port}
+
+[hosts.ps2]
+address = "127.0.0.1"
+servers = 1
+server_port = {port2}
+workers = 2
+device = "cpu"
+
+[server]""")
+
+
+def test_shards_on_two_hosts_hold_one_job_between_them(fresh):
+    port = consecutive_free_ports(2)
+    cluster = SHARDS_ON_TWO_HOSTS.format(port=port, port2=port + 1)
+    coordinator, shard = f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"
+    ps1 = fresh("--host", "ps1", cluster=cluster)
+    ps2 = fresh("--host", "ps2", cluster=cluster)
+    assert list(ps1.wait_running()) == ["server"]
+    assert list(ps2.wait_running()) == ["shard-1", "ps2-worker-0", "ps2-worker-1"]
+    assert f"--shards {shard}" in (ps1.root / "run" / "server.log").read_text()
+    with Client(coordinator) as client:
+        info = client.submit(JobSpec.from_toml(spec_path("digits"))).wait(timeout=120, progress=False)
+    assert info.state is JobState.SUCCEEDED and info.shards == (shard,), info
+    assert info.metrics["test_accuracy"] >= 0.95, info.metrics
 
 
 def test_a_server_exposes_the_address_it_advertises():

@@ -256,6 +256,23 @@ def test_host_selection(multi):
     multi.check_host("gpu2")
 
 
+def test_shards_may_spread_over_several_hosts_numbered_in_file_order():
+    config = ClusterConfig.from_dict(_multi(
+        ps__servers=2, gpu1__servers=2, gpu1__server_port=8080, gpu2__address="10.0.0.7", gpu2__workers=1))
+    assert config.coordinator_address() == "10.0.0.5:7070"
+    assert config.shard_addresses() == ("10.0.0.5:7071", "10.0.0.6:8080", "10.0.0.6:8081")
+    ps, gpu1 = config.nodes("ps"), config.nodes("gpu1")
+    assert [(n.name, n.index, n.port, n.advertise_host) for n in ps] == [
+        ("shard-1", 1, 7071, "10.0.0.5"), ("server", 0, 7070, "10.0.0.5")]
+    assert [n.name for n in gpu1] == ["shard-2", "shard-3", "gpu1-worker-0"]
+    assert [(n.role, n.index, n.port, n.advertise_host) for n in gpu1[:2]] == [
+        (NodeRole.SERVER, 2, 8080, "10.0.0.6"), (NodeRole.SERVER, 3, 8081, "10.0.0.6")]
+    server = {n.name: n for n in ps}["server"]
+    argv = config.server_argv(server, 7070, "p", advertise="10.0.0.5:7070")
+    assert argv[argv.index("--shards") + 1] == "10.0.0.5:7071,10.0.0.6:8080,10.0.0.6:8081"
+    assert "--shards" not in config.server_argv(gpu1[0], 8080, "p", advertise="10.0.0.6:8080")
+
+
 def test_the_single_host_form_is_unchanged_by_the_multi_host_one():
     assert ClusterConfig().coordinator_address() is None and ClusterConfig().shard_addresses() == ()
     config = ClusterConfig.from_dict({"server": {"host": "0.0.0.0", "port": 7070}})
@@ -283,8 +300,7 @@ def _multi(**changes) -> dict:
 
 
 @pytest.mark.parametrize("data, named", [
-    (_multi(gpu1__servers=1, gpu1__server_port=8080), "exactly one host may run servers"),
-    (_multi(ps__servers=0, ps__server_port=0, ps__workers=1), "exactly one host may run servers"),
+    (_multi(ps__servers=0, ps__server_port=0, ps__workers=1), "no host runs servers"),
     (_multi(ps__server_port=0), "hosts.ps.server_port must be a fixed port"),
     (_multi(ps__servers=2, ps__server_port=65535), "65535"),
     (_multi(ps__address="0.0.0.0"), "'0.0.0.0'"),

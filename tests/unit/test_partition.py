@@ -60,17 +60,13 @@ def test_assemble_puts_whole_tensors_back_from_piece_names():
     assert set(rebuilt) == set(full) and all(torch.equal(rebuilt[k], full[k]) for k in full)
 
 
-def test_bsp_pulls_from_shards_at_different_steps_are_refused():
-    import pytest
-
+def test_bsp_pulls_from_shards_at_different_steps_are_told_apart():
     from psgrid.codec import Pulled
-    from psgrid.errors import ShardsDiverged
     from psgrid.spec import JobState
-    from psgrid.worker.shards import check_consistent
+    from psgrid.worker.shards import diverged
 
     layout = Layout.of([("w", torch.float32, (2,))])
     at = lambda step: Pulled(JobState.RUNNING, step, step, layout, torch.zeros(64, dtype=torch.uint8))  # noqa: E731
-    check_consistent([at(5), at(5)], synchronous=True)
-    check_consistent([at(5), at(3)], synchronous=False)  # SSP/async shards drift by design
-    with pytest.raises(ShardsDiverged, match=r"\[3, 5\]"):
-        check_consistent([at(5), at(3)], synchronous=True)
+    assert not diverged([at(5), at(5)], synchronous=True)
+    assert not diverged([at(5), at(3)], synchronous=False)  # SSP/async shards drift by design
+    assert diverged([at(5), at(3)], synchronous=True)

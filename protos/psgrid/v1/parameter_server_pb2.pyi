@@ -216,3 +216,39 @@ class ClosePartitionRequest(_message.Message):
 class ClosePartitionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListRestorePointsRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class ListRestorePointsResponse(_message.Message):
+    __slots__ = ("step", "checkpoint_steps")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RollBackRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "step", "expect_step")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_STEP_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    step: int
+    expect_step: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., expect_step: _Optional[int] = ...) -> None: ...
+
+class RollBackResponse(_message.Message):
+    __slots__ = ("step", "rolled_back")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    rolled_back: bool
+    def __init__(self, step: _Optional[int] = ..., rolled_back: _Optional[bool] = ...) -> None: ...
