@@ -44,7 +44,7 @@ def node_rows(workers: Iterable[WorkerStatus], nodes: Iterable | None, server_ad
                          "uptime_s": round(n.uptime_s, 1), "last_exit": n.last_exit})
     for row in rows:
         w = by_name.get(row["name"])
-        row.update(job_id=w.job_id if w else "", step=w.step if w else None,
+        row.update(worker_id=w.worker_id if w else "", job_id=w.job_id if w else "", step=w.step if w else None,
                    samples_per_sec=round(w.samples_per_sec, 1) if w else None)
     return rows
 

@@ -77,6 +77,12 @@ class JobNotRunning(FailedPrecondition):
     """The job is not in a state that accepts this call (e.g. it ended)."""
 
 
+class NotReady(FailedPrecondition):
+    """A pull waited its whole deadline without the consistency model letting it go."""
+
+    code = "ABORTED"
+
+
 class ShardsDiverged(FailedPrecondition):
     """A synchronous job's shards hold different steps (one restarted from an older checkpoint)."""
 

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
-from psgrid.errors import (FailedPrecondition, InvalidArgument, PsgridError, UnknownCheckpoint, UnknownJob,
-                           UnknownWorker)
+from psgrid.errors import (FailedPrecondition, InvalidArgument, NotReady, PsgridError, UnknownCheckpoint,
+                           UnknownJob, UnknownWorker)
 from psgrid.metrics import ServerMetrics
 from psgrid.server import recovery
 from psgrid.server.checkpoint import CheckpointStore
@@ -71,12 +71,6 @@ class PullResult:
     clock: int = 0
     #: The data shards (ranks) the worker computes this step on.
     ranks: tuple[int, ...] = ()
-
-
-class NotReady(FailedPrecondition):
-    """A pull waited its whole deadline without the consistency model letting it go."""
-
-    code = "ABORTED"
 
 
 class ParameterServerCore:

@@ -56,7 +56,7 @@ class ParameterServerService:
     @translate_errors
     def Pull(self, request: ps.PullRequest, context) -> Iterator[bytes]:
         remaining = context.time_remaining()
-        wait = min(self.core.config.pull_wait_s, max(0.0, (remaining or 1e9) - 0.5))
+        wait = min(self.core.config.pull_wait_s, request.max_wait_s or 1e9, max(0.0, (remaining or 1e9) - 0.5))
         result = self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait)
         yield from pull_frames(result)
 

@@ -58,13 +58,20 @@ class ParameterServerClient(rpc.ServiceClient):
         return assignment, codec.state_from_proto(reply.job_state)
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool,
-             buffer_for: Callable[[int], torch.Tensor]) -> Pulled:
-        """Weights for step ``clock``; waits (re-asking on ABORTED) until they may be had."""
-        request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final)
+             buffer_for: Callable[[int], torch.Tensor], wait_s: float | None = None) -> Pulled:
+        """Weights for step ``clock``; waits (re-asking on ABORTED) until they may be had.
+
+        With ``wait_s``, the server waits at most about that long and NotReady is
+        raised after, so that the caller can look around (is it stopping?) and ask again.
+        """
+        request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
+                                 max_wait_s=wait_s or 0.0)
 
         def once(req, timeout):
             return codec.decode_pull(self._pull(req, timeout=timeout), buffer_for)
 
+        if wait_s is not None:
+            return rpc.call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=self.retry_for_s)
         return rpc.call(once, request, timeout=self.timeout_s + 60.0, retry_for=1e9,
                         retry_codes={grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 

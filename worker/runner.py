@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from psgrid.errors import JobNotRunning, NotAssigned, PsgridError, ShardsDiverged, UnknownWorker
+from psgrid.errors import JobNotRunning, NotAssigned, NotReady, PsgridError, ShardsDiverged, UnknownWorker
 from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
 #: Seconds between touches of the liveness file.
 LIVENESS_EVERY_S = 0.5
+#: Seconds one final pull (waiting for the others to finish training) waits at most.
+FINAL_WAIT_S = 2.0
 #: Times a worker puts a BSP job's drifted shards back in step before giving up.
 REALIGN_TRIES = 5
 
@@ -281,7 +283,11 @@ class Worker:
         case the evaluator is lost."""
         total = step.sampler.total_steps(a.spec.epochs, a.spec.steps)
         while not (self.stop.is_set() or self._job_ended.is_set()):
-            final = self.client.pull(a.job_id, self.worker_id, total, True, step.buffer_for(0))
+            try:  # in short waits: a worker told to stop must not sit in a long pull
+                final = self.client.pull(a.job_id, self.worker_id, total, True, step.buffer_for(0),
+                                         wait_s=FINAL_WAIT_S)
+            except NotReady:
+                continue
             if final.state.terminal:
                 return
             if final.layout is None and final.state is JobState.RUNNING and final.clock < total:

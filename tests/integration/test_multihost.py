@@ -61,12 +61,16 @@ def hosts(tmp_path_factory):
     with Network(HOSTS) as net:
         (root / "cluster.toml").write_text(cluster_file(net))
         ups = {}
+
+        def start_host(host: str) -> None:
+            with open(root / f"{host}.up.log", "ab") as log:
+                ups[host] = net.popen(host, [sys.executable, "-m", "psgrid", "up", str(root / "cluster.toml"),
+                                             "--host", host, "--run-dir", str(root / host)],
+                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root)
+
         for host in HOSTS:
-            log = open(root / f"{host}.up.log", "wb")
-            ups[host] = net.popen(host, [sys.executable, "-m", "psgrid", "up", str(root / "cluster.toml"),
-                                         "--host", host, "--run-dir", str(root / host)],
-                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root)
-        net.root, net.ups = root, ups
+            start_host(host)
+        net.root, net.ups, net.start_host = root, ups, start_host
         net.server = f"{net.addresses['ps']}:{PORT}"
         yield net
         for proc in ups.values():
@@ -114,7 +118,14 @@ def test_training_converges_across_hosts_as_on_loopback(hosts, client):
     assert abs(info["metrics"]["test_accuracy"] - loopback.metrics["test_accuracy"]) <= 1 / 360
 
 
-def test_a_whole_worker_host_dies_and_the_job_still_finishes(hosts):
+def workers(net: Network) -> dict:
+    """The coordinator's registered workers by name (those it still hears from)."""
+    out = psgrid(net, "status", "--json", timeout=30)
+    assert out.returncode == 0, out.stderr
+    return {n["name"]: n for n in json.loads(out.stdout)["nodes"] if n.get("role") == "worker"}
+
+
+def test_a_whole_worker_host_dies_and_the_job_still_finishes_then_the_host_rejoins(hosts):
     fault_free = wait_done(hosts, submit(hosts, epochs=20))
     job_id = submit(hosts, epochs=20)
     wait_until(lambda: (i := job_info(hosts, job_id))["total_steps"] and i["step"] >= 0.3 * i["total_steps"],
@@ -126,3 +137,12 @@ def test_a_whole_worker_host_dies_and_the_job_still_finishes(hosts):
     assert info["state"] == "SUCCEEDED", info
     assert abs(info["metrics"]["test_accuracy"] - fault_free["metrics"]["test_accuracy"]) <= 0.01
     assert time.monotonic() - started < 120
+
+    # the host comes back: its worker registers again under its name and takes part in the next job
+    hosts.start_host("gpu2")
+    wait_until(lambda: "gpu2-worker-0" in workers(hosts) and workers(hosts)["gpu2-worker-0"]["pid"] not in killed,
+               90, interval=0.5, message="gpu2's worker to register again")
+    after = wait_done(hosts, submit(hosts, epochs=4))
+    assert after["state"] == "SUCCEEDED", after
+    names = {w["worker_id"]: name for name, w in workers(hosts).items() if w.get("worker_id")}
+    assert sorted(names.get(w, w) for w in after["worker_ids"]) == ["gpu1-worker-0", "gpu2-worker-0"]
