@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
-from psgrid.errors import (FailedPrecondition, InvalidArgument, NotReady, PsgridError, UnknownCheckpoint,
-                           UnknownJob, UnknownWorker)
+from psgrid.errors import (FailedPrecondition, InvalidArgument, JobNotRunning, NotReady, PsgridError,
+                           UnknownCheckpoint, UnknownJob, UnknownWorker)
 from psgrid.metrics import ServerMetrics
 from psgrid.server import recovery
 from psgrid.server.checkpoint import CheckpointStore
@@ -341,7 +341,8 @@ class ParameterServerCore:
         """
         job, _ = self._member(job_id, worker_id)
         with job.cond:
-            job.require_running()
+            if job.state not in (JobState.RUNNING, JobState.EVALUATING):
+                raise JobNotRunning(f"job {job_id} is {job.state.value}: nothing to roll back")
             if not job.spec.synchronous:
                 raise FailedPrecondition(f"job {job_id} is not synchronous: its shards need no alignment")
             current = job.steps.global_step

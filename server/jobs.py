@@ -271,6 +271,9 @@ class Job:
         self.history.clear()
         self.history.extend(kept)
         self.timeline += 1
+        if self.state is JobState.EVALUATING:  # training is not over after all
+            self.evaluator = None
+            self.set_state(JobState.RUNNING)
         self.emit("rolled back")
 
     def require_store(self) -> ParameterStore:

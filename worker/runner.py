@@ -290,14 +290,21 @@ class Worker:
                 continue
             if final.state.terminal:
                 return
-            if final.layout is None and final.state is JobState.RUNNING and final.clock < total:
+            if final.layout is None and final.state is JobState.RUNNING:
+                # Back to training (a restore or a roll-back): from where the server
+                # says; at the end already, _train just reports this worker finished.
                 raise TrainAgain(final.clock)
             if final.layout is None:  # another worker evaluates
                 self._job_ended.wait(2.0)
                 continue
             step.load(0, final.layout, final.buffer)
             # Every push precedes the end of training, on every shard.
-            for shard, p in enumerate(self.shards.pull(a.job_id, total, step.buffer_for, first=1), start=1):
+            others = self.shards.pull(a.job_id, total, step.buffer_for, first=1)
+            if diverged([final, *others], a.spec.synchronous):
+                # A shard restarted from a checkpoint meanwhile: evaluating now would
+                # mix two versions. Put the shards back in step and train again.
+                raise TrainAgain(self.shards.realign(a.job_id))
+            for shard, p in enumerate(others, start=1):
                 step.load(shard, p.layout, p.buffer)
             metrics = step.dataset.metrics(step.model)
             self.client.report(self.worker_id, a.job_id, "EVALUATED", metrics=metrics)

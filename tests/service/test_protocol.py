@@ -43,6 +43,27 @@ def test_bsp_pull_waits_for_the_round(server):
     assert got["p"].version == 1 and got["p"].step == 1
 
 
+def test_a_pull_asks_the_server_to_wait_no_longer_than_it_says(server_factory):
+    from psgrid.errors import NotReady
+
+    rig = make_rig(server_factory(pull_wait_s=120).port, spec(num_workers=2, staleness=0))
+    rig.push(0, 0, ones(1.0))
+    got = {}
+
+    def pull():
+        try:
+            rig.ps.pull(rig.job_id, rig.workers[0], 1, False, lambda n: torch.empty(n, dtype=torch.uint8),
+                        wait_s=0.2)
+        except NotReady as exc:  # the round is not complete: worker 1 has not pushed
+            got["error"] = exc
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    wait_until(lambda: not puller.is_alive(), 30, message="the short pull to give up")
+    assert isinstance(got.get("error"), NotReady)
+    assert rig.version() == 0
+
+
 def test_ssp_blocks_a_worker_beyond_the_bound(server):
     rig = make_rig(server.port, spec(num_workers=2, staleness=1))
     rig.pull(0, 0)

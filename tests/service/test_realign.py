@@ -17,6 +17,7 @@ from psgrid.spec import OptimizerSpec
 from psgrid.worker.ps_client import ParameterServerClient, push_header
 
 from helpers.inproc import small_params, spec
+from helpers.wait import wait_until
 
 JOB = "job-part1"
 
@@ -119,3 +120,40 @@ def test_a_pull_beyond_what_the_server_holds_is_answered_at_once_with_its_clock(
     # a worker that pushed 7 steps to a shard that (restored) only has 2 of them
     pulled = shard.ps.pull(JOB, shard.workers[0], 7, False, lambda n: torch.empty(n, dtype=torch.uint8))
     assert (pulled.step, pulled.clock) == (2, 2)
+
+
+def test_without_checkpoints_only_the_newest_aligned_step_can_be_gone_back_to(server_factory):
+    from helpers.inproc import make_rig
+
+    from psgrid.spec import JobState
+
+    coordinator = server_factory(shards=("127.0.0.1:9",), checkpoint_every_steps=2)  # a shard never dialled here
+    rig = make_rig(coordinator.port, spec(num_workers=1, staleness=0, steps=4))
+    for step in range(4):
+        rig.push(0, step, grads(step, 0))
+    rig.ps.report(rig.workers[0], rig.job_id, "FINISHED", step=4, total_steps=4)
+    assert rig.jobs.get(rig.job_id).state is JobState.EVALUATING
+    assert rig.ps.restore_points(rig.job_id, rig.workers[0]) == (4, [4])  # the newest, in memory
+
+    with pytest.raises(UnknownCheckpoint):  # step 2 went with the memory snapshot of step 4
+        rig.ps.roll_back(rig.job_id, rig.workers[0], 2, 4)
+    assert rig.jobs.get(rig.job_id).state is JobState.EVALUATING
+
+
+def test_a_coordinator_with_checkpoints_put_back_while_evaluating_trains_again(server_factory, tmp_path):
+    from helpers.inproc import make_rig
+
+    from psgrid.spec import JobState
+
+    coordinator = server_factory(shards=("127.0.0.1:9",), checkpoint_every_steps=2, checkpoint_dir=str(tmp_path))
+    rig = make_rig(coordinator.port, spec(num_workers=1, staleness=0, steps=4))
+    for step in range(4):
+        rig.push(0, step, grads(step, 0))
+    rig.ps.report(rig.workers[0], rig.job_id, "FINISHED", step=4, total_steps=4)
+    wait_until(lambda: 2 in rig.ps.restore_points(rig.job_id, rig.workers[0])[1], 10,
+               message="the checkpoint of step 2 on disk")
+    assert rig.ps.roll_back(rig.job_id, rig.workers[0], 2, 4) == (2, True)
+    info = rig.jobs.get(rig.job_id)
+    assert (info.state, info.step) == (JobState.RUNNING, 2)
+    final = rig.ps.pull(rig.job_id, rig.workers[0], 4, True, lambda n: torch.empty(n, dtype=torch.uint8), wait_s=5)
+    assert final.layout is None and (final.state, final.clock) == (JobState.RUNNING, 2)  # train again from 2
