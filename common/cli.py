@@ -1,59 +1,35 @@
 """The ``psgrid`` command: one entry point, a subcommand per role or action.
 
-Precedence: defaults < config file (``--config``) < flags. Only this module
-reads the environment (``PSGRID_SERVER``).
+Precedence: defaults < config file (``--config``) < flags. Only the
+``psgrid.cli*`` modules read the environment (``PSGRID_SERVER`` and the like),
+almost all of it through the shared helpers in :mod:`psgrid.cli_flags`.
+
+This module holds the entry point (:func:`main`), the argument parser
+(:func:`build_parser`) and the commands that run a node: ``server``,
+``worker`` and ``serve``. The other subcommands live by group in
+:mod:`psgrid.cli_jobs` (submit, jobs, job, cancel, status, plot) and
+:mod:`psgrid.cli_cluster` (demo, up, nodes, restart, certs); their command
+functions are importable from here too. Commands import their heavy
+dependencies when they run, so ``psgrid --help`` stays fast.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
 from psgrid import __version__
+from psgrid.cli_cluster import cmd_certs, cmd_demo, cmd_nodes, cmd_restart, cmd_up
+from psgrid.cli_flags import (DEFAULT_PORT, _add_metrics_flags, _add_security_flags, _security, _serve_metrics,
+                              _server_address)
+from psgrid.cli_jobs import cmd_cancel, cmd_job, cmd_jobs, cmd_plot, cmd_status, cmd_submit
 from psgrid.log import setup_logging
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PORT = 7070
 
-
-def _server_address(args: argparse.Namespace) -> str:
-    return args.server or os.environ.get("PSGRID_SERVER") or f"127.0.0.1:{DEFAULT_PORT}"
-
-
-def _security(args: argparse.Namespace):
-    """Token (--token-file, else PSGRID_TOKEN) and TLS files; never logged."""
-    from psgrid.security import Security
-
-    return Security.from_files(token_file=args.token_file, token=os.environ.get("PSGRID_TOKEN"),
-                               ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
-
-
-def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("metrics")
-    g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free)")
-    g.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
-    g.add_argument("--metrics-port-file", help="write the metrics endpoint's bound port here")
-
-
-def _serve_metrics(args: argparse.Namespace, registry) -> None:
-    if args.metrics_port is not None:
-        from psgrid.metrics import serve
-
-        serve(registry, args.metrics_host, args.metrics_port, args.metrics_port_file)
-
-
-def _add_security_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("security")
-    g.add_argument("--token-file", help="file holding the cluster token (else env PSGRID_TOKEN)")
-    g.add_argument("--tls-ca", help="CA certificate (PEM): verify peers; on a server, require client certs")
-    g.add_argument("--tls-cert", help="this node's certificate (PEM)")
-    g.add_argument("--tls-key", help="this node's private key (PEM)")
-
-
-# --- psgrid server / worker ---------------------------------------------------------
+# --- psgrid server / worker / serve -------------------------------------------------
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -100,266 +76,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- psgrid submit / jobs / job / cancel ----------------------------------------------
-
-
-def _spec_from_args(args: argparse.Namespace):
-    from psgrid.spec import JobSpec
-
-    if args.example:
-        from psgrid.examples import spec_path
-
-        data = _toml(spec_path(args.example))
-    elif args.spec:
-        data = _toml(args.spec)
-    else:
-        data = {}
-    flags = {
-        "name": args.name, "model": args.model, "dataset": args.dataset,
-        "batch_size": args.batch_size, "epochs": args.epochs, "steps": args.steps,
-        "num_workers": args.workers, "seed": args.seed, "device": args.device,
-        "eval_every": args.eval_every,
-    }
-    if args.epochs is not None and args.steps is None:
-        flags["steps"] = 0
-    if args.steps is not None and args.epochs is None:
-        flags["epochs"] = 0
-    data.update({k: v for k, v in flags.items() if v is not None})
-    for key in ("model_kwargs", "dataset_kwargs"):
-        value = getattr(args, key)
-        if value is not None:
-            data[key] = json.loads(value)
-    if args.staleness is not None:
-        data["staleness"] = args.staleness if args.staleness in ("inf", "async") else int(args.staleness)
-    opt = dict(data.get("optimizer", {}))
-    for key in ("lr", "momentum", "weight_decay"):
-        if getattr(args, key) is not None:
-            opt[key] = getattr(args, key)
-    if args.optimizer:
-        opt["name"] = args.optimizer
-    data["optimizer"] = opt
-    return JobSpec.from_dict(data)
-
-
-def _toml(path) -> dict:
-    from psgrid.spec import tomllib
-
-    with open(path, "rb") as f:
-        return tomllib.load(f)
-
-
-def _print_result(info) -> None:
-    from psgrid.client.progress import describe
-
-    print(f"{info.job_id}: {describe(info)}")
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from psgrid.client import Client
-
-    spec = _spec_from_args(args)
-    with Client(_server_address(args), security=_security(args)) as client:
-        job = client.submit(spec)
-        print(job.job_id)
-        if args.wait:
-            info = job.wait()
-            if args.tensorboard:
-                print(f"{job.write_tensorboard(args.tensorboard)} points written to {args.tensorboard}")
-            _print_result(info)
-    return 0
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from psgrid.client import Client
-    from psgrid.client.progress import describe
-
-    with Client(_server_address(args), security=_security(args)) as client:
-        jobs = client.list_jobs()
-    if args.json:
-        print(json.dumps([_info_json(j) for j in jobs], indent=2))
-        return 0
-    print(f"{'JOB':<16} {'NAME':<20} {'STATE':<11} PROGRESS")
-    for j in jobs:
-        print(f"{j.job_id:<16} {j.spec.name[:20]:<20} {j.state.value:<11} {describe(j)}")
-    return 0
-
-
-def _info_json(info) -> dict:
-    import dataclasses
-
-    out = dataclasses.asdict(info)
-    out["state"] = info.state.value
-    return out
-
-
-def cmd_job(args: argparse.Namespace) -> int:
-    from psgrid.client import Client
-
-    with Client(_server_address(args), security=_security(args)) as client:
-        info = client.job(args.job_id).status()
-    print(json.dumps(_info_json(info), indent=2, default=str))
-    return 0
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    from psgrid.client import Client
-
-    with Client(_server_address(args), security=_security(args)) as client:
-        _print_result(client.job(args.job_id).cancel())
-    return 0
-
-
-# --- psgrid demo ----------------------------------------------------------------------------
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Train an example on a fresh local cluster that runs under the supervisor."""
-    import pathlib
-    import shutil
-    import signal
-    import subprocess
-    import time
-
-    from psgrid.client import Client
-    from psgrid.examples import spec_path
-    from psgrid.spec import JobSpec
-    from psgrid.supervisor.supervisor_client import SupervisorClient
-
-    spec = JobSpec.from_toml(spec_path(args.example)).replace(num_workers=args.workers)
-    run_dir = pathlib.Path(args.run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh cluster: no jobs restored from a past demo
-    run_dir.mkdir(parents=True)
-    (run_dir / "cluster.toml").write_text(
-        f'[server]\ncheckpoint_dir = "{run_dir / "checkpoints"}"\n[workers]\ncount = {args.workers}\n')
-    port_file = run_dir / "supervisor.port"
-    print(f"starting `psgrid up`: a parameter server and {args.workers} workers (logs in {run_dir}/)")
-    with open(run_dir / "up.log", "wb") as log:
-        up = subprocess.Popen([sys.executable, "-m", "psgrid", "up", str(run_dir / "cluster.toml"),
-                               "--run-dir", str(run_dir), "--port-file", str(port_file)],
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if up.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"psgrid: the cluster did not start; see {run_dir}/up.log")
-            time.sleep(0.1)
-        supervisor = f"127.0.0.1:{int(port_file.read_text())}"
-        with SupervisorClient(supervisor, retry_for_s=60) as nodes:
-            while not (server := nodes.nodes()[0].address):
-                if up.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"psgrid: the server did not start; see {run_dir}/")
-                time.sleep(0.1)
-        print(f"server on {server}; supervisor on {supervisor}")
-        print(f"  watch the nodes:  psgrid nodes --supervisor {supervisor}")
-        print("  kill one and watch it come back:  kill -9 <pid of worker-0>")
-        with Client(server) as client:
-            info = client.submit(spec).wait()
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(120)
-    _print_result(info)
-    for name, value in sorted(info.metrics.items()):
-        print(f"{name}: {value:.4f}")
-    return 0
-
-
-# --- psgrid up / nodes / restart -----------------------------------------------------------
-
-
-def _supervisor_address(args: argparse.Namespace) -> str:
-    address = args.supervisor or os.environ.get("PSGRID_SUPERVISOR")
-    if not address:
-        raise SystemExit("psgrid: give --supervisor HOST:PORT (or set PSGRID_SUPERVISOR); "
-                         "`psgrid up` prints it and writes its port to --port-file")
-    return address
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    from psgrid.supervisor.app import serve
-    from psgrid.supervisor.cluster import ChildSecurity, ClusterConfig
-
-    try:
-        config = ClusterConfig.load(args.cluster, workers=args.workers, servers=args.servers)
-    except (OSError, ValueError) as exc:  # ValueError includes TOML syntax errors
-        print(f"psgrid: bad cluster file: {exc}", file=sys.stderr)
-        return 2
-    if args.servers and args.servers > 1 and args.host is None:
-        from psgrid.supervisor.cluster import LOCAL_HOST
-
-        args.host = LOCAL_HOST
-    try:
-        config.check_host(args.host)
-    except ValueError as exc:
-        print(f"psgrid: {exc}", file=sys.stderr)
-        return 2
-    children = ChildSecurity(token_file=args.token_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                             tls_key=args.tls_key)
-    from psgrid.metrics import nodes_registry
-
-    try:
-        return serve(config, args.run_dir, port_file=args.port_file, log_level=args.log_level,
-                     security=_security(args), host=args.host, child_security=children,
-                     on_start=lambda sup: _serve_metrics(args, nodes_registry(sup.nodes)))
-    except OSError as exc:
-        print(f"psgrid: {exc}", file=sys.stderr)
-        return 1
-
-
-def cmd_nodes(args: argparse.Namespace) -> int:
-    from psgrid.supervisor.supervisor_client import SupervisorClient
-
-    with SupervisorClient(_supervisor_address(args), security=_security(args)) as client:
-        nodes = client.nodes()
-    if args.json:
-        print(json.dumps([n.to_json() for n in nodes], indent=2))
-        return 0
-    width = max([12, *(len(n.name) for n in nodes)])  # <host>-worker-<i> can be long
-    print(f"{'NODE':<{width}} {'ROLE':<7} {'STATE':<9} {'PID':>7} {'RESTARTS':>8} {'UPTIME':>9}  "
-          f"{'ADDRESS':<21} LAST EXIT")
-    for n in nodes:
-        uptime = f"{n.uptime_s:.0f}s" if n.pid else "-"
-        print(f"{n.name:<{width}} {n.role.value:<7} {n.state.value:<9} {n.pid or '-':>7} {n.restarts:>8} "
-              f"{uptime:>9}  {n.address or '-':<21} {n.last_exit or '-'}")
-    return 0
-
-
-def cmd_restart(args: argparse.Namespace) -> int:
-    from psgrid.supervisor.supervisor_client import SupervisorClient
-
-    with SupervisorClient(_supervisor_address(args), security=_security(args)) as client:
-        node = client.restart(args.node)
-    was = f" (was pid {node.pid})" if node.pid else ""
-    print(f"{node.name}: restart requested{was}; `psgrid nodes` shows the new pid")
-    return 0
-
-
-def cmd_certs(args: argparse.Namespace) -> int:
-    import pathlib
-
-    from psgrid.certs import make_node
-
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    cert, key = make_node(pathlib.Path(args.directory), args.name, hosts)
-    print(f"CA: {pathlib.Path(args.directory) / 'ca.pem'}\ncertificate: {cert}\nkey: {key}")
-    return 0
-
-
-def _status(args: argparse.Namespace, client) -> dict:
-    from psgrid.client.status import job_rows, node_rows
-
-    nodes = None
-    if args.supervisor or os.environ.get("PSGRID_SUPERVISOR"):
-        from psgrid.supervisor.supervisor_client import SupervisorClient
-
-        with SupervisorClient(_supervisor_address(args), security=_security(args)) as sup:
-            nodes = sup.nodes()
-    jobs = client.list_jobs()
-    histories = {j.job_id: client.job(j.job_id).history() for j in jobs if not j.state.terminal}
-    return {"nodes": node_rows(client.workers(), nodes, _server_address(args)),
-            "jobs": job_rows(jobs, histories)}
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """psgrid serve: the inference pipeline, with the cluster's token/TLS and metrics."""
     from psgrid.inference.app import serve
@@ -373,37 +89,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     serve(config, security=_security(args),
           on_start=lambda app: _serve_metrics(args, inference_registry(app.pipeline.stats)))
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    import time
-
-    from psgrid.client import Client
-    from psgrid.client.status import render
-
-    with Client(_server_address(args), security=_security(args)) as client:
-        while True:
-            status = _status(args, client)
-            if args.json:
-                print(json.dumps(status, indent=2))
-            else:
-                if args.watch:
-                    print("\033[2J\033[H", end="")
-                print(render(status["nodes"], status["jobs"]), flush=True)
-            if not args.watch:
-                return 0
-            time.sleep(args.interval)
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    from psgrid.client import Client
-    from psgrid.client.curves import plot_history
-
-    with Client(_server_address(args), security=_security(args)) as client:
-        rows = client.job(args.job_id).history()
-    path = plot_history(rows, args.output, title=args.job_id, width_px=args.width, height_px=args.height)
-    print(f"{path}: {len(rows)} points")
     return 0
 
 
