@@ -295,14 +295,17 @@ class Pulled:
     clock: int = 0
     #: Data shards (ranks) to compute this step on; empty: the worker's own.
     ranks: tuple[int, ...] = ()
+    #: BSP: digest of who contributed to each round so far (equal on every shard).
+    lineage: str = ""
 
 
 def encode_pull(state: JobState, version: int, step: int, layout: Layout | None,
                 payload: torch.Tensor | None, clock: int = 0,
-                ranks: tuple[int, ...] = ()) -> Iterator[bytes]:
+                ranks: tuple[int, ...] = (), lineage: str = "") -> Iterator[bytes]:
     """Frames of a pull stream: the header, then the payload (if any) in chunks."""
     header = parameter_server_pb2.PullHeader(
-        job_state=state_to_proto(state), version=version, step=step, clock=clock, ranks=ranks)
+        job_state=state_to_proto(state), version=version, step=step, clock=clock, ranks=ranks,
+        lineage=lineage)
     if layout is not None:
         header.tensors.CopyFrom(layout_to_proto(layout))
     yield parameter_server_pb2.PullResponse(header=header).SerializeToString()
@@ -321,14 +324,14 @@ def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tenso
     h = msg.header
     state = state_from_proto(h.job_state) or JobState.RUNNING
     if not h.HasField("tensors"):
-        return Pulled(state, h.version, h.step, None, None, h.clock, tuple(h.ranks))
+        return Pulled(state, h.version, h.step, None, None, h.clock, tuple(h.ranks), h.lineage)
     layout = layout_from_proto(h.tensors, max_bytes)
     buffer = buffer_for(layout.total_bytes)
     assembler = PayloadAssembler(layout, buffer)
     for piece in payload_pieces(frames, parameter_server_pb2.PullResponse):
         assembler.feed(piece)
     assembler.finish()
-    return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks))
+    return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks), h.lineage)
 
 
 def encode_push(header: parameter_server_pb2.PushHeader, payload: torch.Tensor,

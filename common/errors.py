@@ -83,6 +83,14 @@ class NotReady(FailedPrecondition):
     code = "ABORTED"
 
 
+class PushAhead(FailedPrecondition):
+    """A push for a step beyond what this server holds of the worker: the server
+    went back (restored from a checkpoint, or put back in step with the other
+    shards) after the worker pulled. Pull again; nothing was applied."""
+
+    code = "ABORTED"
+
+
 class ShardsDiverged(FailedPrecondition):
     """A synchronous job's shards hold different steps (one restarted from an older checkpoint)."""
 

@@ -263,3 +263,16 @@ class Assignment:
     start_step: int = 0
     shards: tuple[str, ...] = ()
     worker_names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePoints:
+    """Where a sharded BSP job is on one parameter server, and the step-aligned
+    snapshots that server can put it back to (see ``ListRestorePoints``)."""
+
+    step: int
+    lineage: str
+    #: Counts the server's roll-backs of the job; a roll-back names the one it saw.
+    timeline: int
+    #: (step, lineage) of each snapshot held, ascending.
+    points: tuple[tuple[int, str], ...] = ()

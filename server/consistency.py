@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from psgrid.errors import FailedPrecondition, MalformedPayload
+from psgrid.errors import FailedPrecondition, PushAhead
 
 
 class StepClock:
@@ -76,7 +76,8 @@ class StepClock:
         """Raise unless ``seq`` is the next step of ``worker`` and within the bound."""
         expected = self.clocks[worker]
         if seq != expected:
-            raise MalformedPayload(f"push seq {seq} skips ahead: the next step of {worker} is {expected}")
+            raise PushAhead(f"push seq {seq} skips ahead: the next step of {worker} here is {expected}; "
+                            "pull again")
         if not self.may_compute(worker, seq):
             raise FailedPrecondition(
                 f"step {seq} of {worker} is more than {self.staleness} steps ahead of "

@@ -22,11 +22,12 @@ from psgrid.errors import (FailedPrecondition, InvalidArgument, JobNotRunning, N
                            UnknownCheckpoint, UnknownJob, UnknownWorker)
 from psgrid.metrics import ServerMetrics
 from psgrid.server import recovery
-from psgrid.server.checkpoint import CheckpointStore
+from psgrid.server.checkpoint import CheckpointStore, JobCheckpoint
 from psgrid.server.config import ServerConfig
 from psgrid.server.jobs import Job
 from psgrid.server.store import check_finite
-from psgrid.spec import Assignment, HistoryRow, JobEvent, JobInfo, JobSpec, JobState, WorkerStatus
+from psgrid.spec import (Assignment, HistoryRow, JobEvent, JobInfo, JobSpec, JobState, RestorePoints,
+                         WorkerStatus)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class PullResult:
     clock: int = 0
     #: The data shards (ranks) the worker computes this step on.
     ranks: tuple[int, ...] = ()
+    #: BSP: digest of who contributed to each round so far (see Job.lineage).
+    lineage: str = ""
+
+
+def _point(meta: dict) -> tuple[int, str]:
+    return meta["global_step"], meta.get("lineage", "")
 
 
 class ParameterServerCore:
@@ -85,6 +92,11 @@ class ParameterServerCore:
         self._save_lock = threading.Lock()
         #: Writes the step-aligned checkpoints of sharded jobs off the push path.
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="ps-aligned") if checkpoints else None
+        #: The newest aligned snapshot of each job waiting for the saver.
+        self._unsaved: dict[str, tuple] = {}
+        self._unsaved_lock = threading.Lock()
+        #: The stamp of the newest snapshot written, per job.
+        self._saved_stamp: dict[str, int] = {}
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._workers: dict[str, WorkerRecord] = {}
@@ -230,9 +242,9 @@ class ParameterServerCore:
         a server restarted a moment later must not bring the job back as running."""
         if self.checkpoints is not None:
             with job.cond:
-                ckpt, timeline = recovery.snapshot(job, 0), job.timeline
+                taken = self._snapshot(job)
             try:
-                self._save(job, ckpt, timeline)
+                self._save(job, *taken)
             except Exception:  # noqa: BLE001 - the periodic checkpoint tries again
                 logger.exception("[ps] job %s: could not checkpoint its end", job.job_id)
         with self._lock:
@@ -256,6 +268,8 @@ class ParameterServerCore:
                 continue
             job = recovery.restore(ckpt)
             self._align(job)
+            if job.on_aligned is not None and ckpt.meta.get("aligned"):
+                job.aligned.append(ckpt)
             with self._lock:
                 self._jobs[job_id] = job
                 if job.state is JobState.PENDING:
@@ -285,95 +299,138 @@ class ParameterServerCore:
                     continue
                 if job.on_aligned is not None and job.state is JobState.RUNNING:
                     continue
-                ckpt = recovery.snapshot(job, 0)
-            if self._save(job, ckpt, job.timeline):
+                taken = self._snapshot(job)
+            if self._save(job, *taken):
                 saved += 1
         return saved
 
-    def _save(self, job: Job, ckpt, timeline: int) -> bool:
-        """Write ``ckpt`` as the job's newest checkpoint, unless a roll-back made it stale."""
+    @staticmethod
+    def _snapshot(job: Job, aligned: bool = False) -> tuple[JobCheckpoint, int, int]:
+        """A checkpoint of ``job`` now, its timeline and its stamp; call under ``job.cond``."""
+        job.snapshot_stamp += 1
+        return recovery.snapshot(job, 0, aligned=aligned), job.timeline, job.snapshot_stamp
+
+    def _save(self, job: Job, ckpt: JobCheckpoint, timeline: int, stamp: int) -> bool:
+        """Write ``ckpt`` as the job's newest checkpoint, unless it is stale: taken
+        before a roll-back, or before a snapshot already written."""
         with self._save_lock:
-            if job.timeline != timeline:
+            if job.timeline != timeline or stamp <= self._saved_stamp.get(job.job_id, 0):
                 return False
             ckpt = dataclasses.replace(ckpt, seq=self.checkpoints.next_seq(job.job_id))
             self.checkpoints.save(ckpt)
+            self._saved_stamp[job.job_id] = stamp
             self._checkpointed[job.job_id] = (ckpt.meta["version"], JobState(ckpt.meta["state"]))
         return True
 
     def _align(self, job: Job) -> None:
         """Sharded BSP jobs snapshot every ``checkpoint_every_steps`` steps, the same
-        steps on every shard: the newest in memory, and as a checkpoint when there
-        is a checkpoint directory. When the shards drift apart (one restarted from
-        a checkpoint, or a worker dropped from the barrier by one shard and not by
-        another), every shard can be put back to one such step (:meth:`roll_back`)."""
+        steps on every shard: the newest two in memory, and each as a checkpoint
+        when there is a checkpoint directory. When the shards drift apart (one
+        restarted from a checkpoint, or a worker dropped from the barrier by one
+        shard and not by another), every shard is put back to one such step
+        (:meth:`roll_back`)."""
         if not (job.sharded and job.spec.synchronous):
             return
         job.aligned_every = self.config.checkpoint_every_steps
         job.on_aligned = self._aligned
 
     def _aligned(self, job: Job) -> None:
-        # Under job.cond, at a round boundary: copy now, write in the background.
-        ckpt = job.aligned_snapshot = recovery.snapshot(job, 0)
-        if self._saver is not None:
-            self._saver.submit(self._save_logged, job, ckpt, job.timeline)
+        # Under job.cond, at a round boundary: copy now, write in the background
+        # (only the newest snapshot waiting for the disk is kept).
+        taken = self._snapshot(job, aligned=True)
+        job.aligned.append(taken[0])
+        if self._saver is None:
+            return
+        with self._unsaved_lock:
+            fresh = job.job_id not in self._unsaved
+            self._unsaved[job.job_id] = (job, *taken)
+        if fresh:
+            try:
+                self._saver.submit(self._write_unsaved, job.job_id)
+            except RuntimeError:  # shutting down: nothing more is written
+                pass
 
-    def _save_logged(self, job: Job, ckpt, timeline: int) -> None:
+    def _write_unsaved(self, job_id: str) -> None:
+        with self._unsaved_lock:
+            entry = self._unsaved.pop(job_id, None)
+        if entry is None:
+            return
         try:
-            self._save(job, ckpt, timeline)
+            self._save(*entry)
         except Exception:  # noqa: BLE001 - the next aligned step tries again
-            logger.exception("[ps] job %s: step-aligned checkpoint failed", job.job_id)
+            logger.exception("[ps] job %s: step-aligned checkpoint failed", job_id)
 
-    def restore_points(self, job_id: str, worker_id: str) -> tuple[int, list[int]]:
-        """The job's step here now, and the steps of its checkpoints here."""
+    def _aligned_on_disk(self, job_id: str) -> list[tuple[int, dict]]:
+        """(seq, meta) of the job's step-aligned checkpoints here; call under ``_save_lock``."""
+        found = self.checkpoints.manifests(job_id) if self.checkpoints else []
+        return [(seq, meta) for seq, meta in found if meta.get("aligned")]
+
+    def restore_points(self, job_id: str, worker_id: str) -> RestorePoints:
+        """Where the job is here, and the step-aligned snapshots it can go back to."""
         job, _ = self._member(job_id, worker_id)
         with job.cond:
-            step = job.steps.global_step
-            held = {job.aligned_snapshot.meta["global_step"]} if job.aligned_snapshot else set()
-        found = self.checkpoints.manifests(job_id) if self.checkpoints else []
-        return step, sorted(held | {meta["global_step"] for _, meta in found})
+            now = RestorePoints(job.steps.global_step, job.lineage, job.timeline)
+            held = {_point(c.meta) for c in job.aligned}
+        with self._save_lock:
+            held |= {_point(meta) for _, meta in self._aligned_on_disk(job_id)}
+        return dataclasses.replace(now, points=tuple(sorted(held)))
 
-    def roll_back(self, job_id: str, worker_id: str, step: int, expect_step: int) -> tuple[int, bool]:
-        """Put this server's part of a sharded BSP job back to its checkpoint of ``step``.
+    def roll_back(self, job_id: str, worker_id: str, step: int, lineage: str,
+                  expect_timeline: int) -> tuple[int, bool]:
+        """Put this server's part of a sharded BSP job back to its snapshot of (step, lineage).
 
-        Compare-and-set: nothing happens unless the job is at ``expect_step`` now
-        (several workers may ask at once; the first one wins). Checkpoints of
-        later steps are deleted: they belong to a timeline that no longer is.
+        Compare-and-set on the job's timeline: nothing happens if someone rolled it
+        back since the caller listed its restore points (workers realigning at
+        once move each shard once). Checkpoints of later steps, or of that step
+        in another lineage, are deleted: they belong to a history that no longer is.
         """
         job, _ = self._member(job_id, worker_id)
-        with job.cond:
-            if job.state not in (JobState.RUNNING, JobState.EVALUATING):
-                raise JobNotRunning(f"job {job_id} is {job.state.value}: nothing to roll back")
-            if not job.spec.synchronous:
-                raise FailedPrecondition(f"job {job_id} is not synchronous: its shards need no alignment")
-            current = job.steps.global_step
-            if current != expect_step or current == step:
-                return current, False
-            ckpt = job.aligned_snapshot
-        found = self.checkpoints.manifests(job_id) if self.checkpoints else []
-        if ckpt is None or ckpt.meta["global_step"] != step:
-            seqs = [seq for seq, meta in found if meta["global_step"] == step]
-            if not seqs:
-                raise UnknownCheckpoint(f"job {job_id} has no checkpoint of step {step} here")
-            try:
-                ckpt = self.checkpoints.load(job_id, seqs[-1])
-            except ValueError as exc:
-                raise UnknownCheckpoint(str(exc)) from None
         with self._save_lock:
             with job.cond:
-                if job.steps.global_step != expect_step:
+                self._check_roll_back(job)
+                if job.timeline != expect_timeline:
                     return job.steps.global_step, False
-                from_memory = ckpt is job.aligned_snapshot
+                ckpt = next((c for c in reversed(job.aligned) if _point(c.meta) == (step, lineage)), None)
+            on_disk = self._aligned_on_disk(job_id)
+            if ckpt is None:
+                ckpt = self._load_point(job_id, on_disk, (step, lineage))
+            with job.cond:
+                self._check_roll_back(job)
+                if job.timeline != expect_timeline:
+                    return job.steps.global_step, False
+                before = job.steps.global_step
                 recovery.roll_back(job, ckpt)
-                job.aligned_snapshot = ckpt
+                kept = [c for c in job.aligned if c.meta["global_step"] < step and c is not ckpt]
+                job.aligned.clear()
+                job.aligned.extend([*kept, ckpt])
                 version = job.store.version
             if self.checkpoints is not None:
-                self.checkpoints.discard(job_id, [seq for seq, meta in found if meta["global_step"] > step])
+                self.checkpoints.discard(job_id, [seq for seq, meta in on_disk
+                                                  if meta["global_step"] >= step and _point(meta) != (step, lineage)])
             self._checkpointed[job_id] = (version, JobState.RUNNING)
-        source = "its snapshot in memory" if from_memory else f"checkpoint {ckpt.seq}"
         self._log_line({"event": "restore", "job_id": job_id, "checkpoint": ckpt.seq, "version": version})
-        logger.warning("[ps] job %s rolled back from step %d to step %d (%s), "
-                       "to match the job's other shards", job_id, expect_step, step, source)
+        logger.warning("[ps] job %s put back from step %d to step %d, in step with its other shards",
+                       job_id, before, step)
         return step, True
+
+    @staticmethod
+    def _check_roll_back(job: Job) -> None:
+        if job.state not in (JobState.RUNNING, JobState.EVALUATING):
+            raise JobNotRunning(f"job {job.job_id} is {job.state.value}: nothing to roll back")
+        if not job.spec.synchronous:
+            raise FailedPrecondition(f"job {job.job_id} is not synchronous: its shards need no alignment")
+
+    def _load_point(self, job_id: str, on_disk: list[tuple[int, dict]], point: tuple[int, str]) -> JobCheckpoint:
+        """The newest checkpoint of ``point`` on disk; UnknownCheckpoint if there is
+        none (a corrupt one is deleted, so that it is not listed again)."""
+        seqs = [seq for seq, meta in on_disk if _point(meta) == point]
+        if not seqs:
+            raise UnknownCheckpoint(f"job {job_id} has no snapshot of step {point[0]} here")
+        try:
+            return self.checkpoints.load(job_id, seqs[-1])
+        except ValueError as exc:
+            self.checkpoints.discard(job_id, [seqs[-1]])
+            raise UnknownCheckpoint(str(exc)) from None
 
     # --- jobs --------------------------------------------------------------------------
 
@@ -526,7 +583,7 @@ class ParameterServerCore:
             self.metrics.pulls.labels(job_id).inc()
             self.metrics.bytes_out.inc(store.layout.total_bytes)
             return PullResult(job.state, store.version, step, store.layout, payload, clock,
-                              tuple(job.coverage(worker_id)))
+                              tuple(job.coverage(worker_id)), job.lineage)
 
     def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
         """Receive, validate and apply one push; return (version, duplicate).
@@ -544,7 +601,11 @@ class ParameterServerCore:
         return version, duplicate
 
     def _push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
-        job, _ = self._member(header.job_id, header.worker_id)
+        job, worker = self._member(header.job_id, header.worker_id)
+        # A worker dropped from the barrier rejoins before its push counts: a late
+        # gradient for a round applied without it is then a duplicate, not a
+        # contribution to the next round.
+        self._mark_back(worker)
         with job.push_locks[header.worker_id]:
             if header.init:
                 return self._push_init(job, header, payload)

@@ -5,6 +5,7 @@ Every method expects the caller to hold ``job.cond`` unless it says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import threading
 import time
@@ -27,6 +28,9 @@ MAX_EVENTS = 10_000
 MAX_UPDATE_RECORDS = 100_000
 #: Points of a job's training curve kept (the oldest go first).
 MAX_HISTORY = 100_000
+#: Step-aligned snapshots of a sharded BSP job kept in memory per shard: two, so
+#: that shards one aligned step apart still hold a step in common.
+ALIGNED_IN_MEMORY = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +73,18 @@ class Job:
         #: ``aligned_every``, so that every shard checkpoints the same steps.
         self.on_aligned: Callable[[Job], None] | None = None
         self.aligned_every = 0
-        #: Bumped by each roll-back: a snapshot of an older timeline is never saved.
+        #: Bumped by each roll-back: a snapshot of an older timeline is never saved,
+        #: and a roll-back asked for on the strength of an older one does nothing.
         self.timeline = 0
-        #: Sharded BSP: the newest step-aligned snapshot (a JobCheckpoint), kept in memory.
-        self.aligned_snapshot = None
+        #: Numbers the snapshots in the order they were taken: an older one is never
+        #: written after a newer one.
+        self.snapshot_stamp = 0
+        #: Sharded BSP: the newest step-aligned snapshots (JobCheckpoints), in memory.
+        self.aligned: deque = deque(maxlen=ALIGNED_IN_MEMORY)
+        #: BSP: a digest of which workers contributed to each round applied so far.
+        #: Two shards at the same step with different lineages applied different
+        #: rounds (one dropped a worker the other kept): they have drifted apart.
+        self.lineage = ""
         self.state = JobState.PENDING
         self._clock = clock
         self.created = self.updated = clock()
@@ -252,11 +264,12 @@ class Job:
             self.on_aligned(self)
 
     def roll_back(self, store: ParameterStore, clocks: dict[str, int], global_step: int,
-                  finished: set[str]) -> None:
+                  finished: set[str], lineage: str) -> None:
         """Put the running job back to an earlier step in place: the parameters and
         optimizer of ``store``, each worker's clock (by id) and whether it had
         finished (by name). Waiting pulls wake up and see the older step."""
         self.store = store
+        self.lineage = lineage
         self.accumulator = GradientAccumulator(store.layout) if self.spec.synchronous else None
         self.steps = StepClock.restored(self.spec.staleness, clocks, global_step)
         for worker in self.lost:
@@ -290,11 +303,11 @@ class Job:
         if final:  # or training again, after a roll-back or a restore lost its last steps
             return self.state is JobState.EVALUATING or (
                 self.state is JobState.RUNNING and not self.progress[worker_id].finished)
-        # A worker asking beyond its clock here is answered at once: this server
-        # lost its last pushes (restored from a checkpoint), and the reply's
-        # clock tells the worker where to go on from.
-        return self.state is JobState.RUNNING and (
-            self.steps.may_compute(worker_id, clock) or clock > self.steps.clocks[worker_id])
+        # A worker asking beyond its clock here is answered as if it had asked for
+        # its clock: this server lost its last pushes (restored from a checkpoint),
+        # and the reply's clock tells the worker where to go on from.
+        return self.state is JobState.RUNNING and self.steps.may_compute(
+            worker_id, min(clock, self.steps.clocks[worker_id]))
 
     def staging_for(self, worker_id: str, nbytes: int) -> torch.Tensor:
         """This worker's reusable receive buffer (callers hold its push lock)."""
@@ -331,6 +344,9 @@ class Job:
 
     def _apply_round(self) -> None:
         """BSP: apply the mean of the gradients that arrived for this round."""
+        names = sorted(self.worker_names[self.workers.index(w)] for w in self.steps.arrived)
+        entry = f"{self.lineage}|{self.steps.global_step}:{','.join(names)}"
+        self.lineage = hashlib.sha256(entry.encode()).hexdigest()[:16]
         if self.accumulator.count:
             self.store.apply(self.accumulator.mean())
             self.accumulator.reset()

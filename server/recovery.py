@@ -26,8 +26,9 @@ from psgrid.v1 import job_pb2
 HISTORY_IN_CHECKPOINT = 5000
 
 
-def snapshot(job: Job, seq: int) -> JobCheckpoint:
-    """The job's state as a checkpoint; call under ``job.cond`` (copies the tensors)."""
+def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
+    """The job's state as a checkpoint; call under ``job.cond`` (copies the tensors).
+    ``aligned`` marks a step-aligned snapshot of a sharded BSP job (a restore point)."""
     store = job.store
     clocks = job.steps.checkpoint_clocks() if job.steps else {}
     names = dict(zip(job.workers, job.worker_names))
@@ -47,6 +48,8 @@ def snapshot(job: Job, seq: int) -> JobCheckpoint:
         "created": job.created,
         "shards": list(job.shards),
         "partition": job.partition,
+        "lineage": job.lineage,
+        "aligned": aligned,
         "history": [[r.step, r.time_unix, r.loss, r.samples_per_sec, r.metrics]
                     for r in list(job.history)[-HISTORY_IN_CHECKPOINT:]],
     }
@@ -75,6 +78,7 @@ def restore(ckpt: JobCheckpoint) -> Job:
         for name in meta["finished"]:
             job.progress[AWAY + name].finished = True
     job.history.extend(HistoryRow(*row) for row in meta.get("history", ()))
+    job.lineage = meta.get("lineage", "")
     with job.cond:
         job.emit("restored")
     return job
@@ -98,4 +102,4 @@ def roll_back(job: Job, ckpt: JobCheckpoint) -> None:
     store = _store(ckpt, job.spec)
     job.require_store().layout.check_matches(store.layout)
     clocks = {worker: meta["clocks"].get(name, 0) for worker, name in zip(job.workers, job.worker_names)}
-    job.roll_back(store, clocks, meta["global_step"], set(meta["finished"]))
+    job.roll_back(store, clocks, meta["global_step"], set(meta["finished"]), meta.get("lineage", ""))

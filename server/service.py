@@ -22,7 +22,7 @@ _PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhas
 
 def pull_frames(result: PullResult) -> Iterator[bytes]:
     return codec.encode_pull(result.state, result.version, result.step, result.layout,
-                             result.payload, result.clock, result.ranks)
+                             result.payload, result.clock, result.ranks, result.lineage)
 
 
 class ParameterServerService:
@@ -96,12 +96,15 @@ class ParameterServerService:
 
     @translate_errors
     def ListRestorePoints(self, request: ps.ListRestorePointsRequest, context) -> ps.ListRestorePointsResponse:
-        step, steps = self.core.restore_points(request.job_id, request.worker_id)
-        return ps.ListRestorePointsResponse(step=step, checkpoint_steps=steps)
+        at = self.core.restore_points(request.job_id, request.worker_id)
+        return ps.ListRestorePointsResponse(
+            step=at.step, lineage=at.lineage, timeline=at.timeline,
+            points=[ps.RestorePoint(step=step, lineage=lineage) for step, lineage in at.points])
 
     @translate_errors
     def RollBack(self, request: ps.RollBackRequest, context) -> ps.RollBackResponse:
-        step, moved = self.core.roll_back(request.job_id, request.worker_id, request.step, request.expect_step)
+        step, moved = self.core.roll_back(request.job_id, request.worker_id, request.step, request.lineage,
+                                          request.expect_timeline)
         return ps.RollBackResponse(step=step, rolled_back=moved)
 
 

@@ -10,7 +10,7 @@ from psgrid import codec, rpc
 from psgrid.codec import Layout, Pulled
 from psgrid.errors import NotFound
 from psgrid.security import Security
-from psgrid.spec import Assignment, JobSpec, JobState
+from psgrid.spec import Assignment, JobSpec, JobState, RestorePoints
 from psgrid.v1 import parameter_server_pb2 as ps
 
 _PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.items()}
@@ -70,8 +70,8 @@ class ParameterServerClient(rpc.ServiceClient):
         def once(req, timeout):
             return codec.decode_pull(self._pull(req, timeout=timeout), buffer_for)
 
-        if wait_s is not None:
-            return rpc.call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=self.retry_for_s)
+        if wait_s is not None:  # UNAVAILABLE is retried as long as ever; ABORTED comes back as NotReady
+            return rpc.call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=1e9)
         return rpc.call(once, request, timeout=self.timeout_s + 60.0, retry_for=1e9,
                         retry_codes={grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 
@@ -92,15 +92,16 @@ class ParameterServerClient(rpc.ServiceClient):
         self._call(self._close, ps.ClosePartitionRequest(
             job_id=job_id, worker_id=worker_id, state=codec.state_to_proto(state)))
 
-    def restore_points(self, job_id: str, worker_id: str) -> tuple[int, list[int]]:
-        """The job's step on this server, and the steps it can be put back to."""
-        reply = self._call(self._points, ps.ListRestorePointsRequest(job_id=job_id, worker_id=worker_id))
-        return reply.step, list(reply.checkpoint_steps)
+    def restore_points(self, job_id: str, worker_id: str) -> RestorePoints:
+        """Where the job is on this server, and the snapshots it can be put back to."""
+        r = self._call(self._points, ps.ListRestorePointsRequest(job_id=job_id, worker_id=worker_id))
+        return RestorePoints(r.step, r.lineage, r.timeline, tuple((p.step, p.lineage) for p in r.points))
 
-    def roll_back(self, job_id: str, worker_id: str, step: int, expect_step: int) -> tuple[int, bool]:
-        """Put this server's part of the job back to ``step`` if it is at ``expect_step``."""
+    def roll_back(self, job_id: str, worker_id: str, point: tuple[int, str], expect_timeline: int) -> tuple[int, bool]:
+        """Put this server's part of the job back to snapshot ``point`` (step, lineage),
+        unless it was rolled back since timeline ``expect_timeline``."""
         reply = self._call(self._roll_back, ps.RollBackRequest(
-            job_id=job_id, worker_id=worker_id, step=step, expect_step=expect_step))
+            job_id=job_id, worker_id=worker_id, step=point[0], lineage=point[1], expect_timeline=expect_timeline))
         return reply.step, reply.rolled_back
 
     def report(self, worker_id: str, job_id: str, phase: str, step: int = 0, total_steps: int = 0,

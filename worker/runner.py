@@ -8,7 +8,8 @@ import socket
 import threading
 import time
 
-from psgrid.errors import JobNotRunning, NotAssigned, NotReady, PsgridError, ShardsDiverged, UnknownWorker
+from psgrid.errors import (JobNotRunning, NotAssigned, NotReady, PsgridError, PushAhead, ShardsDiverged,
+                           UnknownCheckpoint, UnknownWorker)
 from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
@@ -130,9 +131,8 @@ class Worker:
             return
         if state is not None and state.terminal and self._current_job:
             self._job_ended.set()
-        # Between jobs too: a shard must not find this worker's registration stale
-        # when the next job opens there.
-        self.shards.heartbeat_others(self._current_job)
+        if self._current_job:
+            self.shards.heartbeat_others(self._current_job)
         if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
             self._assignments.append(assignment)
             self._wake.set()
@@ -221,8 +221,11 @@ class Worker:
                 raise JobStopped()
             if not diverged(pulled, a.spec.synchronous):
                 break
-            target = self.shards.realign(a.job_id)
-            pulled = self.shards.pull(a.job_id, target, step.buffer_for)
+            try:
+                clock = self.shards.realign(a.job_id)
+            except UnknownCheckpoint as exc:  # that snapshot went bad: list them again
+                logger.warning("[worker %s] %s", self.name, exc)
+            pulled = self.shards.pull(a.job_id, clock, step.buffer_for)
         else:
             raise ShardsDiverged(f"the shards of job {a.job_id} are still at steps "
                                  f"{sorted({p.step for p in pulled})} after {REALIGN_TRIES} realignments")
@@ -250,7 +253,13 @@ class Worker:
                 logger.debug("%s step %d also covers ranks %s", tag, clock, pulled[0].ranks[1:])
             loss, rows = step.run(clock, pulled[0].ranks)
             computed_at = time.perf_counter()
-            self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows)
+            try:
+                self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows)
+            except PushAhead as exc:
+                # A shard went back after this pull (a restore, or put back in step):
+                # pull again; the reply says where to go on from.
+                logger.info("%s step %d not taken: %s", tag, clock, exc)
+                continue
             self._count_step(rows, started, pulled_at, computed_at)
             losses.append(loss)
             samples += rows

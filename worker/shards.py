@@ -23,11 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def diverged(pulled: list[Pulled], synchronous: bool) -> bool:
-    """In BSP every shard serves step t to a pull for step t. Different steps mean
-    the shards drifted apart (one restarted from an older checkpoint, or one
-    dropped a worker from its barrier that another kept), and computing on the
-    mix would be wrong."""
-    return synchronous and len({p.step for p in pulled if p.layout is not None}) > 1
+    """In BSP every shard serves step t, with the same lineage, to a pull for step
+    t. A different step or lineage means the shards drifted apart (one restarted
+    from an older checkpoint, or one applied a round without a worker that
+    another waited for), and computing on the mix would be wrong."""
+    return synchronous and len({(p.step, p.lineage) for p in pulled if p.layout is not None}) > 1
 
 
 class ShardLinks:
@@ -97,28 +97,26 @@ class ShardLinks:
         self._each(one)
 
     def realign(self, job_id: str) -> int:
-        """Put every shard of a BSP job back to the newest step all of them can
-        return to (each one's current step or a step-aligned snapshot); return it.
+        """Put every shard of a BSP job back to the newest step-aligned snapshot all
+        of them hold (same step, same lineage); return its step.
 
-        Raise ShardsDiverged when they hold no step in common. Each roll-back is a
-        compare-and-set on the step seen here, so workers realigning at once move
-        each shard back once.
+        Every shard goes back, the ones already at that step too: that also drops
+        whatever each had gathered for the round after it. Raise ShardsDiverged
+        when they hold no snapshot in common. Each roll-back is a compare-and-set
+        on the timeline seen here, so workers realigning at once move each shard
+        back once.
         """
-        points = self._each(lambda shard: self.client(shard).restore_points(job_id, self.worker_id(shard)))
-        common = set.intersection(*({step, *held} for step, held in points))
+        at = self._each(lambda shard: self.client(shard).restore_points(job_id, self.worker_id(shard)))
+        common = set.intersection(*(set(a.points) for a in at))
         if not common:
-            raise ShardsDiverged(f"the shards of job {job_id} are at steps {[p[0] for p in points]} "
-                                 f"and hold no step in common to go back to: {[p[1] for p in points]}")
+            raise ShardsDiverged(f"the shards of job {job_id} are at steps {[a.step for a in at]} and hold "
+                                 f"no snapshot in common to go back to: {[a.points for a in at]}")
         target = max(common)
-
-        def one(shard: int) -> None:
-            step = points[shard][0]
-            if step != target:
-                self.client(shard).roll_back(job_id, self.worker_id(shard), target, step)
-        self._each(one)
+        self._each(lambda shard: self.client(shard).roll_back(job_id, self.worker_id(shard), target,
+                                                              at[shard].timeline))
         logger.warning("[worker %s] the shards of job %s were at steps %s: all put back to step %d",
-                       self.name, job_id, [p[0] for p in points], target)
-        return target
+                       self.name, job_id, [a.step for a in at], target[0])
+        return target[0]
 
     def heartbeat_others(self, job_id: str) -> None:
         """Keep this worker alive on the other shards' liveness checks."""

@@ -149,9 +149,12 @@ def test_duplicate_push_is_applied_once(rig):
 
 
 def test_push_that_skips_a_step_is_refused(rig):
+    from psgrid.errors import PushAhead
+
     before, version = rig.params(), rig.version()
-    with pytest.raises(MalformedPayload):
+    with pytest.raises(PushAhead) as refused:  # ABORTED: the worker must pull again
         rig.push(0, 5, grads())
+    assert refused.value.code == "ABORTED"
     assert_unchanged_and_serving(rig, before, version)
 
 

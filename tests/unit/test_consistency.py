@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from psgrid.errors import FailedPrecondition, MalformedPayload
+from psgrid.errors import FailedPrecondition, PushAhead
 from psgrid.server.consistency import StepClock
 
 
@@ -48,7 +48,7 @@ def test_duplicates_and_gaps():
     c = StepClock(None, ["a"])
     c.accept("a", 0)
     assert c.is_duplicate("a", 0) and not c.is_duplicate("a", 1)
-    with pytest.raises(MalformedPayload):
+    with pytest.raises(PushAhead):  # the server went back: the worker must pull again
         c.check_push("a", 5)
 
 

@@ -91,20 +91,22 @@ class PullRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., final: _Optional[bool] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("job_state", "version", "step", "tensors", "clock", "ranks")
+    __slots__ = ("job_state", "version", "step", "tensors", "clock", "ranks", "lineage")
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     job_state: _job_pb2.JobState
     version: int
     step: int
     tensors: _tensor_pb2.TensorSetHeader
     clock: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_state: _Optional[_Union[_job_pb2.JobState, str]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., clock: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    lineage: str
+    def __init__(self, job_state: _Optional[_Union[_job_pb2.JobState, str]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., clock: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -227,25 +229,39 @@ class ListRestorePointsRequest(_message.Message):
     worker_id: str
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
-class ListRestorePointsResponse(_message.Message):
-    __slots__ = ("step", "checkpoint_steps")
+class RestorePoint(_message.Message):
+    __slots__ = ("step", "lineage")
     STEP_FIELD_NUMBER: _ClassVar[int]
-    CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     step: int
-    checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    lineage: str
+    def __init__(self, step: _Optional[int] = ..., lineage: _Optional[str] = ...) -> None: ...
+
+class ListRestorePointsResponse(_message.Message):
+    __slots__ = ("step", "lineage", "timeline", "points")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    lineage: str
+    timeline: int
+    points: _containers.RepeatedCompositeFieldContainer[RestorePoint]
+    def __init__(self, step: _Optional[int] = ..., lineage: _Optional[str] = ..., timeline: _Optional[int] = ..., points: _Optional[_Iterable[_Union[RestorePoint, _Mapping]]] = ...) -> None: ...
 
 class RollBackRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "step", "expect_step")
+    __slots__ = ("job_id", "worker_id", "step", "lineage", "expect_timeline")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    EXPECT_STEP_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_TIMELINE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     step: int
-    expect_step: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., expect_step: _Optional[int] = ...) -> None: ...
+    lineage: str
+    expect_timeline: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., lineage: _Optional[str] = ..., expect_timeline: _Optional[int] = ...) -> None: ...
 
 class RollBackResponse(_message.Message):
     __slots__ = ("step", "rolled_back")
