@@ -314,12 +314,16 @@ class ParameterServerCore:
         """Write ``ckpt`` as the job's newest checkpoint, unless it is stale: taken
         before a roll-back, or before a snapshot already written."""
         with self._save_lock:
-            if job.timeline != timeline or stamp <= self._saved_stamp.get(job.job_id, 0):
-                return False
-            ckpt = dataclasses.replace(ckpt, seq=self.checkpoints.next_seq(job.job_id))
-            self.checkpoints.save(ckpt)
-            self._saved_stamp[job.job_id] = stamp
-            self._checkpointed[job.job_id] = (ckpt.meta["version"], JobState(ckpt.meta["state"]))
+            return self._write(job, ckpt, timeline, stamp)
+
+    def _write(self, job: Job, ckpt: JobCheckpoint, timeline: int, stamp: int) -> bool:
+        """:meth:`_save` with ``_save_lock`` held."""
+        if job.timeline != timeline or stamp <= self._saved_stamp.get(job.job_id, 0):
+            return False
+        ckpt = dataclasses.replace(ckpt, seq=self.checkpoints.next_seq(job.job_id))
+        self.checkpoints.save(ckpt)
+        self._saved_stamp[job.job_id] = stamp
+        self._checkpointed[job.job_id] = (ckpt.meta["version"], JobState(ckpt.meta["state"]))
         return True
 
     def _align(self, job: Job) -> None:
@@ -404,14 +408,30 @@ class ParameterServerCore:
                 job.aligned.clear()
                 job.aligned.extend([*kept, ckpt])
                 version = job.store.version
+                if self.checkpoints is not None:
+                    requeue = self._snapshot_again(job, ckpt, on_disk, (step, lineage))
             if self.checkpoints is not None:
-                self.checkpoints.discard(job_id, [seq for seq, meta in on_disk
-                                                  if meta["global_step"] >= step and _point(meta) != (step, lineage)])
+                # Whatever was saved at or after that step, aligned or not, belongs to a
+                # history that no longer is.
+                self.checkpoints.discard(job_id, [
+                    seq for seq, meta in self.checkpoints.manifests(job_id)
+                    if meta["global_step"] > step or (meta["global_step"] == step and _point(meta) != (step, lineage))])
+                if requeue is not None:
+                    self._write(*requeue)
             self._checkpointed[job_id] = (version, JobState.RUNNING)
         self._log_line({"event": "restore", "job_id": job_id, "checkpoint": ckpt.seq, "version": version})
         logger.warning("[ps] job %s put back from step %d to step %d, in step with its other shards",
                        job_id, before, step)
         return step, True
+
+    @staticmethod
+    def _snapshot_again(job: Job, ckpt: JobCheckpoint, on_disk: list, point: tuple[int, str]):
+        """The snapshot gone back to, to write under the new timeline when it never
+        reached the disk (its pending save is now stale); call under ``job.cond``."""
+        if any(_point(meta) == point for _, meta in on_disk):
+            return None
+        job.snapshot_stamp += 1
+        return job, ckpt, job.timeline, job.snapshot_stamp
 
     @staticmethod
     def _check_roll_back(job: Job) -> None:
@@ -605,6 +625,7 @@ class ParameterServerCore:
         # A worker dropped from the barrier rejoins before its push counts: a late
         # gradient for a round applied without it is then a duplicate, not a
         # contribution to the next round.
+        worker.last_seen = self._clock()
         self._mark_back(worker)
         with job.push_locks[header.worker_id]:
             if header.init:

@@ -303,11 +303,10 @@ class Job:
         if final:  # or training again, after a roll-back or a restore lost its last steps
             return self.state is JobState.EVALUATING or (
                 self.state is JobState.RUNNING and not self.progress[worker_id].finished)
-        # A worker asking beyond its clock here is answered as if it had asked for
-        # its clock: this server lost its last pushes (restored from a checkpoint),
-        # and the reply's clock tells the worker where to go on from.
-        return self.state is JobState.RUNNING and self.steps.may_compute(
-            worker_id, min(clock, self.steps.clocks[worker_id]))
+        # The step served is the one this server expects the worker to compute
+        # next, whatever it asked for: behind after a restore lost its last pushes,
+        # ahead after it rejoined the barrier. The reply's clock says which.
+        return self.state is JobState.RUNNING and self.steps.may_compute(worker_id, self.steps.clocks[worker_id])
 
     def staging_for(self, worker_id: str, nbytes: int) -> torch.Tensor:
         """This worker's reusable receive buffer (callers hold its push lock)."""

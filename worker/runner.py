@@ -29,7 +29,7 @@ LIVENESS_EVERY_S = 0.5
 #: Seconds one final pull (waiting for the others to finish training) waits at most.
 FINAL_WAIT_S = 2.0
 #: Times a worker puts a BSP job's drifted shards back in step before giving up.
-REALIGN_TRIES = 5
+REALIGN_TRIES = 10
 
 
 class JobStopped(Exception):
@@ -117,8 +117,12 @@ class Worker:
                 logger.exception("%s heartbeat failed", self.tag)
 
     def _heartbeat_once(self) -> None:
+        job_id = self._current_job
+        if job_id:  # first, and whatever the coordinator answers: while it is down, the
+            # other shards must not drop this worker from their barriers
+            self.shards.heartbeat_others(job_id)
         try:
-            assignment, state = self.client.heartbeat(self.worker_id, self._current_job)
+            assignment, state = self.client.heartbeat(self.worker_id, job_id)
         except UnknownWorker:
             # The server restarted (or a newer process took our name): register
             # again; a running job is given back with the step to resume at.
@@ -131,8 +135,6 @@ class Worker:
             return
         if state is not None and state.terminal and self._current_job:
             self._job_ended.set()
-        if self._current_job:
-            self.shards.heartbeat_others(self._current_job)
         if assignment and all(a.job_id != assignment.job_id for a in self._assignments):
             self._assignments.append(assignment)
             self._wake.set()
@@ -312,7 +314,11 @@ class Worker:
             if diverged([final, *others], a.spec.synchronous):
                 # A shard restarted from a checkpoint meanwhile: evaluating now would
                 # mix two versions. Put the shards back in step and train again.
-                raise TrainAgain(self.shards.realign(a.job_id))
+                try:
+                    raise TrainAgain(self.shards.realign(a.job_id))
+                except UnknownCheckpoint as exc:  # that snapshot went bad: look again
+                    logger.warning("%s %s", tag, exc)
+                    continue
             for shard, p in enumerate(others, start=1):
                 step.load(shard, p.layout, p.buffer)
             metrics = step.dataset.metrics(step.model)

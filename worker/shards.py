@@ -23,11 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def diverged(pulled: list[Pulled], synchronous: bool) -> bool:
-    """In BSP every shard serves step t, with the same lineage, to a pull for step
-    t. A different step or lineage means the shards drifted apart (one restarted
-    from an older checkpoint, or one applied a round without a worker that
-    another waited for), and computing on the mix would be wrong."""
-    return synchronous and len({(p.step, p.lineage) for p in pulled if p.layout is not None}) > 1
+    """In BSP every shard serves step t, with the same lineage and the same clock
+    for the worker, to a pull for step t. Anything else means the shards drifted
+    apart (one restarted from an older checkpoint, one applied a round without a
+    worker that another waited for, or a worker's push reached some shards
+    only), and computing on the mix would be wrong."""
+    return synchronous and len({(p.step, p.lineage, p.clock) for p in pulled if p.layout is not None}) > 1
 
 
 class ShardLinks:
@@ -107,6 +108,10 @@ class ShardLinks:
         back once.
         """
         at = self._each(lambda shard: self.client(shard).restore_points(job_id, self.worker_id(shard)))
+        if len({(a.step, a.lineage) for a in at}) == 1:
+            # In step already: another worker realigned them since this one pulled,
+            # or a round is half gathered. Pull again rather than undo more.
+            return at[0].step
         common = set.intersection(*(set(a.points) for a in at))
         if not common:
             raise ShardsDiverged(f"the shards of job {job_id} are at steps {[a.step for a in at]} and hold "
