@@ -191,3 +191,22 @@ def test_a_coordinator_with_checkpoints_put_back_while_evaluating_trains_again(s
     assert (info.state, info.step) == (JobState.RUNNING, 2)
     final = rig.ps.pull(rig.job_id, rig.workers[0], 4, True, lambda n: torch.empty(n, dtype=torch.uint8), wait_s=5)
     assert final.layout is None and (final.state, final.clock) == (JobState.RUNNING, 2)  # train again from 2
+
+
+def test_a_push_that_reached_one_shard_only_shows_as_drift_and_both_go_back(server_factory):
+    from psgrid.worker.shards import diverged
+
+    a, b = Shard(server_factory()), Shard(server_factory())
+    a.rounds(1)
+    b.rounds(1)
+    # worker 0 pushes step 1 to shard b only (then, say, it crashed); worker 1 pushes step 1 to both
+    b.ps.push(push_header(JOB, b.workers[0], 1, 0, 1, b.layout), b.layout.pack(grads(1, 0)))
+    for shard in (a, b):
+        shard.ps.push(push_header(JOB, shard.workers[1], 1, 0, 1, shard.layout), shard.layout.pack(grads(1, 1)))
+    first, second = a.pull(0, 1), b.pull(0, 1)
+    assert (first.step, first.clock) == (1, 1) and (second.step, second.clock) == (2, 2)
+    assert diverged([first, second], synchronous=True)
+    for shard in (a, b):
+        at = shard.points()
+        assert shard.ps.roll_back(JOB, shard.workers[0], max(at.points), at.timeline) == (0, True)
+    assert not diverged([a.pull(0, 0), b.pull(0, 0)], synchronous=True)
