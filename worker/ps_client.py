@@ -62,7 +62,8 @@ class ParameterServerClient(rpc.ServiceClient):
         """Weights for step ``clock``; waits (re-asking on ABORTED) until they may be had.
 
         With ``wait_s``, the server waits at most about that long and NotReady is
-        raised after, so that the caller can look around (is it stopping?) and ask again.
+        raised after, and an unreachable server is retried for about as long before
+        Unavailable is raised: the caller looks around (is it stopping?) and asks again.
         """
         request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
                                  max_wait_s=wait_s or 0.0)
@@ -70,8 +71,8 @@ class ParameterServerClient(rpc.ServiceClient):
         def once(req, timeout):
             return codec.decode_pull(self._pull(req, timeout=timeout), buffer_for)
 
-        if wait_s is not None:  # UNAVAILABLE is retried as long as ever; ABORTED comes back as NotReady
-            return rpc.call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=1e9)
+        if wait_s is not None:
+            return rpc.call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=wait_s)
         return rpc.call(once, request, timeout=self.timeout_s + 60.0, retry_for=1e9,
                         retry_codes={grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 

@@ -9,7 +9,7 @@ import threading
 import time
 
 from psgrid.errors import (JobNotRunning, NotAssigned, NotReady, PsgridError, PushAhead, ShardsDiverged,
-                           UnknownCheckpoint, UnknownWorker)
+                           Unavailable, UnknownCheckpoint, UnknownWorker)
 from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
@@ -297,7 +297,7 @@ class Worker:
             try:  # in short waits: a worker told to stop must not sit in a long pull
                 final = self.client.pull(a.job_id, self.worker_id, total, True, step.buffer_for(0),
                                          wait_s=FINAL_WAIT_S)
-            except NotReady:
+            except (NotReady, Unavailable):  # not yet, or the coordinator is down: ask again
                 continue
             if final.state.terminal:
                 return
