@@ -13,18 +13,17 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
-from psgrid.errors import (FailedPrecondition, InvalidArgument, JobNotRunning, NotReady, PsgridError,
-                           UnknownCheckpoint, UnknownJob, UnknownWorker)
+from psgrid.errors import InvalidArgument, NotReady, PsgridError, UnknownJob, UnknownWorker
 from psgrid.metrics import ServerMetrics
 from psgrid.server import recovery
-from psgrid.server.checkpoint import CheckpointStore, JobCheckpoint
+from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.jobs import Job
+from psgrid.server.snapshots import Snapshots
 from psgrid.server.store import check_finite
 from psgrid.spec import (Assignment, HistoryRow, JobEvent, JobInfo, JobSpec, JobState, RestorePoints,
                          WorkerStatus)
@@ -76,10 +75,6 @@ class PullResult:
     lineage: str = ""
 
 
-def _point(meta: dict) -> tuple[int, str]:
-    return meta["global_step"], meta.get("lineage", "")
-
-
 class ParameterServerCore:
     """All jobs and workers of one parameter-server process. Thread-safe."""
 
@@ -88,28 +83,18 @@ class ParameterServerCore:
         self.config = config
         self._clock = clock
         self.checkpoints = checkpoints
-        #: One checkpoint write at a time (periodic, step-aligned, final).
-        self._save_lock = threading.Lock()
-        #: Writes the step-aligned checkpoints of sharded jobs off the push path.
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="ps-aligned") if checkpoints else None
-        #: The newest aligned snapshot of each job waiting for the saver.
-        self._unsaved: dict[str, tuple] = {}
-        self._unsaved_lock = threading.Lock()
-        #: The stamp of the newest snapshot written, per job.
-        self._saved_stamp: dict[str, int] = {}
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._workers: dict[str, WorkerRecord] = {}
         self._pending: list[str] = []
-        self._checkpointed: dict[str, tuple[int, JobState]] = {}
         self.metrics = ServerMetrics()
         self.metrics.jobs.labels("ALL").set_function(lambda: len(self._jobs))
         self.metrics.workers.set_function(lambda: len(self._workers))
         self._update_log = open(config.update_log, "a", buffering=1) if config.update_log else None
+        self.snapshots = Snapshots(checkpoints, config.checkpoint_every_steps, self._log_line)
 
     def close(self) -> None:
-        if self._saver is not None:
-            self._saver.shutdown(wait=True)
+        self.snapshots.close()
         if self._update_log:
             self._update_log.close()
 
@@ -240,13 +225,7 @@ class ParameterServerCore:
     def _release(self, job: Job) -> None:
         """Return a finished job's workers to the idle pool, once its end is on disk:
         a server restarted a moment later must not bring the job back as running."""
-        if self.checkpoints is not None:
-            with job.cond:
-                taken = self._snapshot(job)
-            try:
-                self._save(job, *taken)
-            except Exception:  # noqa: BLE001 - the periodic checkpoint tries again
-                logger.exception("[ps] job %s: could not checkpoint its end", job.job_id)
+        self.snapshots.save_end(job)
         with self._lock:
             for w in self._workers.values():
                 if w.job_id == job.job_id:
@@ -267,14 +246,11 @@ class ParameterServerCore:
             if ckpt is None:
                 continue
             job = recovery.restore(ckpt)
-            self._align(job)
-            if job.on_aligned is not None and ckpt.meta.get("aligned"):
-                job.aligned.append(ckpt)
+            self.snapshots.restored(job, ckpt)
             with self._lock:
                 self._jobs[job_id] = job
                 if job.state is JobState.PENDING:
                     self._pending.append(job_id)
-            self._checkpointed[job_id] = (job.store.version if job.store else 0, job.state)
             self._log_line({"event": "restore", "job_id": job_id, "checkpoint": ckpt.seq,
                             "version": job.store.version if job.store else 0})
             logger.info("[ps] restored %d/%d: job %s from checkpoint %d (%s, version %d, %.1f MB in %.2fs)",
@@ -286,171 +262,20 @@ class ParameterServerCore:
         return restored
 
     def checkpoint(self) -> int:
-        """Checkpoint every job whose version or state changed since its last one.
-
-        A running sharded synchronous job is the exception: it is checkpointed
-        only at aligned steps (see :meth:`_align`), never in between.
-        """
-        saved = 0
-        for job in list(self._jobs.values()):
-            with job.cond:
-                key = (job.store.version if job.store else 0, job.state)
-                if self._checkpointed.get(job.job_id) == key:
-                    continue
-                if job.on_aligned is not None and job.state is JobState.RUNNING:
-                    continue
-                taken = self._snapshot(job)
-            if self._save(job, *taken):
-                saved += 1
-        return saved
-
-    @staticmethod
-    def _snapshot(job: Job, aligned: bool = False) -> tuple[JobCheckpoint, int, int]:
-        """A checkpoint of ``job`` now, its timeline and its stamp; call under ``job.cond``."""
-        job.snapshot_stamp += 1
-        return recovery.snapshot(job, 0, aligned=aligned), job.timeline, job.snapshot_stamp
-
-    def _save(self, job: Job, ckpt: JobCheckpoint, timeline: int, stamp: int) -> bool:
-        """Write ``ckpt`` as the job's newest checkpoint, unless it is stale: taken
-        before a roll-back, or before a snapshot already written."""
-        with self._save_lock:
-            return self._write(job, ckpt, timeline, stamp)
-
-    def _write(self, job: Job, ckpt: JobCheckpoint, timeline: int, stamp: int) -> bool:
-        """:meth:`_save` with ``_save_lock`` held."""
-        if job.timeline != timeline or stamp <= self._saved_stamp.get(job.job_id, 0):
-            return False
-        ckpt = dataclasses.replace(ckpt, seq=self.checkpoints.next_seq(job.job_id))
-        self.checkpoints.save(ckpt)
-        self._saved_stamp[job.job_id] = stamp
-        self._checkpointed[job.job_id] = (ckpt.meta["version"], JobState(ckpt.meta["state"]))
-        return True
-
-    def _align(self, job: Job) -> None:
-        """Sharded BSP jobs snapshot every ``checkpoint_every_steps`` steps, the same
-        steps on every shard: the newest two in memory, and each as a checkpoint
-        when there is a checkpoint directory. When the shards drift apart (one
-        restarted from a checkpoint, or a worker dropped from the barrier by one
-        shard and not by another), every shard is put back to one such step
-        (:meth:`roll_back`)."""
-        if not (job.sharded and job.spec.synchronous):
-            return
-        job.aligned_every = self.config.checkpoint_every_steps
-        job.on_aligned = self._aligned
-
-    def _aligned(self, job: Job) -> None:
-        # Under job.cond, at a round boundary: copy now, write in the background
-        # (only the newest snapshot waiting for the disk is kept).
-        taken = self._snapshot(job, aligned=True)
-        job.aligned.append(taken[0])
-        if self._saver is None:
-            return
-        with self._unsaved_lock:
-            fresh = job.job_id not in self._unsaved
-            self._unsaved[job.job_id] = (job, *taken)
-        if fresh:
-            try:
-                self._saver.submit(self._write_unsaved, job.job_id)
-            except RuntimeError:  # shutting down: nothing more is written
-                pass
-
-    def _write_unsaved(self, job_id: str) -> None:
-        with self._unsaved_lock:
-            entry = self._unsaved.pop(job_id, None)
-        if entry is None:
-            return
-        try:
-            self._save(*entry)
-        except Exception:  # noqa: BLE001 - the next aligned step tries again
-            logger.exception("[ps] job %s: step-aligned checkpoint failed", job_id)
-
-    def _aligned_on_disk(self, job_id: str) -> list[tuple[int, dict]]:
-        """(seq, meta) of the job's step-aligned checkpoints here; call under ``_save_lock``."""
-        found = self.checkpoints.manifests(job_id) if self.checkpoints else []
-        return [(seq, meta) for seq, meta in found if meta.get("aligned")]
+        """Checkpoint every job that changed since its last checkpoint (see
+        :class:`~psgrid.server.snapshots.Snapshots`); return how many."""
+        return self.snapshots.checkpoint_all(list(self._jobs.values()))
 
     def restore_points(self, job_id: str, worker_id: str) -> RestorePoints:
-        """Where the job is here, and the step-aligned snapshots it can go back to."""
+        """Where a sharded BSP job is here, and the step-aligned snapshots it can go back to."""
         job, _ = self._member(job_id, worker_id)
-        with job.cond:
-            now = RestorePoints(job.steps.global_step, job.lineage, job.timeline)
-            held = {_point(c.meta) for c in job.aligned}
-        with self._save_lock:
-            held |= {_point(meta) for _, meta in self._aligned_on_disk(job_id)}
-        return dataclasses.replace(now, points=tuple(sorted(held)))
+        return self.snapshots.restore_points(job)
 
     def roll_back(self, job_id: str, worker_id: str, step: int, lineage: str,
                   expect_timeline: int) -> tuple[int, bool]:
-        """Put this server's part of a sharded BSP job back to its snapshot of (step, lineage).
-
-        Compare-and-set on the job's timeline: nothing happens if someone rolled it
-        back since the caller listed its restore points (workers realigning at
-        once move each shard once). Checkpoints of later steps, or of that step
-        in another lineage, are deleted: they belong to a history that no longer is.
-        """
+        """Put this server's part of a sharded BSP job back to its snapshot of (step, lineage)."""
         job, _ = self._member(job_id, worker_id)
-        with self._save_lock:
-            with job.cond:
-                self._check_roll_back(job)
-                if job.timeline != expect_timeline:
-                    return job.steps.global_step, False
-                ckpt = next((c for c in reversed(job.aligned) if _point(c.meta) == (step, lineage)), None)
-            on_disk = self._aligned_on_disk(job_id)
-            if ckpt is None:
-                ckpt = self._load_point(job_id, on_disk, (step, lineage))
-            with job.cond:
-                self._check_roll_back(job)
-                if job.timeline != expect_timeline:
-                    return job.steps.global_step, False
-                before = job.steps.global_step
-                recovery.roll_back(job, ckpt)
-                kept = [c for c in job.aligned if c.meta["global_step"] < step and c is not ckpt]
-                job.aligned.clear()
-                job.aligned.extend([*kept, ckpt])
-                version = job.store.version
-                if self.checkpoints is not None:
-                    requeue = self._snapshot_again(job, ckpt, on_disk, (step, lineage))
-            if self.checkpoints is not None:
-                # Whatever was saved at or after that step, aligned or not, belongs to a
-                # history that no longer is.
-                self.checkpoints.discard(job_id, [
-                    seq for seq, meta in self.checkpoints.manifests(job_id)
-                    if meta["global_step"] > step or (meta["global_step"] == step and _point(meta) != (step, lineage))])
-                if requeue is not None:
-                    self._write(*requeue)
-            self._checkpointed[job_id] = (version, JobState.RUNNING)
-        self._log_line({"event": "restore", "job_id": job_id, "checkpoint": ckpt.seq, "version": version})
-        logger.warning("[ps] job %s put back from step %d to step %d, in step with its other shards",
-                       job_id, before, step)
-        return step, True
-
-    @staticmethod
-    def _snapshot_again(job: Job, ckpt: JobCheckpoint, on_disk: list, point: tuple[int, str]):
-        """The snapshot gone back to, to write under the new timeline when it never
-        reached the disk (its pending save is now stale); call under ``job.cond``."""
-        if any(_point(meta) == point for _, meta in on_disk):
-            return None
-        job.snapshot_stamp += 1
-        return job, ckpt, job.timeline, job.snapshot_stamp
-
-    @staticmethod
-    def _check_roll_back(job: Job) -> None:
-        if job.state not in (JobState.RUNNING, JobState.EVALUATING):
-            raise JobNotRunning(f"job {job.job_id} is {job.state.value}: nothing to roll back")
-        if not job.spec.synchronous:
-            raise FailedPrecondition(f"job {job.job_id} is not synchronous: its shards need no alignment")
-
-    def _load_point(self, job_id: str, on_disk: list[tuple[int, dict]], point: tuple[int, str]) -> JobCheckpoint:
-        """The newest checkpoint of ``point`` on disk; UnknownCheckpoint if there is
-        none (a corrupt one is deleted, so that it is not listed again)."""
-        seqs = [seq for seq, meta in on_disk if _point(meta) == point]
-        if not seqs:
-            raise UnknownCheckpoint(f"job {job_id} has no snapshot of step {point[0]} here")
-        try:
-            return self.checkpoints.load(job_id, seqs[-1])
-        except ValueError as exc:
-            self.checkpoints.discard(job_id, [seqs[-1]])
-            raise UnknownCheckpoint(str(exc)) from None
+        return self.snapshots.roll_back(job, (step, lineage), expect_timeline)
 
     # --- jobs --------------------------------------------------------------------------
 
@@ -458,7 +283,7 @@ class ParameterServerCore:
         """Queue a job; PermissionDenied when it names modules outside the allow-list."""
         spec.check_modules(self.config.allowed_modules)
         job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=self._clock, shards=self.config.shards)
-        self._align(job)
+        self.snapshots.align(job)
         with self._lock:
             self._jobs[job.job_id] = job
             self._pending.append(job.job_id)
@@ -479,7 +304,7 @@ class ParameterServerCore:
             if job_id in self._jobs:
                 return
             job = Job(job_id, spec, clock=self._clock, partition=True)
-            self._align(job)
+            self.snapshots.align(job)
             with job.cond:
                 job.open_away(names)
                 job.set_state(JobState.RUNNING)
