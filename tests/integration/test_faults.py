@@ -23,7 +23,7 @@ from psgrid.examples import spec_path
 from psgrid.spec import JobSpec, JobState
 
 from helpers.up import Up
-from helpers.wait import wait_until
+from helpers.wait import wait_step, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -80,15 +80,6 @@ def assert_each_update_once(root: pathlib.Path, job_id: str, total_steps: int) -
     keys = [(e["worker_name"], e["seq"]) for e in applied]
     assert len(keys) == len(set(keys)), "an update was applied twice"
     assert sorted(keys) == sorted((w, s) for w in ("worker-0", "worker-1") for s in range(total_steps))
-
-
-def wait_step(job, fraction: float, timeout: float = 120) -> int:
-    def reached():
-        info = job.status()
-        assert info.state in (JobState.RUNNING, JobState.PENDING), info
-        return info.total_steps and info.step >= fraction * info.total_steps
-    wait_until(reached, timeout, interval=0.05, message=f"{fraction:.0%} of the job")
-    return job.status().step
 
 
 def run_in_background(job):

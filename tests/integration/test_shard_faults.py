@@ -20,7 +20,7 @@ from psgrid.spec import JobSpec, JobState
 
 from helpers.ports import consecutive_free_ports
 from helpers.up import Up
-from helpers.wait import wait_until
+from helpers.wait import wait_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -64,21 +64,13 @@ def digits() -> JobSpec:
     return JobSpec.from_toml(spec_path("digits")).replace(epochs=8, seed=5)
 
 
-def wait_fraction(job, fraction: float) -> None:
-    def reached():
-        info = job.status()
-        assert info.state in (JobState.RUNNING, JobState.PENDING), info
-        return info.total_steps and info.step >= fraction * info.total_steps
-    wait_until(reached, 120, interval=0.05, message=f"{fraction:.0%} of the job")
-
-
 def test_a_killed_shard_and_a_killed_coordinator_leave_the_weights_of_a_fault_free_run(up):
     with Client(up.coordinator) as client:
         reference = client.submit(digits())
         expected = reference.wait(timeout=180, progress=False)
         job = client.submit(digits())
         for fraction, victim in ((0.3, "shard-1"), (0.6, "server")):
-            wait_fraction(job, fraction)
+            wait_step(job, fraction)
             old = up.nodes()[victim]
             os.kill(old.pid, signal.SIGKILL)
             up.wait_new_pid(victim, old.pid, timeout=10)
