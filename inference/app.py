@@ -10,6 +10,7 @@ arguments of :class:`InferenceApp`; nothing else needs to change.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -121,6 +122,20 @@ class InferenceApp:
         logger.info("[serve] stopped")
 
 
+def freeze_heap() -> None:
+    """Move every object alive now (torch, gRPC, protobuf: ~180k) out of the collector's sight.
+
+    Requests in flight outlive a few young collections, so they reach the oldest
+    generation, and every ~45k of them a full collection walks the whole heap with
+    the GIL held: ~140 ms on this machine, during which no thread of the server
+    runs (the open-loop p99 of a round with one such pause was 220-290 ms against
+    79-92 ms without). Frozen, a full collection walks only what came since: 1-5 ms.
+    Process-wide, so the serving command calls it, not :class:`InferenceApp`.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def serve(config: ServeConfig, stop: threading.Event | None = None, security: Security | None = None,
           on_start: Callable[["InferenceApp"], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set); ``on_start(app)`` runs once serving."""
@@ -129,6 +144,7 @@ def serve(config: ServeConfig, stop: threading.Event | None = None, security: Se
         signal.signal(sig, lambda *_: stop.set())
     set_threads(config.threads or default_threads())
     app = InferenceApp(config, security=security).start()
+    freeze_heap()
     if on_start is not None:
         on_start(app)
     try:

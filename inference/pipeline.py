@@ -94,7 +94,9 @@ class Stage:
             if self._closed:
                 raise Unavailable(f"{self.name} is shutting down")
             self._queue.append(ticket)
-            self._cond.notify_all()
+            # Consumers wait only on an empty queue, producers only on a full one, so
+            # one ticket needs one consumer woken, not all of them.
+            self._cond.notify()
 
     def discard(self, ticket: Ticket) -> bool:
         """Remove a ticket that is still queued here; True if it was."""
@@ -118,7 +120,8 @@ class Stage:
             if not self._queue:
                 return None
             ticket = self._queue.popleft()
-            self._cond.notify_all()
+            if len(self._queue) == self.capacity - 1:  # producers may be blocked on a full queue
+                self._cond.notify_all()
             return ticket
 
     def _process(self, ticket: Ticket) -> None:

@@ -368,3 +368,38 @@ def test_a_stage_error_fails_only_its_request():
 def test_chain_applies_the_stages_in_order_and_skips_none():
     assert chain(None, lambda x: x + 1, None, lambda x: x * 10)(1) == 20
     assert chain()(5) == 5
+
+
+def test_tiny_buffers_under_many_producers_lose_no_wake_up():
+    """Stages wake one consumer per ticket and producers only when a full queue frees a
+    place: with buffers of 2 between concurrent processors, every ticket still arrives."""
+    def slowish(payloads):
+        time.sleep(0.001)
+        return [[2 * v for v in p] for p in payloads], 1
+
+    p = Pipeline(slowish, preprocess=lambda x: x, features=lambda x: x, queue_capacity=2,
+                 preprocess_concurrency=2, features_concurrency=2, max_batch_size=3,
+                 batch_timeout_s=0.0005).start()
+    answers: dict[int, list[int]] = {}
+
+    def producer(first: int) -> None:
+        sent = {}
+        for i in range(first, first + 50):
+            sent[i] = ticket(i)
+            while True:
+                try:
+                    p.submit(sent[i])
+                    break
+                except Overloaded:
+                    time.sleep(0.0005)
+        for i, t in sent.items():
+            answers[i] = t.wait(10)[0]
+
+    threads = [threading.Thread(target=producer, args=(k * 1000,)) for k in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert answers == {i: [2 * i] for k in range(6) for i in range(k * 1000, k * 1000 + 50)}
+    assert p.stats().queued == 0
+    p.close()
