@@ -6,6 +6,7 @@ other method uses the generated protobuf classes.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -55,6 +56,8 @@ class ParameterServerService:
 
     @translate_errors
     def Pull(self, request: ps.PullRequest, context) -> Iterator[bytes]:
+        if not math.isfinite(request.max_wait_s) or request.max_wait_s < 0:
+            raise InvalidArgument(f"max_wait_s must be a finite number >= 0, got {request.max_wait_s}")
         remaining = context.time_remaining()
         wait = min(self.core.config.pull_wait_s, request.max_wait_s or 1e9, max(0.0, (remaining or 1e9) - 0.5))
         result = self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait)

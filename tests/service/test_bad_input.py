@@ -170,3 +170,33 @@ def test_initial_parameters_with_nan_are_refused(server):
     params["w"][0, 0] = float("nan")
     with pytest.raises(NonFiniteGradient):
         make_rig(server.port, params=params)
+
+
+def test_the_realignment_rpcs_refuse_what_they_cannot_do_and_change_nothing(rig):
+    from psgrid.errors import FailedPrecondition
+
+    before, version = rig.params(), rig.version()
+    with pytest.raises(UnknownJob) as info:
+        rig.ps.restore_points("job-nope", rig.workers[0])
+    assert info.value.grpc_code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(UnknownWorker):
+        rig.ps.restore_points(rig.job_id, "w-nope")
+    with pytest.raises(UnknownWorker):
+        rig.ps.roll_back(rig.job_id, "w-nope", (0, ""), 0)
+    # the rig's job is asynchronous and unsharded: nothing to put back in step
+    with pytest.raises(FailedPrecondition) as info:
+        rig.ps.roll_back(rig.job_id, rig.workers[0], (0, ""), 0)
+    assert info.value.grpc_code == grpc.StatusCode.FAILED_PRECONDITION
+    assert rig.ps.restore_points(rig.job_id, rig.workers[0]).points == ()
+    assert_unchanged_and_serving(rig, before, version)
+
+
+@pytest.mark.parametrize("wait", [-1.0, float("nan"), float("inf")])
+def test_a_pull_with_a_bad_wait_is_refused(rig, wait):
+    before, version = rig.params(), rig.version()
+    request = ps.PullRequest(job_id=rig.job_id, worker_id=rig.workers[0], clock=0, max_wait_s=wait)
+    with pytest.raises(grpc.RpcError) as info:
+        list(rig.ps._pull(request, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(rpc.to_psgrid_error(info.value), InvalidArgument)
+    assert_unchanged_and_serving(rig, before, version)

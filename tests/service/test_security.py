@@ -14,6 +14,7 @@ from psgrid.errors import Unauthenticated, Unavailable
 from psgrid.security import InsecureChannel, Security
 from psgrid.server.app import ParameterServerApp
 from psgrid.server.config import ServerConfig
+from psgrid.spec import JobState
 from psgrid.worker.ps_client import ParameterServerClient, push_header
 
 from helpers.inproc import make_rig, spec
@@ -51,13 +52,27 @@ def every_rpc(ps: ParameterServerClient, jobs: JobServiceClient, job_id: str, wo
         "Push": lambda: ps.push(push_header(job_id, worker, 0, 0, 0, layout), layout.pack(
             {"w": torch.ones(4, 3), "b": torch.ones(4)})),
         "ReportMetrics": lambda: ps.report(worker, job_id, "FAILED", error="x"),
+        "OpenPartition": lambda: ps.open_partition("job-x", spec(), ["intruder"], 1, 2),
+        "ClosePartition": lambda: ps.close_partition(job_id, worker, JobState.CANCELLED),
+        "ListRestorePoints": lambda: ps.restore_points(job_id, worker),
+        "RollBack": lambda: ps.roll_back(job_id, worker, (0, ""), 0),
         "SubmitJob": lambda: jobs.submit(spec()),
         "GetJob": lambda: jobs.get(job_id),
         "WatchJob": lambda: list(jobs.watch(job_id, timeout_s=5)),
         "CancelJob": lambda: jobs.cancel(job_id),
         "ListJobs": lambda: jobs.list(),
         "FetchParameters": lambda: jobs.fetch(job_id),
+        "GetJobHistory": lambda: jobs.history(job_id),
+        "ListWorkers": lambda: jobs.workers(),
     }
+
+
+def test_every_rpc_of_both_services_is_in_the_token_test():
+    from psgrid.v1 import job_service_pb2, parameter_server_pb2
+
+    declared = {m.name for f, name in ((parameter_server_pb2, "ParameterServer"), (job_service_pb2, "JobService"))
+                for m in f.DESCRIPTOR.services_by_name[name].methods}
+    assert set(every_rpc(None, None, "", "", None)) == declared
 
 
 @pytest.mark.parametrize("presented", [None, "wrong-token"])
