@@ -78,18 +78,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """psgrid serve: the inference pipeline, with the cluster's token/TLS and metrics."""
-    from psgrid.inference.app import serve
-    from psgrid.inference.cli import _config
+    from psgrid.inference.cli import cmd_serve as serve_command
     from psgrid.metrics import inference_registry
 
-    try:
-        config = _config(args)
-    except ValueError as exc:
-        print(f"psgrid serve: {exc}", file=sys.stderr)
-        return 2
-    serve(config, security=_security(args),
-          on_start=lambda app: _serve_metrics(args, inference_registry(app.pipeline.stats)))
-    return 0
+    return serve_command(args, security=_security(args),
+                         on_start=lambda app: _serve_metrics(args, inference_registry(app.pipeline.stats)))
 
 
 # --- argument parsing -------------------------------------------------------------------------

@@ -22,8 +22,12 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"a shape is comma-separated ints, got {text!r}") from None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Build the config (defaults < --config < flags) and serve until SIGTERM/SIGINT."""
+def cmd_serve(args: argparse.Namespace, security=None, on_start=None) -> int:
+    """Build the config (defaults < --config < flags) and serve until SIGTERM/SIGINT.
+
+    ``psgrid serve`` passes the cluster's ``security`` and an ``on_start(app)``
+    that exposes its metrics; ``python -m psgrid.inference.cli serve`` neither.
+    """
     from psgrid.inference.app import serve
 
     try:
@@ -31,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"psgrid serve: {exc}", file=sys.stderr)
         return 2
-    serve(config)
+    serve(config, security=security, on_start=on_start)
     return 0
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 
 from psgrid.errors import (JobNotRunning, NotAssigned, NotReady, PsgridError, PushAhead, ShardsDiverged,
-                           Unavailable, UnknownCheckpoint, UnknownWorker)
+                           Unavailable, UnknownWorker)
 from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
@@ -223,10 +223,7 @@ class Worker:
                 raise JobStopped()
             if not diverged(pulled, a.spec.synchronous):
                 break
-            try:
-                clock = self.shards.realign(a.job_id)
-            except UnknownCheckpoint as exc:  # that snapshot went bad: list them again
-                logger.warning("[worker %s] %s", self.name, exc)
+            clock = self.shards.realign(a.job_id)
             pulled = self.shards.pull(a.job_id, clock, step.buffer_for)
         else:
             raise ShardsDiverged(f"the shards of job {a.job_id} are still at steps "
@@ -314,11 +311,7 @@ class Worker:
             if diverged([final, *others], a.spec.synchronous):
                 # A shard restarted from a checkpoint meanwhile: evaluating now would
                 # mix two versions. Put the shards back in step and train again.
-                try:
-                    raise TrainAgain(self.shards.realign(a.job_id))
-                except UnknownCheckpoint as exc:  # that snapshot went bad: look again
-                    logger.warning("%s %s", tag, exc)
-                    continue
+                raise TrainAgain(self.shards.realign(a.job_id))
             for shard, p in enumerate(others, start=1):
                 step.load(shard, p.layout, p.buffer)
             metrics = step.dataset.metrics(step.model)

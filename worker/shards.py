@@ -14,12 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from psgrid.codec import Layout, Pulled
-from psgrid.errors import PsgridError, ShardsDiverged, UnknownWorker
+from psgrid.errors import PsgridError, ShardsDiverged, UnknownCheckpoint, UnknownWorker
 from psgrid.security import Security
 from psgrid.spec import JobState
 from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_header
 
 logger = logging.getLogger(__name__)
+
+#: Listings of the shards' snapshots one realignment makes at most (one per bad snapshot met).
+REALIGN_LISTINGS = 3
 
 
 def diverged(pulled: list[Pulled], synchronous: bool) -> bool:
@@ -105,8 +108,17 @@ class ShardLinks:
         whatever each had gathered for the round after it. Raise ShardsDiverged
         when they hold no snapshot in common. Each roll-back is a compare-and-set
         on the timeline seen here, so workers realigning at once move each shard
-        back once.
+        back once. A snapshot that turns out unreadable is deleted by its shard,
+        and the snapshots are listed again.
         """
+        for _ in range(REALIGN_LISTINGS - 1):
+            try:
+                return self._realign_once(job_id)
+            except UnknownCheckpoint as exc:
+                logger.warning("[worker %s] %s; looking again", self.name, exc)
+        return self._realign_once(job_id)
+
+    def _realign_once(self, job_id: str) -> int:
         at = self._each(lambda shard: self.client(shard).restore_points(job_id, self.worker_id(shard)))
         if len({(a.step, a.lineage) for a in at}) == 1:
             # In step already: another worker realigned them since this one pulled,
