@@ -85,7 +85,7 @@ class Job:
 
     def model(self) -> nn.Module:
         """The job's model built from its import path, with the trained weights loaded."""
-        from psgrid.worker.loader import build_model
+        from psgrid.build import build_model
 
         model = build_model(self.spec)
         # The server holds trainable parameters only; buffers keep their initial values.

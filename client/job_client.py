@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import grpc
 import torch
 
-from psgrid import codec, rpc
+from psgrid import codec, messages, rpc
 from psgrid.backoff import Backoff
 from psgrid.codec import Pulled
 from psgrid.security import Security
@@ -46,25 +46,25 @@ class JobServiceClient(rpc.ServiceClient):
     def submit(self, spec: JobSpec) -> JobInfo:
         # Not retried: a lost reply would submit the job twice. Waiting for the
         # channel to connect first is safe: nothing is sent until it does.
-        reply = rpc.call(self._submit, js.SubmitJobRequest(spec=codec.spec_to_proto(spec)),
+        reply = rpc.call(self._submit, js.SubmitJobRequest(spec=messages.spec_to_proto(spec)),
                          timeout=self.timeout_s, wait_for_ready=True)
-        return codec.info_from_proto(reply.job)
+        return messages.info_from_proto(reply.job)
 
     def get(self, job_id: str) -> JobInfo:
-        return codec.info_from_proto(self._call(self._get, js.GetJobRequest(job_id=job_id)).job)
+        return messages.info_from_proto(self._call(self._get, js.GetJobRequest(job_id=job_id)).job)
 
     def cancel(self, job_id: str) -> JobInfo:
-        return codec.info_from_proto(self._call(self._cancel, js.CancelJobRequest(job_id=job_id)).job)
+        return messages.info_from_proto(self._call(self._cancel, js.CancelJobRequest(job_id=job_id)).job)
 
     def list(self) -> list[JobInfo]:
-        return [codec.info_from_proto(j) for j in self._call(self._list, js.ListJobsRequest()).jobs]
+        return [messages.info_from_proto(j) for j in self._call(self._list, js.ListJobsRequest()).jobs]
 
     def history(self, job_id: str) -> list[HistoryRow]:
         reply = self._call(self._history, js.GetJobHistoryRequest(job_id=job_id))
-        return [codec.history_from_proto(r) for r in reply.rows]
+        return [messages.history_from_proto(r) for r in reply.rows]
 
     def workers(self) -> list[WorkerStatus]:
-        return [codec.worker_from_proto(w) for w in self._call(self._workers, js.ListWorkersRequest()).workers]
+        return [messages.worker_from_proto(w) for w in self._call(self._workers, js.ListWorkersRequest()).workers]
 
     def watch(self, job_id: str, from_seq: int = 0, timeout_s: float | None = None) -> Iterator[JobEvent]:
         """Events from ``from_seq`` until the job is terminal (or the deadline).
@@ -81,7 +81,7 @@ class JobServiceClient(rpc.ServiceClient):
             stream = self._watch(js.WatchJobRequest(job_id=job_id, from_seq=from_seq), timeout=remaining)
             try:
                 for msg in stream:
-                    event = codec.event_from_proto(msg)
+                    event = messages.event_from_proto(msg)
                     from_seq, outage_since = event.seq + 1, None
                     backoff.reset()
                     yield event

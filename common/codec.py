@@ -1,4 +1,6 @@
-"""The one converter: tensors and job specs between Python and protobuf.
+"""The one converter, tensor half: tensor sets and the pull and push stream frames.
+
+Job specs, states and info cross in :mod:`psgrid.messages`.
 
 Tensor sets travel as a header (:class:`Layout`: names, dtypes, shapes, byte
 offsets) followed by the raw little-endian payload, sliced into stream frames
@@ -10,7 +12,6 @@ encodes and decodes it by hand: one copy of the payload on send (a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import warnings
@@ -21,21 +22,13 @@ from google.protobuf.message import DecodeError
 
 from psgrid.errors import (
     DtypeMismatch,
-    InvalidSpec,
     MalformedPayload,
     PayloadTooLarge,
     ShapeMismatch,
 )
-from psgrid.spec import (
-    HistoryRow,
-    JobEvent,
-    JobInfo,
-    JobSpec,
-    JobState,
-    OptimizerSpec,
-    WorkerStatus,
-)
-from psgrid.v1 import job_pb2, parameter_server_pb2, tensor_pb2
+from psgrid.messages import state_from_proto, state_to_proto
+from psgrid.spec import JobState
+from psgrid.v1 import parameter_server_pb2, tensor_pb2
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("psgrid's wire format is little-endian; this host is big-endian")
@@ -367,113 +360,3 @@ def payload_pieces(frames: Iterable[bytes], message_cls) -> Iterator[memoryview]
                 raise MalformedPayload("a stream carries one header, in its first frame")
             piece = memoryview(msg.chunk)
         yield piece
-
-
-# --- job specs and job info <-> protobuf ------------------------------------
-
-_STATE_TO_PROTO = {s: getattr(job_pb2, f"JOB_STATE_{s.value}") for s in JobState}
-_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
-
-
-def state_to_proto(state: JobState) -> int:
-    return _STATE_TO_PROTO[state]
-
-
-def state_from_proto(value: int) -> JobState | None:
-    return _STATE_FROM_PROTO.get(value)
-
-
-def spec_to_proto(spec: JobSpec) -> job_pb2.JobSpec:
-    opt = spec.optimizer
-    msg = job_pb2.JobSpec(
-        name=spec.name, model=spec.model, model_kwargs_json=json.dumps(spec.model_kwargs),
-        dataset=spec.dataset, dataset_kwargs_json=json.dumps(spec.dataset_kwargs),
-        optimizer=job_pb2.OptimizerSpec(
-            name=opt.name, lr=opt.lr, momentum=opt.momentum, dampening=opt.dampening,
-            nesterov=opt.nesterov, weight_decay=opt.weight_decay,
-            beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps,
-        ),
-        batch_size=spec.batch_size, epochs=spec.epochs, steps=spec.steps,
-        num_workers=spec.num_workers, seed=spec.seed, device=spec.device, eval_every=spec.eval_every,
-    )
-    if spec.staleness is not None:
-        msg.staleness = spec.staleness
-    return msg
-
-
-def _kwargs(text: str, field: str) -> dict:
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise InvalidSpec(f"{field} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidSpec(f"{field} must be a JSON object")
-    return value
-
-
-def spec_from_proto(msg: job_pb2.JobSpec) -> JobSpec:
-    """Raises InvalidSpec for any value out of range."""
-    o = msg.optimizer
-    defaults = OptimizerSpec()
-    optimizer = OptimizerSpec(
-        name=o.name or defaults.name, lr=o.lr or defaults.lr, momentum=o.momentum,
-        dampening=o.dampening, nesterov=o.nesterov, weight_decay=o.weight_decay,
-        betas=(o.beta1 or defaults.betas[0], o.beta2 or defaults.betas[1]),
-        eps=o.eps or defaults.eps,
-    )
-    return JobSpec(
-        name=msg.name, model=msg.model, dataset=msg.dataset,
-        model_kwargs=_kwargs(msg.model_kwargs_json, "model_kwargs"),
-        dataset_kwargs=_kwargs(msg.dataset_kwargs_json, "dataset_kwargs"),
-        optimizer=optimizer, batch_size=msg.batch_size, epochs=msg.epochs, steps=msg.steps,
-        staleness=msg.staleness if msg.HasField("staleness") else None,
-        num_workers=msg.num_workers, seed=msg.seed, device=msg.device, eval_every=msg.eval_every,
-    )
-
-
-def info_to_proto(info: JobInfo) -> job_pb2.JobInfo:
-    return job_pb2.JobInfo(
-        job_id=info.job_id, spec=spec_to_proto(info.spec), state=state_to_proto(info.state),
-        step=info.step, total_steps=info.total_steps, version=info.version,
-        loss=info.loss, samples_per_sec=info.samples_per_sec, metrics=info.metrics,
-        error=info.error, worker_ids=info.worker_ids,
-        created_unix=info.created_unix, updated_unix=info.updated_unix, shards=info.shards,
-    )
-
-
-def info_from_proto(msg: job_pb2.JobInfo) -> JobInfo:
-    return JobInfo(
-        job_id=msg.job_id, spec=spec_from_proto(msg.spec),
-        state=state_from_proto(msg.state) or JobState.PENDING,
-        step=msg.step, total_steps=msg.total_steps, version=msg.version, loss=msg.loss,
-        samples_per_sec=msg.samples_per_sec, metrics=dict(msg.metrics), error=msg.error,
-        worker_ids=tuple(msg.worker_ids), created_unix=msg.created_unix,
-        updated_unix=msg.updated_unix, shards=tuple(msg.shards),
-    )
-
-
-def event_to_proto(event: JobEvent) -> job_pb2.JobEvent:
-    return job_pb2.JobEvent(
-        seq=event.seq, time_unix=event.time_unix, kind=event.kind, job=info_to_proto(event.job)
-    )
-
-
-def event_from_proto(msg: job_pb2.JobEvent) -> JobEvent:
-    return JobEvent(seq=msg.seq, time_unix=msg.time_unix, kind=msg.kind, job=info_from_proto(msg.job))
-
-
-def history_to_proto(row: HistoryRow) -> job_pb2.HistoryRow:
-    return job_pb2.HistoryRow(step=row.step, time_unix=row.time_unix, loss=row.loss,
-                              samples_per_sec=row.samples_per_sec, metrics=row.metrics)
-
-
-def history_from_proto(msg: job_pb2.HistoryRow) -> HistoryRow:
-    return HistoryRow(msg.step, msg.time_unix, msg.loss, msg.samples_per_sec, dict(msg.metrics))
-
-
-def worker_to_proto(w: WorkerStatus) -> job_pb2.WorkerStatus:
-    return job_pb2.WorkerStatus(**dataclasses.asdict(w))
-
-
-def worker_from_proto(msg: job_pb2.WorkerStatus) -> WorkerStatus:
-    return WorkerStatus(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(WorkerStatus)})

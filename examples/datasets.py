@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from psgrid.worker.data import Dataset
+from psgrid.dataset import Dataset
 
 
 def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:

@@ -29,7 +29,7 @@ from psgrid.inference.pipeline import Pipeline, chain
 from psgrid.inference.service import SERVICE, InferenceService, handlers
 from psgrid.inference.sources import CheckpointSource, Follower, JobSource, ModelSource
 from psgrid.portfile import write_port_file
-from psgrid.worker.device import default_threads, pick_device, set_threads
+from psgrid.device import default_threads, pick_device, set_threads
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from psgrid.errors import Internal, Unavailable
 from psgrid.inference import arrays
 from psgrid.inference.arrays import Array
 from psgrid.spec import JobSpec
-from psgrid.worker.loader import build_model, trainable
+from psgrid.build import build_model, trainable
 
 logger = logging.getLogger(__name__)
 

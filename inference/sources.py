@@ -27,12 +27,12 @@ from collections.abc import Callable
 
 from google.protobuf import json_format
 
-from psgrid import codec
+from psgrid import messages
 from psgrid.client import Client
 from psgrid.security import Security
 from psgrid.errors import FailedPrecondition, PsgridError
 from psgrid.inference.models import Candidate, ModelRegistry
-from psgrid.server.checkpoint import CheckpointStore, check_job_id
+from psgrid.checkpoints import CheckpointReader, check_job_id
 from psgrid.v1 import job_pb2
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class JobSource(ModelSource):
 
 
 class CheckpointSource(ModelSource):
-    """A job's checkpoints under a directory, as :class:`CheckpointStore` writes them.
+    """A job's checkpoints under a directory, as the parameter server writes them.
 
     ``directory`` is either one job's checkpoint folder (it holds
     ``ckpt-*.json`` files, or its name starts with ``job-`` as server job ids
@@ -118,7 +118,7 @@ class CheckpointSource(ModelSource):
         self.root, self.job_id = directory, job_id
         if job_id is not None:
             check_job_id(job_id)
-        self._store = CheckpointStore(directory)
+        self._store = CheckpointReader(directory)
         self._last_seq = -1
 
     @property
@@ -159,7 +159,7 @@ class CheckpointSource(ModelSource):
     def _candidate(self, ckpt) -> Candidate | Unusable | None:
         origin = f"{self.root / ckpt.job_id} checkpoint {ckpt.seq}"
         try:
-            spec = codec.spec_from_proto(json_format.Parse(ckpt.meta["spec"], job_pb2.JobSpec()))
+            spec = messages.spec_from_proto(json_format.Parse(ckpt.meta["spec"], job_pb2.JobSpec()))
             version = int(ckpt.meta["version"])
         except (KeyError, TypeError, ValueError, json_format.ParseError, PsgridError) as exc:
             return Unusable(0, origin, f"the checkpoint has no usable spec and version: {exc}")

@@ -59,16 +59,16 @@ def save_model(directory: pathlib.Path, args: argparse.Namespace) -> None:
     """A checkpoint of an MLP in the layout ``psgrid server --checkpoint-dir`` writes."""
     from google.protobuf import json_format
 
-    from psgrid import codec
+    from psgrid import messages
     from psgrid.server.checkpoint import CheckpointStore, JobCheckpoint
     from psgrid.spec import JobSpec
-    from psgrid.worker.loader import build_model
+    from psgrid.build import build_model
 
     spec = JobSpec(model="psgrid.examples.models:mlp", dataset="psgrid.examples.datasets:digits",
                    model_kwargs={"in_features": args.features, "hidden": args.hidden,
                                  "classes": 10, "layers": args.layers}, steps=1)
     params = {n: p.detach().clone() for n, p in build_model(spec).named_parameters()}
-    meta = {"spec": json_format.MessageToJson(codec.spec_to_proto(spec)), "version": 1}
+    meta = {"spec": json_format.MessageToJson(messages.spec_to_proto(spec)), "version": 1}
     CheckpointStore(directory).save(JobCheckpoint("job-bench", 0, params, meta=meta))
 
 

@@ -146,6 +146,23 @@ def timed_interleaved(fns: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def start_cluster(root: pathlib.Path, shards: int):
+    """`psgrid up` with ``shards`` parameter-server shards and no workers: (the cluster, the coordinator)."""
+    from psgrid.supervisor.launch import UpProcess, consecutive_free_ports
+
+    if shards == 1:  # the server binds port 0 and reports it
+        cluster = UpProcess(root, log_level="WARNING", cluster="[workers]\ncount = 0\n")
+    else:  # shards are named to the coordinator by fixed addresses
+        cluster = UpProcess(root, "--host", "local", log_level="WARNING", cluster=(
+            f'[hosts.local]\naddress = "127.0.0.1"\nservers = {shards}\n'
+            f'server_port = {consecutive_free_ports(shards)}\nworkers = 0\n'))
+    try:
+        return cluster, cluster.server_addresses()[0]
+    except BaseException:
+        cluster.stop()
+        raise
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 128])
@@ -158,19 +175,17 @@ def main() -> None:
         socket_server(args.socket_server)
         return
 
-    from psgrid.local import LocalCluster
-
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="psgrid-bench-"))
     port_file = tmp / "socket.port"
     baseline = subprocess.Popen([sys.executable, __file__, "--socket-server", str(port_file)])
-    cluster = LocalCluster(tmp / "cluster", workers=0, log_level="WARNING")
+    cluster = None
     rows = []
     try:
         sock = SocketClient(_wait_port(port_file, baseline))
-        cluster.start()
+        cluster, address = start_cluster(tmp / "cluster", 1)
         for mib in args.sizes_mib:
             reps = max(args.reps, int(64 / mib))
-            push, pull, nbytes = psgrid_rig(cluster.address, mib * MiB)
+            push, pull, nbytes = psgrid_rig(address, mib * MiB)
             payload = torch.full((nbytes // 4,), 1e-3).view(torch.uint8)
             into = torch.empty(nbytes, dtype=torch.uint8)
             result = timed_interleaved({
@@ -182,10 +197,9 @@ def main() -> None:
         shard_rows = []
         mib = max(args.sizes_mib)
         for shards in args.shards:
-            sharded = LocalCluster(tmp / f"shards{shards}", workers=0, servers=shards, log_level="WARNING")
+            sharded, address = start_cluster(tmp / f"shards{shards}", shards)
             try:
-                sharded.start()
-                push, pull, nbytes = psgrid_rig(sharded.address, mib * MiB)
+                push, pull, nbytes = psgrid_rig(address, mib * MiB)
                 payload = torch.full((nbytes // 4,), 1e-3).view(torch.uint8)
                 into = torch.empty(nbytes, dtype=torch.uint8)
                 shard_rows.append((shards, nbytes, timed_interleaved({
@@ -195,7 +209,8 @@ def main() -> None:
             finally:
                 sharded.stop()
     finally:
-        cluster.stop()
+        if cluster is not None:
+            cluster.stop()
         baseline.kill()
         baseline.wait()
 

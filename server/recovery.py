@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format
 
-from psgrid import codec
+from psgrid import messages
 from psgrid.codec import Layout
 from psgrid.server.checkpoint import JobCheckpoint
 from psgrid.server.consistency import StepClock
@@ -33,7 +33,7 @@ def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
     clocks = job.steps.checkpoint_clocks() if job.steps else {}
     names = dict(zip(job.workers, job.worker_names))
     meta = {
-        "spec": json_format.MessageToJson(codec.spec_to_proto(job.spec)),
+        "spec": json_format.MessageToJson(messages.spec_to_proto(job.spec)),
         "state": job.state.value,
         "error": job.error,
         "metrics": dict(job.metrics),
@@ -61,7 +61,7 @@ def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
 def restore(ckpt: JobCheckpoint) -> Job:
     """Rebuild a job; its workers are away until they register again by name."""
     meta = ckpt.meta
-    spec = codec.spec_from_proto(json_format.Parse(meta["spec"], job_pb2.JobSpec()))
+    spec = messages.spec_from_proto(json_format.Parse(meta["spec"], job_pb2.JobSpec()))
     job = Job(ckpt.job_id, spec, next_event=meta["next_event"], shards=tuple(meta.get("shards", ())),
               partition=bool(meta.get("partition", False)))
     job.created = meta["created"]

@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 import grpc
 
-from psgrid import codec
+from psgrid import codec, messages
 from psgrid.errors import InvalidArgument
 from psgrid.rpc import identity, translate_errors, unary_handler
-from psgrid.server.core import ParameterServerCore, PullResult, PushHeader
+from psgrid.server.core import ParameterServerCore
+from psgrid.server.steps import PullResult, PushHeader
 from psgrid.v1 import job_service_pb2 as js
 from psgrid.v1 import parameter_server_pb2 as ps
 
@@ -44,11 +45,11 @@ class ParameterServerService:
         assignment, state = self.core.heartbeat(request.worker_id, request.job_id)
         reply = ps.HeartbeatResponse()
         if state is not None:
-            reply.job_state = codec.state_to_proto(state)
+            reply.job_state = messages.state_to_proto(state)
         if assignment is not None:
             reply.assignment.CopyFrom(ps.Assignment(
                 job_id=assignment.job_id, rank=assignment.rank,
-                world_size=assignment.world_size, spec=codec.spec_to_proto(assignment.spec),
+                world_size=assignment.world_size, spec=messages.spec_to_proto(assignment.spec),
                 start_step=assignment.start_step, shards=assignment.shards,
                 worker_names=assignment.worker_names,
             ))
@@ -81,17 +82,17 @@ class ParameterServerService:
             request.step, request.total_steps, request.loss, request.samples, request.seconds,
             dict(request.metrics), request.error,
         )
-        return ps.ReportMetricsResponse(job_state=codec.state_to_proto(state))
+        return ps.ReportMetricsResponse(job_state=messages.state_to_proto(state))
 
     @translate_errors
     def OpenPartition(self, request: ps.OpenPartitionRequest, context) -> ps.OpenPartitionResponse:
-        self.core.open_partition(request.job_id, codec.spec_from_proto(request.spec),
+        self.core.open_partition(request.job_id, messages.spec_from_proto(request.spec),
                                  list(request.worker_names))
         return ps.OpenPartitionResponse()
 
     @translate_errors
     def ClosePartition(self, request: ps.ClosePartitionRequest, context) -> ps.ClosePartitionResponse:
-        state = codec.state_from_proto(request.state)
+        state = messages.state_from_proto(request.state)
         if state is None:
             raise InvalidArgument("ClosePartition needs a job state")
         self.core.close_partition(request.job_id, request.worker_id, state)
@@ -119,34 +120,34 @@ class JobServiceService:
 
     @translate_errors
     def SubmitJob(self, request: js.SubmitJobRequest, context) -> js.SubmitJobResponse:
-        info = self.core.submit(codec.spec_from_proto(request.spec))
-        return js.SubmitJobResponse(job=codec.info_to_proto(info))
+        info = self.core.submit(messages.spec_from_proto(request.spec))
+        return js.SubmitJobResponse(job=messages.info_to_proto(info))
 
     @translate_errors
     def GetJob(self, request: js.GetJobRequest, context) -> js.GetJobResponse:
-        return js.GetJobResponse(job=codec.info_to_proto(self.core.get(request.job_id)))
+        return js.GetJobResponse(job=messages.info_to_proto(self.core.get(request.job_id)))
 
     @translate_errors
     def WatchJob(self, request: js.WatchJobRequest, context):
         for event in self.core.watch(request.job_id, request.from_seq, context.is_active):
-            yield codec.event_to_proto(event)
+            yield messages.event_to_proto(event)
 
     @translate_errors
     def CancelJob(self, request: js.CancelJobRequest, context) -> js.CancelJobResponse:
-        return js.CancelJobResponse(job=codec.info_to_proto(self.core.cancel(request.job_id)))
+        return js.CancelJobResponse(job=messages.info_to_proto(self.core.cancel(request.job_id)))
 
     @translate_errors
     def ListJobs(self, request: js.ListJobsRequest, context) -> js.ListJobsResponse:
-        return js.ListJobsResponse(jobs=[codec.info_to_proto(i) for i in self.core.list_jobs()])
+        return js.ListJobsResponse(jobs=[messages.info_to_proto(i) for i in self.core.list_jobs()])
 
     @translate_errors
     def GetJobHistory(self, request: js.GetJobHistoryRequest, context) -> js.GetJobHistoryResponse:
         rows = self.core.history(request.job_id)
-        return js.GetJobHistoryResponse(rows=[codec.history_to_proto(r) for r in rows])
+        return js.GetJobHistoryResponse(rows=[messages.history_to_proto(r) for r in rows])
 
     @translate_errors
     def ListWorkers(self, request: js.ListWorkersRequest, context) -> js.ListWorkersResponse:
-        return js.ListWorkersResponse(workers=[codec.worker_to_proto(w) for w in self.core.list_workers()])
+        return js.ListWorkersResponse(workers=[messages.worker_to_proto(w) for w in self.core.list_workers()])
 
     @translate_errors
     def FetchParameters(self, request: js.FetchParametersRequest, context) -> Iterator[bytes]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from psgrid import codec, rpc
+from psgrid import codec, messages, rpc
 from psgrid.codec import Layout, Pulled
 from psgrid.errors import NotFound
 from psgrid.security import Security
@@ -53,9 +53,9 @@ class ParameterServerClient(rpc.ServiceClient):
         assignment = None
         if reply.HasField("assignment"):
             a = reply.assignment
-            assignment = Assignment(a.job_id, a.rank, a.world_size, codec.spec_from_proto(a.spec),
+            assignment = Assignment(a.job_id, a.rank, a.world_size, messages.spec_from_proto(a.spec),
                                     a.start_step, tuple(a.shards), tuple(a.worker_names))
-        return assignment, codec.state_from_proto(reply.job_state)
+        return assignment, messages.state_from_proto(reply.job_state)
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool,
              buffer_for: Callable[[int], torch.Tensor], wait_s: float | None = None) -> Pulled:
@@ -86,12 +86,12 @@ class ParameterServerClient(rpc.ServiceClient):
 
     def open_partition(self, job_id: str, spec: JobSpec, worker_names: list[str], index: int, count: int) -> None:
         self._call(self._open, ps.OpenPartitionRequest(
-            job_id=job_id, spec=codec.spec_to_proto(spec), worker_names=worker_names,
+            job_id=job_id, spec=messages.spec_to_proto(spec), worker_names=worker_names,
             shard_index=index, shard_count=count))
 
     def close_partition(self, job_id: str, worker_id: str, state: JobState) -> None:
         self._call(self._close, ps.ClosePartitionRequest(
-            job_id=job_id, worker_id=worker_id, state=codec.state_to_proto(state)))
+            job_id=job_id, worker_id=worker_id, state=messages.state_to_proto(state)))
 
     def restore_points(self, job_id: str, worker_id: str) -> RestorePoints:
         """Where the job is on this server, and the snapshots it can be put back to."""
@@ -113,7 +113,7 @@ class ParameterServerClient(rpc.ServiceClient):
             total_steps=total_steps, loss=loss, samples=samples, seconds=seconds,
             metrics=metrics or {}, error=error[:4000],
         )
-        return codec.state_from_proto(self._call(self._report, request).job_state)
+        return messages.state_from_proto(self._call(self._report, request).job_state)
 
 
 def push_header(job_id: str, worker_id: str, seq: int, base_version: int, base_step: int,

@@ -13,9 +13,9 @@ from psgrid.errors import (JobNotRunning, NotAssigned, NotReady, PsgridError, Pu
 from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
-from psgrid.worker.data import ShardSampler
-from psgrid.worker.device import pick_device
-from psgrid.worker.loader import build_dataset, build_model
+from psgrid.dataset import ShardSampler
+from psgrid.device import pick_device
+from psgrid.build import build_dataset, build_model
 from psgrid.worker.ps_client import Assignment, ParameterServerClient
 from psgrid.worker.shards import ShardLinks, diverged
 from psgrid.worker.step import GradientStep

@@ -13,8 +13,8 @@ from torch import nn
 
 from psgrid.codec import Layout
 from psgrid.partition import partition, piece_view
-from psgrid.worker.data import Dataset, ShardSampler
-from psgrid.worker.loader import trainable
+from psgrid.dataset import Dataset, ShardSampler
+from psgrid.build import trainable
 
 
 class GradientStep:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from torch import nn
@@ -21,8 +22,14 @@ class _Slow(nn.Module):
         return self.inner(x)
 
 
+def _worker_name() -> str | None:
+    argv = sys.argv
+    return argv[argv.index("--name") + 1] if "--name" in argv[:-1] else None
+
+
 def slow_mlp(delay_s: float = 0.02, **kwargs) -> nn.Module:
-    """An MLP that sleeps ``delay_s`` per training step in workers started with
-    PSGRID_TEST_SLOW=1, so one worker of a job lags the others on purpose."""
+    """An MLP that sleeps ``delay_s`` per training step in the worker named by
+    PSGRID_TEST_SLOW (e.g. ``worker-1``), so one worker of a job lags the others on purpose."""
     model = mlp(**kwargs)
-    return _Slow(model, delay_s) if os.environ.get("PSGRID_TEST_SLOW") == "1" else _Slow(model, 0.0)
+    slow = os.environ.get("PSGRID_TEST_SLOW")
+    return _Slow(model, delay_s if slow and slow == _worker_name() else 0.0)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from google.protobuf import json_format
 
-from psgrid import codec
+from psgrid import messages
 from psgrid.inference.client import InferenceClient
 from psgrid.server.checkpoint import CheckpointStore, JobCheckpoint
 from psgrid.spec import JobSpec
-from psgrid.worker.loader import build_model
+from psgrid.build import build_model
 
 from helpers.wait import wait_until
 
@@ -32,7 +32,7 @@ ROLLOUTS = (5.0, 10.0, 15.0)  # seconds into the load when versions 2, 3, 4 appe
 
 def publish(store: CheckpointStore, version: int) -> dict[str, torch.Tensor]:
     params = {n: p.detach().clone() for n, p in build_model(SPEC.replace(seed=version)).named_parameters()}
-    meta = {"spec": json_format.MessageToJson(codec.spec_to_proto(SPEC)), "version": version}
+    meta = {"spec": json_format.MessageToJson(messages.spec_to_proto(SPEC)), "version": version}
     store.save(JobCheckpoint(JOB, store.next_seq(JOB), params, meta=meta))
     return params
 

@@ -1,6 +1,8 @@
 """Sharded parameter servers: real server and worker processes, 2 and 3 shards."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -8,21 +10,29 @@ from psgrid.client import Client
 from psgrid.client.job_client import JobServiceClient
 from psgrid.codec import Layout
 from psgrid.examples import spec_path
-from psgrid.local import LocalCluster
 from psgrid.partition import partition
 from psgrid.spec import JobSpec, JobState, OptimizerSpec
-from psgrid.worker.loader import build_model, trainable
+from psgrid.build import build_model, trainable
+
+from helpers.ports import consecutive_free_ports
+from helpers.up import Up
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda s: f"{s}-shards")
 def sharded(request, tmp_path_factory):
-    cluster = LocalCluster(tmp_path_factory.mktemp(f"shards{request.param}"), workers=2, threads=1,
-                           servers=request.param)
-    with cluster:
-        with Client(cluster.address) as client:
-            yield request.param, cluster, client
+    port = consecutive_free_ports(request.param)
+    cluster = Up(tmp_path_factory.mktemp(f"shards{request.param}"), "--host", "local", cluster=(
+        f'[workers]\nargs = ["--threads", "1"]\n'
+        f'[hosts.local]\naddress = "127.0.0.1"\nservers = {request.param}\nserver_port = {port}\nworkers = 2\n'))
+    try:
+        cluster.wait_running(60)
+        coordinator, *shards = cluster.server_addresses()
+        with Client(coordinator) as client:
+            yield request.param, types.SimpleNamespace(address=coordinator, shard_addresses=shards), client
+    finally:
+        cluster.close()
 
 
 def exact_spec() -> JobSpec:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers.ports import consecutive_free_ports
 from helpers.up import Up, running
 from helpers.wait import wait_until
-from psgrid import certs
+from psgrid.cli import certs
 from psgrid.client import Client
 from psgrid.examples import spec_path
 from psgrid.security import Security

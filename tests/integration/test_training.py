@@ -9,8 +9,8 @@ import torch
 from psgrid.errors import JobCancelled
 from psgrid.spec import JobSpec, JobState, OptimizerSpec
 from psgrid.examples import spec_path
-from psgrid.worker.data import ShardSampler
-from psgrid.worker.loader import build_dataset, build_model
+from psgrid.dataset import ShardSampler
+from psgrid.build import build_dataset, build_model
 
 from helpers.wait import wait_until
 

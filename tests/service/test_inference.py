@@ -15,7 +15,7 @@ import torch
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psgrid import codec, rpc
+from psgrid import messages, rpc
 from psgrid.errors import (
     DeadlineExceeded,
     DtypeMismatch,
@@ -34,7 +34,7 @@ from psgrid.inference.config import ServeConfig
 from psgrid.inference.models import Candidate, ModelRegistry
 from psgrid.server.checkpoint import CheckpointStore, JobCheckpoint
 from psgrid.spec import JobSpec
-from psgrid.worker.loader import build_model
+from psgrid.build import build_model
 
 from helpers.inproc import make_rig, spec as ps_spec
 from helpers.wait import wait_until
@@ -67,7 +67,7 @@ class Versions:
     def publish(self, version: int, params=None, spec: JobSpec = SPEC):
         params = make_params(version, spec) if params is None else params
         self.params[version] = params
-        meta = {"spec": json_format.MessageToJson(codec.spec_to_proto(spec)), "version": version}
+        meta = {"spec": json_format.MessageToJson(messages.spec_to_proto(spec)), "version": version}
         return self.store.save(JobCheckpoint(JOB, self.store.next_seq(JOB), params, meta=meta))
 
     def expected(self, version: int, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psgrid import certs
+from psgrid.cli import certs
 from psgrid.client.job_client import JobServiceClient
 from psgrid.errors import Unauthenticated, Unavailable
 from psgrid.security import InsecureChannel, Security

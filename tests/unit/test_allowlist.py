@@ -7,7 +7,7 @@ import pytest
 
 from psgrid.errors import PermissionDenied
 from psgrid.spec import JobSpec, module_allowed, parse_allowed
-from psgrid.worker.loader import import_factory
+from psgrid.build import import_factory
 
 
 def test_prefixes_match_whole_package_names():

@@ -20,7 +20,7 @@ from psgrid.server.store import ParameterStore
 from psgrid.spec import JobState, OptimizerSpec
 
 JOB = "job-0123456789"
-LOGGER = "psgrid.server.checkpoint"
+LOGGER = "psgrid.checkpoints"
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:

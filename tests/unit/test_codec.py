@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psgrid import codec
+from psgrid import codec, messages
 from psgrid.codec import ALIGN, Layout, PayloadAssembler
 from psgrid.errors import DtypeMismatch, MalformedPayload, PayloadTooLarge, ShapeMismatch
 from psgrid.v1 import parameter_server_pb2 as ps
@@ -142,5 +142,5 @@ def test_job_spec_roundtrip():
     spec = JobSpec(model="m.n:f", dataset="d.e:g", model_kwargs={"h": 64, "x": [1, 2.5]},
                    optimizer=OptimizerSpec("adamw", lr=0.1, weight_decay=0.01, betas=(0.8, 0.99)),
                    steps=10, staleness=None, num_workers=3, seed=2**40)
-    assert codec.spec_from_proto(codec.spec_to_proto(spec)) == spec
-    assert codec.spec_from_proto(codec.spec_to_proto(spec.replace(staleness=0))).staleness == 0
+    assert messages.spec_from_proto(messages.spec_to_proto(spec)) == spec
+    assert messages.spec_from_proto(messages.spec_to_proto(spec.replace(staleness=0))).staleness == 0

@@ -8,7 +8,7 @@ from psgrid.backoff import Backoff
 from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, InvalidSpec
 from psgrid.examples import spec_path
 from psgrid.spec import JobSpec, OptimizerSpec
-from psgrid.worker.data import ShardSampler
+from psgrid.dataset import ShardSampler
 
 BASE = dict(model="a.b:c", dataset="d.e:f", steps=5)
 

@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from psgrid.cli_flags import _security, _serve_metrics, _supervisor_address
-from psgrid.cli_jobs import _print_result
+from psgrid.cli.flags import _security, _serve_metrics, _supervisor_address
+from psgrid.cli.jobs import _print_result
 
 # --- psgrid demo ----------------------------------------------------------------------------
 
@@ -19,48 +19,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Train an example on a fresh local cluster that runs under the supervisor."""
     import pathlib
     import shutil
-    import signal
-    import subprocess
-    import time
 
     from psgrid.client import Client
     from psgrid.examples import spec_path
     from psgrid.spec import JobSpec
-    from psgrid.supervisor.supervisor_client import SupervisorClient
+    from psgrid.supervisor.launch import UpProcess
 
     spec = JobSpec.from_toml(spec_path(args.example)).replace(num_workers=args.workers)
-    run_dir = pathlib.Path(args.run_dir)
+    run_dir = pathlib.Path(args.run_dir).resolve()
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh cluster: no jobs restored from a past demo
-    run_dir.mkdir(parents=True)
-    (run_dir / "cluster.toml").write_text(
-        f'[server]\ncheckpoint_dir = "{run_dir / "checkpoints"}"\n[workers]\ncount = {args.workers}\n')
-    port_file = run_dir / "supervisor.port"
     print(f"starting `psgrid up`: a parameter server and {args.workers} workers (logs in {run_dir}/)")
-    with open(run_dir / "up.log", "wb") as log:
-        up = subprocess.Popen([sys.executable, "-m", "psgrid", "up", str(run_dir / "cluster.toml"),
-                               "--run-dir", str(run_dir), "--port-file", str(port_file)],
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if up.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"psgrid: the cluster did not start; see {run_dir}/up.log")
-            time.sleep(0.1)
-        supervisor = f"127.0.0.1:{int(port_file.read_text())}"
-        with SupervisorClient(supervisor, retry_for_s=60) as nodes:
-            while not (server := nodes.nodes()[0].address):
-                if up.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"psgrid: the server did not start; see {run_dir}/")
-                time.sleep(0.1)
-        print(f"server on {server}; supervisor on {supervisor}")
-        print(f"  watch the nodes:  psgrid nodes --supervisor {supervisor}")
+        up = UpProcess(run_dir, timeout=120, cluster=(
+            f'[server]\ncheckpoint_dir = "{run_dir / "checkpoints"}"\n[workers]\ncount = {args.workers}\n'))
+    except (RuntimeError, TimeoutError):
+        raise SystemExit(f"psgrid: the cluster did not start; see {run_dir}/up.log") from None
+    with up:
+        try:
+            server = up.server_addresses(timeout=120)[0]
+        except (RuntimeError, TimeoutError):
+            raise SystemExit(f"psgrid: the server did not start; see {run_dir}/") from None
+        print(f"server on {server}; supervisor on {up.address}")
+        print(f"  watch the nodes:  psgrid nodes --supervisor {up.address}")
         print("  kill one and watch it come back:  kill -9 <pid of worker-0>")
         with Client(server) as client:
             info = client.submit(spec).wait()
-    finally:
-        up.send_signal(signal.SIGTERM)
-        up.wait(120)
     _print_result(info)
     for name, value in sorted(info.metrics.items()):
         print(f"{name}: {value:.4f}")
@@ -132,7 +115,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     import pathlib
 
-    from psgrid.certs import make_node
+    from psgrid.cli.certs import make_node
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     cert, key = make_node(pathlib.Path(args.directory), args.name, hosts)

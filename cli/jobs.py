@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from psgrid.cli_flags import _security, _server_address, _supervisor_address
+from psgrid.cli.flags import _security, _server_address, _supervisor_address
 
 # --- psgrid submit / jobs / job / cancel ----------------------------------------------
 

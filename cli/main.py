@@ -2,13 +2,13 @@
 
 Precedence: defaults < config file (``--config``) < flags. Only the
 ``psgrid.cli*`` modules read the environment (``PSGRID_SERVER`` and the like),
-almost all of it through the shared helpers in :mod:`psgrid.cli_flags`.
+almost all of it through the shared helpers in :mod:`psgrid.cli.flags`.
 
 This module holds the entry point (:func:`main`), the argument parser
 (:func:`build_parser`) and the commands that run a node: ``server``,
 ``worker`` and ``serve``. The other subcommands live by group in
-:mod:`psgrid.cli_jobs` (submit, jobs, job, cancel, status, plot) and
-:mod:`psgrid.cli_cluster` (demo, up, nodes, restart, certs); their command
+:mod:`psgrid.cli.jobs` (submit, jobs, job, cancel, status, plot) and
+:mod:`psgrid.cli.cluster` (demo, up, nodes, restart, certs); their command
 functions are importable from here too. Commands import their heavy
 dependencies when they run, so ``psgrid --help`` stays fast.
 """
@@ -20,10 +20,10 @@ import os
 import sys
 
 from psgrid import __version__
-from psgrid.cli_cluster import cmd_certs, cmd_demo, cmd_nodes, cmd_restart, cmd_up
-from psgrid.cli_flags import (DEFAULT_PORT, _add_metrics_flags, _add_security_flags, _security, _serve_metrics,
+from psgrid.cli.cluster import cmd_certs, cmd_demo, cmd_nodes, cmd_restart, cmd_up
+from psgrid.cli.flags import (DEFAULT_PORT, _add_metrics_flags, _add_security_flags, _security, _serve_metrics,
                               _server_address)
-from psgrid.cli_jobs import cmd_cancel, cmd_job, cmd_jobs, cmd_plot, cmd_status, cmd_submit
+from psgrid.cli.jobs import cmd_cancel, cmd_job, cmd_jobs, cmd_plot, cmd_status, cmd_submit
 from psgrid.log import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.liveness_file:
         # Now, before torch loads (seconds): a supervisor sees the process alive at once.
         pathlib.Path(args.liveness_file).touch()
-    from psgrid.worker.device import default_threads, set_threads
+    from psgrid.device import default_threads, set_threads
     from psgrid.worker.ps_client import ParameterServerClient
     from psgrid.spec import parse_allowed
     from psgrid.worker.runner import Worker

@@ -10,7 +10,7 @@ from torch import nn
 
 from psgrid.errors import InvalidSpec, PermissionDenied
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobSpec, module_allowed
-from psgrid.worker.data import Dataset
+from psgrid.dataset import Dataset
 
 
 def import_factory(path: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_MODULES) -> Callable[..., Any]:

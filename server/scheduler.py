@@ -1,0 +1,199 @@
+"""Registration and scheduling: workers register, beat and fall silent; jobs queue, start and end.
+
+:class:`Scheduler` keeps the worker pool and the pending queue of a
+:class:`~psgrid.server.state.ServerState`: it registers workers (one that
+registers again under its name takes back its rank), drops the silent ones from
+their barriers, starts pending jobs on idle workers, opens and closes the shards
+of sharded jobs, and returns a job's workers to the pool when the job ends.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from psgrid.errors import InvalidArgument
+from psgrid.server.jobs import Job
+from psgrid.server.state import ServerState, WorkerRecord
+from psgrid.spec import Assignment, JobInfo, JobSpec, JobState
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Registers workers and matches them with jobs."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    # --- workers ------------------------------------------------------------------
+
+    def register_worker(self, name: str, host: str, pid: int, device: str) -> WorkerRecord:
+        """Register a worker. A worker registering under the name of an earlier one
+        is its new incarnation: it replaces the old id and takes back its job and rank."""
+        state = self.state
+        now = state.clock()
+        record = WorkerRecord(f"w-{uuid.uuid4().hex[:10]}", name, host, pid, device, now, now)
+        with state.lock:
+            for old in [w for w in state.workers.values() if w.name == name]:
+                del state.workers[old.worker_id]
+            state.workers[record.worker_id] = record
+            for job in sorted(state.jobs.values(), key=lambda j: j.created, reverse=True):
+                if self._take_over(job, record):
+                    break
+        logger.info("[ps] worker %s registered (%s, pid %d, %s)", record.worker_id, name, pid, device)
+        self.schedule()
+        return record
+
+    def _take_over(self, job: Job, new: WorkerRecord) -> bool:
+        """Give ``new`` the rank in ``job`` that a gone worker of the same name held."""
+        with job.cond:
+            if job.state.terminal:
+                return False
+            for rank, name in enumerate(job.worker_names):
+                old = job.workers[rank]
+                if name == new.name and old not in self.state.workers:
+                    job.replace_worker(old, new.worker_id)
+                    new.job_id = job.job_id
+                    logger.info("[ps] worker %s (%s) takes back rank %d of job %s at step %d",
+                                new.worker_id, name, rank, job.job_id, job.steps.clocks[new.worker_id])
+                    return True
+        return False
+
+    def reap(self) -> list[str]:
+        """Drop workers that missed their heartbeats from their jobs' barriers."""
+        state = self.state
+        now, lost = state.clock(), []
+        for worker in list(state.workers.values()):
+            job = state.jobs.get(worker.job_id) if worker.job_id else None
+            if job is None or state.alive(worker, now):
+                continue
+            with job.cond:
+                if worker.worker_id in job.workers and worker.worker_id not in job.lost:
+                    job.worker_lost(worker.worker_id)
+                    lost.append(worker.worker_id)
+                    state.log_applied(job)
+        for job in list(state.jobs.values()):
+            with job.cond:
+                for stand_in in job.overdue(now, state.config.heartbeat_timeout_s):
+                    job.worker_lost(stand_in)
+                    lost.append(stand_in)
+                    state.log_applied(job)
+        for worker_id in lost:
+            logger.warning("[ps] worker %s missed its heartbeats: it leaves the barrier", worker_id)
+        return lost
+
+    def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
+        """Note the worker alive; hand it a job when it is idle and one waits."""
+        state = self.state
+        worker = state.worker(worker_id)
+        worker.last_seen = state.clock()
+        state.mark_back(worker)
+        self.schedule()
+        job_state = None
+        if job_id:
+            job = state.job(job_id)
+            job_state = job.state
+        assignment = None
+        current = worker.job_id
+        if current and current != job_id:
+            job = state.jobs[current]
+            with job.cond:
+                assignment = Assignment(current, job.rank_of(worker_id), len(job.workers), job.spec,
+                                        job.steps.clocks[worker_id], job.shards, tuple(job.worker_names))
+        return assignment, job_state
+
+    # --- jobs ---------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Start pending jobs, oldest first, on idle live workers."""
+        state = self.state
+        with state.lock:
+            now = state.clock()
+            for job_id in list(state.pending):
+                job = state.jobs[job_id]
+                if job.state is not JobState.PENDING:
+                    state.pending.remove(job_id)
+                    continue
+                idle = [w for w in state.workers.values() if w.job_id is None and state.alive(w, now)]
+                if len(idle) < job.spec.num_workers:
+                    break
+                chosen = idle[: job.spec.num_workers]
+                for w in chosen:
+                    w.job_id = job_id
+                state.pending.remove(job_id)
+                with job.cond:
+                    job.start([w.worker_id for w in chosen], [w.name for w in chosen])
+                logger.info("[ps] job %s started on %s", job_id, ", ".join(job.workers))
+
+    def release(self, job: Job) -> None:
+        """Return a finished job's workers to the idle pool, once its end is on disk:
+        a server restarted a moment later must not bring the job back as running."""
+        state = self.state
+        state.snapshots.save_end(job)
+        with state.lock:
+            for w in state.workers.values():
+                if w.job_id == job.job_id:
+                    w.job_id = None
+        self.schedule()
+
+    def submit(self, spec: JobSpec) -> JobInfo:
+        """Queue a job; PermissionDenied when it names modules outside the allow-list."""
+        state = self.state
+        spec.check_modules(state.config.allowed_modules)
+        job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=state.clock, shards=state.config.shards)
+        state.snapshots.align(job)
+        with state.lock:
+            state.jobs[job.job_id] = job
+            state.pending.append(job.job_id)
+        logger.info("[ps] job %s submitted: %s on %s, %d workers, staleness %s",
+                    job.job_id, spec.model, spec.dataset, spec.num_workers, spec.staleness)
+        self.schedule()
+        with job.cond:
+            return job.info()
+
+    def open_partition(self, job_id: str, spec: JobSpec, names: list[str]) -> None:
+        """Hold one shard of a sharded job here (idempotent).
+
+        The job's workers take their ranks by name, as after a restore: the
+        ones registered already now, the others when they register.
+        """
+        state = self.state
+        spec.check_modules(state.config.allowed_modules)
+        with state.lock:
+            if job_id in state.jobs:
+                return
+            job = Job(job_id, spec, clock=state.clock, partition=True)
+            state.snapshots.align(job)
+            with job.cond:
+                job.open_away(names)
+                job.set_state(JobState.RUNNING)
+            state.jobs[job_id] = job
+            now = state.clock()
+            for worker in state.workers.values():
+                # Only a live registration: a stale one (the worker has not talked
+                # to this shard since its last job) would be dropped from the
+                # barrier at once, while the coordinator still counts it.
+                if worker.name in names and worker.job_id is None and state.alive(worker, now):
+                    self._take_over(job, worker)
+        logger.info("[ps] holding a shard of job %s for %d workers", job_id, len(names))
+
+    def close_partition(self, job_id: str, worker_id: str, state: JobState) -> None:
+        """End this shard's part of a job that ended on its coordinator."""
+        job, _ = self.state.member(job_id, worker_id)
+        if not state.terminal:
+            raise InvalidArgument(f"a partition closes with a terminal state, not {state.value}")
+        with job.cond:
+            moved = job.set_state(state)
+        if moved:
+            self.release(job)
+
+    def cancel(self, job_id: str) -> JobInfo:
+        """Cancel a job; a job already over stays as it was."""
+        job = self.state.job(job_id)
+        with job.cond:
+            moved = job.set_state(JobState.CANCELLED)
+            info = job.info()
+        if moved:
+            logger.info("[ps] job %s cancelled", job_id)
+            self.release(job)
+        return info

@@ -1,0 +1,189 @@
+"""The step path: what a worker calls every step (pull, push, report).
+
+:class:`StepPath` hands a worker the weights once it may compute a step,
+receives, validates and applies its gradients, and records its progress,
+ending the job when the last report says so. :class:`PushHeader` and
+:class:`PullResult` are what a push brings and a pull streams.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+
+from psgrid.codec import Layout, PayloadAssembler
+from psgrid.errors import InvalidArgument, NotReady, PsgridError
+from psgrid.server.jobs import Job
+from psgrid.server.scheduler import Scheduler
+from psgrid.server.state import ServerState
+from psgrid.server.store import check_finite
+from psgrid.spec import JobState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PushHeader:
+    """What a push says about the gradient (or initial weights) that follows it."""
+
+    job_id: str
+    worker_id: str
+    seq: int
+    base_version: int
+    base_step: int
+    init: bool
+    layout: Layout
+    #: Examples the gradient averages over (BSP weight).
+    samples: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PullResult:
+    """What a pull streams: the payload is None when the job is over."""
+
+    state: JobState
+    version: int
+    step: int
+    layout: Layout | None
+    payload: torch.Tensor | None
+    #: The step the server expects this worker to compute next.
+    clock: int = 0
+    #: The data shards (ranks) the worker computes this step on.
+    ranks: tuple[int, ...] = ()
+    #: BSP: digest of who contributed to each round so far (see Job.lineage).
+    lineage: str = ""
+
+
+class StepPath:
+    """Pull, push and report for the workers of every job."""
+
+    def __init__(self, state: ServerState, scheduler: Scheduler):
+        self.state = state
+        self.scheduler = scheduler
+
+    def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float) -> PullResult:
+        """Wait until the worker may compute step ``clock``, then hand it the weights."""
+        job, worker = self.state.member(job_id, worker_id)
+        worker.last_seen = self.state.clock()
+        self.state.mark_back(worker)
+        with job.cond:
+            if not job.cond.wait_for(lambda: job.ready_for(worker_id, clock, final), timeout_s):
+                raise NotReady(f"step {clock} of {worker_id} is not ready yet")
+            step = job.steps.global_step
+            clock = job.steps.clocks[worker_id]  # the truth: ahead after a rejoin, behind after a restore
+            if job.state.terminal or (final and (job.state is not JobState.EVALUATING
+                                                 or worker_id != job.evaluator)):
+                # Over, evaluated by another worker, or (final while RUNNING) this
+                # worker has steps to compute again: no weights in this reply.
+                return PullResult(job.state, job.store.version if job.store else 0, step, None, None, clock)
+            store = job.store
+            if job.spec.synchronous or final:
+                # Nothing writes the parameters until this worker pushes again.
+                payload = store.flat
+            else:
+                payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
+            self.state.metrics.pulls.labels(job_id).inc()
+            self.state.metrics.bytes_out.inc(store.layout.total_bytes)
+            return PullResult(job.state, store.version, step, store.layout, payload, clock,
+                              tuple(job.coverage(worker_id)), job.lineage)
+
+    def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+        """Receive, validate and apply one push; return (version, duplicate).
+
+        Nothing changes unless the whole payload arrived and passed every check.
+        """
+        metrics = self.state.metrics
+        try:
+            version, duplicate = self._push(header, payload)
+        except PsgridError as exc:
+            metrics.rejected.labels(type(exc).__name__).inc()
+            raise
+        metrics.bytes_in.inc(header.layout.total_bytes)
+        if not header.init:
+            (metrics.duplicates if duplicate else metrics.pushes).labels(header.job_id).inc()
+        return version, duplicate
+
+    def _push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+        job, worker = self.state.member(header.job_id, header.worker_id)
+        # A worker dropped from the barrier rejoins before its push counts: a late
+        # gradient for a round applied without it is then a duplicate, not a
+        # contribution to the next round.
+        worker.last_seen = self.state.clock()
+        self.state.mark_back(worker)
+        with job.push_locks[header.worker_id]:
+            if header.init:
+                return self._push_init(job, header, payload)
+            with job.cond:
+                job.require_running()
+                job.require_store().layout.check_matches(header.layout)
+                duplicate = job.steps.is_duplicate(header.worker_id, header.seq)
+                if not duplicate:
+                    job.steps.check_push(header.worker_id, header.seq)
+            buffer = job.staging_for(header.worker_id, header.layout.total_bytes)
+            _receive(header.layout, buffer, payload)
+            if duplicate:
+                return job.store.version, True
+            grads = header.layout.views(buffer)
+            check_finite(grads)
+            started = time.perf_counter()
+            with job.cond:
+                job.require_running()
+                record = job.accept_gradient(
+                    header.worker_id, header.seq, header.base_version, header.base_step, grads,
+                    header.samples,
+                )
+                self.state.log_applied(job)
+            self.state.metrics.apply_seconds.observe(time.perf_counter() - started)
+            self.state.metrics.staleness.observe(record.staleness)
+            return record.version, False
+
+    def _push_init(self, job: Job, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+        with job.cond:
+            job.require_running()
+            if job.store is not None:
+                job.store.layout.check_matches(header.layout)
+        buffer = torch.empty(header.layout.total_bytes, dtype=torch.uint8)
+        _receive(header.layout, buffer, payload)
+        with job.cond:
+            created = job.initialize(header.layout, buffer)
+            version = job.store.version
+        if created:
+            logger.info("[ps] job %s initialised: %d tensors, %d bytes",
+                        job.job_id, len(header.layout.tensors), header.layout.total_bytes)
+        return version, not created
+
+    def report(self, worker_id: str, job_id: str, phase: str, step: int, total_steps: int,
+               loss: float, samples: int, seconds: float, metrics: dict[str, float],
+               error: str) -> JobState:
+        """Record a worker's progress; move the job on when it finished or failed."""
+        job, _ = self.state.member(job_id, worker_id)
+        ended = False
+        with job.cond:
+            if phase == "FAILED":
+                ended = job.set_state(JobState.FAILED, f"worker {worker_id}: {error}")
+            elif not job.state.terminal:
+                job.report(worker_id, step, total_steps, loss, samples, seconds,
+                           metrics if phase == "TRAINING" else None)
+                if phase == "FINISHED":
+                    job.worker_finished(worker_id)
+                elif phase == "EVALUATED":
+                    if worker_id != job.evaluator or job.state is not JobState.EVALUATING:
+                        raise InvalidArgument("only the designated evaluator reports evaluation, after training")
+                    job.evaluated(metrics)
+                    ended = True
+            state = job.state
+        if ended:
+            logger.info("[ps] job %s %s", job_id, state.value)
+            self.scheduler.release(job)
+        return state
+
+
+def _receive(layout: Layout, buffer: torch.Tensor, payload: Iterable[memoryview]) -> None:
+    """Copy the whole payload into ``buffer``; MalformedPayload unless its length is the layout's."""
+    assembler = PayloadAssembler(layout, buffer)
+    for piece in payload:
+        assembler.feed(piece)
+    assembler.finish()
