@@ -111,6 +111,7 @@ class JobSpec:
     eval_every: int = 0
 
     def __post_init__(self) -> None:
+        self._coerce()
         if self.eval_every < 0:
             raise InvalidSpec(f"eval_every must be >= 0, got {self.eval_every}")
         for field in ("model", "dataset"):
@@ -140,6 +141,35 @@ class JobSpec:
         if not _DEVICE.match(self.device):
             raise InvalidSpec(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
+    _INT_FIELDS = ("batch_size", "epochs", "steps", "num_workers", "seed", "eval_every")
+
+    def _coerce(self) -> None:
+        """The same spellings on every path (constructor, :meth:`replace`, :meth:`from_dict`).
+
+        ``staleness`` "inf"/"async"/"none"/"unbounded" means None (asynchronous);
+        ``epochs``/``steps`` None means unset (0); every count must be an int
+        (not a bool, float or string): InvalidSpec naming the field otherwise.
+        """
+        staleness = self.staleness
+        if isinstance(staleness, str):
+            if staleness.lower() not in ("inf", "async", "none", "unbounded"):
+                raise InvalidSpec(f"staleness must be an integer or 'inf', got {staleness!r}")
+            object.__setattr__(self, "staleness", None)
+        elif staleness is not None and (isinstance(staleness, bool) or not isinstance(staleness, int)):
+            raise InvalidSpec(f"staleness must be an integer or 'inf', got {staleness!r}")
+        for field in ("epochs", "steps"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, 0)
+        for field in self._INT_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidSpec(f"{field} must be an integer, got {value!r}")
+        for field in ("name", "device"):
+            if not isinstance(getattr(self, field), str):
+                raise InvalidSpec(f"{field} must be a string, got {getattr(self, field)!r}")
+        if not isinstance(self.optimizer, OptimizerSpec):
+            raise InvalidSpec(f"optimizer must be an OptimizerSpec, got {type(self.optimizer).__name__}")
+
     @property
     def synchronous(self) -> bool:
         return self.staleness == 0
@@ -154,6 +184,10 @@ class JobSpec:
                     "the operator can add its package with --allow-modules")
 
     def replace(self, **changes: Any) -> "JobSpec":
+        """A copy with ``changes``, coerced and checked as :meth:`from_dict` does (InvalidSpec)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidSpec(f"unknown job spec keys: {sorted(unknown)}")
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -172,11 +206,6 @@ class JobSpec:
         unknown = set(opt) - {f.name for f in dataclasses.fields(OptimizerSpec)}
         if unknown:
             raise InvalidSpec(f"unknown optimizer keys: {sorted(unknown)}")
-        staleness = data.get("staleness", 0)
-        if isinstance(staleness, str):
-            if staleness.lower() not in ("inf", "async", "none", "unbounded"):
-                raise InvalidSpec(f"staleness must be an integer or 'inf', got {staleness!r}")
-            data["staleness"] = None
         return cls(optimizer=OptimizerSpec(**opt), **data)
 
     @classmethod

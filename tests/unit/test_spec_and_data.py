@@ -77,3 +77,18 @@ def test_every_error_has_a_real_status_code():
         assert grpc.StatusCode[cls.code]
     for code, cls in ERROR_BY_CODE.items():
         assert cls.code == code
+
+
+def test_replace_coerces_and_checks_as_from_dict_does():
+    spec = JobSpec.from_dict({"model": "psgrid.examples.models:mlp", "dataset": "psgrid.examples.datasets:digits",
+                              "epochs": 2})
+    assert spec.replace(staleness="inf").staleness is None
+    assert spec.replace(staleness="async").staleness is None
+    switched = spec.replace(epochs=None, steps=50)
+    assert (switched.epochs, switched.steps) == (0, 50)
+    for bad in ({"staleness": "sometimes"}, {"staleness": 1.5}, {"epochs": "3"}, {"batch_size": True},
+                {"epochs": None}, {"num_workrs": 2}, {"seed": 2.0}):
+        with pytest.raises(InvalidSpec):
+            spec.replace(**bad)
+    with pytest.raises(InvalidSpec):
+        JobSpec.from_dict({"model": "a.b:c", "dataset": "a.b:d", "epochs": 1, "staleness": "x"})
