@@ -25,11 +25,13 @@ import logging
 import os
 import pathlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
-import safetensors
 import safetensors.torch
 import torch
+
+from psgrid.limits import check_id, is_id
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +44,9 @@ SUPPORTED_DTYPES = (
     torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
 )
 _PARAM, _OPTIM = "param/", "optim/"
-# An allowlist rather than a denylist: the id becomes a directory name, so
-# anything that could climb out of the root, hide, or need quoting is refused
-# (fullmatch, since ``$`` would let a trailing newline through).
-_JOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 _FINAL = re.compile(r"ckpt-(\d{8,})\.(json|safetensors)")
 _TEMP = re.compile(r"\.ckpt-(\d{8,})\..*\.tmp")
 _JSON_SCALARS = (str, int, float, bool, type(None))
-
-
-def _is_job_id(name: object) -> bool:
-    return isinstance(name, str) and _JOB_ID.fullmatch(name) is not None
-
-
-def check_job_id(job_id: str) -> str:
-    """Return ``job_id`` if it is safe as a directory name; else raise ValueError."""
-    if not _is_job_id(job_id):
-        raise ValueError(
-            f"job id {job_id!r} is not usable as a checkpoint directory name "
-            "(1-128 of A-Z a-z 0-9 _ . -, not starting with . or -)"
-        )
-    return job_id
 
 
 def _check_json(value: Any, where: str) -> None:
@@ -114,7 +98,7 @@ class JobCheckpoint:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_job_id(self.job_id)
+        check_id(self.job_id)
         if type(self.seq) is not int or self.seq < 0:
             raise ValueError(f"seq must be an int >= 0, got {self.seq!r}")
         _check_tensors(self.params, "params")
@@ -160,16 +144,18 @@ def _manifest_checksum(body: dict[str, Any]) -> str:
 class CheckpointReader:
     """Checkpoints of many jobs under one directory, read and verified.
 
-    Contracts: :meth:`load_latest` returns only checkpoints that verify end to
-    end, and never raises for a damaged one (it logs and falls back to an older
-    one). Job ids that are unsafe as directory names raise ValueError everywhere.
+    Contracts: :meth:`load_latest` and :meth:`verified` return only checkpoints
+    that verify end to end, and never raise for a damaged one, however it is
+    damaged (they log it and fall back to an older one); :meth:`load` raises
+    ValueError for one. Job ids that are unsafe as directory names raise
+    InvalidId (a ValueError) everywhere.
     """
 
     def __init__(self, directory: str | os.PathLike[str]):
         self.directory = pathlib.Path(directory)
 
     def _job_dir(self, job_id: str) -> pathlib.Path:
-        return self.directory / check_job_id(job_id)
+        return self.directory / check_id(job_id)
 
     @staticmethod
     def _scan(job_dir: pathlib.Path) -> tuple[set[int], set[int], dict[str, int]]:
@@ -192,21 +178,31 @@ class CheckpointReader:
         except FileNotFoundError:
             return []
         return [name for name in entries
-                if _is_job_id(name) and self._scan(self.directory / name)[0]]
+                if is_id(name) and self._scan(self.directory / name)[0]]
 
     def load_latest(self, job_id: str) -> JobCheckpoint | None:
         """The newest checkpoint of ``job_id`` that verifies, or None if there is none.
 
         Each one that fails verification is logged once at WARNING and skipped.
         """
+        return next(self.verified(job_id), None)
+
+    def verified(self, job_id: str) -> Iterator[JobCheckpoint]:
+        """The checkpoints of ``job_id`` that verify, newest first, each read when asked for.
+
+        Any failure to read one (a torn file, a bad checksum, a manifest too
+        deeply nested to parse, ...) means that checkpoint is bad: it is logged
+        once at WARNING and skipped.
+        """
         job_dir = self._job_dir(job_id)
         manifests, _, _ = self._scan(job_dir)
         for seq in sorted(manifests, reverse=True):
             try:
-                return self._load(job_dir, job_id, seq)
-            except (_Invalid, OSError, ValueError, safetensors.SafetensorError) as exc:
-                logger.warning("[ps] job %s checkpoint %d skipped: %s", job_id, seq, exc)
-        return None
+                ckpt = self._load(job_dir, job_id, seq)
+            except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is unusable
+                logger.warning("[ps] job %s checkpoint %d skipped: %s", job_id, seq, _reason(exc))
+                continue
+            yield ckpt
 
     def manifests(self, job_id: str) -> list[tuple[int, dict[str, Any]]]:
         """(seq, meta) of each checkpoint of ``job_id`` whose manifest verifies, oldest
@@ -216,16 +212,17 @@ class CheckpointReader:
         for seq in sorted(self._scan(job_dir)[0]):
             try:
                 found.append((seq, _read_manifest(job_dir / f"ckpt-{seq:08d}.json", job_id, seq)["meta"]))
-            except (_Invalid, OSError) as exc:
-                logger.warning("[ps] job %s checkpoint %d skipped: %s", job_id, seq, exc)
+            except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is unusable
+                logger.warning("[ps] job %s checkpoint %d skipped: %s", job_id, seq, _reason(exc))
         return found
 
     def load(self, job_id: str, seq: int) -> JobCheckpoint:
         """Checkpoint ``seq`` of ``job_id``, verified end to end; ValueError if it does not verify."""
+        job_dir = self._job_dir(job_id)
         try:
-            return self._load(self._job_dir(job_id), job_id, seq)
-        except (_Invalid, OSError, safetensors.SafetensorError) as exc:
-            raise ValueError(f"job {job_id} checkpoint {seq} is unusable: {exc}") from None
+            return self._load(job_dir, job_id, seq)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is unusable
+            raise ValueError(f"job {job_id} checkpoint {seq} is unusable: {_reason(exc)}") from None
 
     def _load(self, job_dir: pathlib.Path, job_id: str, seq: int) -> JobCheckpoint:
         manifest = _read_manifest(job_dir / f"ckpt-{seq:08d}.json", job_id, seq)
@@ -245,6 +242,12 @@ class CheckpointReader:
         if loaded:
             raise _Invalid(f"{tensor_path.name} holds tensors the manifest does not list: {sorted(loaded)[:5]}")
         return JobCheckpoint(job_id, seq, params, optimizer_state, manifest["meta"])
+
+
+def _reason(exc: Exception) -> str:
+    """Why a checkpoint is unusable, in one line of bounded length."""
+    text = str(exc) if isinstance(exc, (_Invalid, OSError)) else f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 500 else f"{text[:500]}..."
 
 
 def _read_manifest(path: pathlib.Path, job_id: str, seq: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from psgrid.errors import (
     PayloadTooLarge,
     ShapeMismatch,
 )
+from psgrid.limits import quote
 from psgrid.messages import state_from_proto, state_to_proto
 from psgrid.spec import JobState
 from psgrid.v1 import parameter_server_pb2, tensor_pb2
@@ -39,6 +40,8 @@ CHUNK_BYTES = 2 << 20
 ALIGN = 64
 #: Most tensors one set may declare.
 MAX_TENSORS = 100_000
+#: Longest tensor name.
+MAX_TENSOR_NAME_CHARS = 512
 
 _DTYPES: list[tuple[int, torch.dtype]] = [
     (tensor_pb2.DTYPE_FLOAT32, torch.float32),
@@ -128,15 +131,29 @@ class Layout:
             )
         for mine, theirs in zip(self.tensors, other.tensors):
             if mine.name != theirs.name:
-                raise ShapeMismatch(f"expected tensor {mine.name!r}, got {theirs.name!r}")
+                raise ShapeMismatch(f"expected tensor {mine.name!r}, got {quote(theirs.name)}")
             if mine.dtype != theirs.dtype:
                 raise DtypeMismatch(
                     f"tensor {mine.name!r}: expected {mine.dtype}, got {theirs.dtype}"
                 )
             if mine.shape != theirs.shape:
                 raise ShapeMismatch(
-                    f"tensor {mine.name!r}: expected shape {list(mine.shape)}, got {list(theirs.shape)}"
+                    f"tensor {mine.name!r}: expected shape {list(mine.shape)}, got {quote(list(theirs.shape))}"
                 )
+
+    def check_identical(self, other: "Layout") -> None:
+        """Raise unless ``other`` is exactly this layout: :meth:`check_matches`, then
+        the same offsets and total size (MalformedPayload), so that a payload sized by
+        ``other`` is never larger than this layout's."""
+        self.check_matches(other)
+        if other.total_bytes != self.total_bytes or any(
+                mine.offset != theirs.offset for mine, theirs in zip(self.tensors, other.tensors)):
+            raise MalformedPayload(f"the payload is laid out in {other.total_bytes} bytes, the job's in "
+                                   f"{self.total_bytes}: offsets and total_bytes must be the job's exactly")
+
+    def dense(self) -> "Layout":
+        """The same tensors laid out as :meth:`of` lays them out (no gaps, no padding)."""
+        return Layout.of((m.name, m.dtype, m.shape) for m in self.tensors)
 
 
 # --- tensor sets <-> protobuf -------------------------------------------------
@@ -167,24 +184,27 @@ def layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layout
         raise PayloadTooLarge(f"payload of {msg.total_bytes} bytes declared, limit {max_bytes}")
     metas, end, names = [], 0, set()
     for spec in msg.tensors:
+        if len(spec.name) > MAX_TENSOR_NAME_CHARS:
+            raise MalformedPayload(f"tensor name of {len(spec.name)} characters, limit {MAX_TENSOR_NAME_CHARS}: "
+                                   f"{quote(spec.name)}")
         dtype = TORCH_BY_PROTO.get(spec.dtype)
         if dtype is None:
-            raise DtypeMismatch(f"tensor {spec.name!r}: unknown dtype {spec.dtype}")
+            raise DtypeMismatch(f"tensor {quote(spec.name)}: unknown dtype {spec.dtype}")
         if not spec.name or spec.name in names:
-            raise MalformedPayload(f"tensor names must be unique and non-empty: {spec.name!r}")
+            raise MalformedPayload(f"tensor names must be unique and non-empty: {quote(spec.name)}")
         names.add(spec.name)
         if any(d < 0 for d in spec.shape):
-            raise MalformedPayload(f"tensor {spec.name!r}: negative dimension in {list(spec.shape)}")
+            raise MalformedPayload(f"tensor {quote(spec.name)}: negative dimension in {quote(list(spec.shape))}")
         numel = math.prod(spec.shape)
         if numel * dtype.itemsize > max_bytes:
-            raise PayloadTooLarge(f"tensor {spec.name!r} of shape {list(spec.shape)} is over the limit")
+            raise PayloadTooLarge(f"tensor {quote(spec.name)} of shape {quote(list(spec.shape))} is over the limit")
         if spec.nbytes != numel * dtype.itemsize:
             raise MalformedPayload(
-                f"tensor {spec.name!r}: {spec.nbytes} bytes declared for shape "
-                f"{list(spec.shape)} of {dtype} ({numel * dtype.itemsize} expected)"
+                f"tensor {quote(spec.name)}: {spec.nbytes} bytes declared for shape "
+                f"{quote(list(spec.shape))} of {dtype} ({numel * dtype.itemsize} expected)"
             )
         if spec.offset % ALIGN or spec.offset < end:
-            raise MalformedPayload(f"tensor {spec.name!r}: bad offset {spec.offset}")
+            raise MalformedPayload(f"tensor {quote(spec.name)}: bad offset {spec.offset}")
         end = spec.offset + spec.nbytes
         metas.append(TensorMeta(spec.name, dtype, tuple(spec.shape), spec.offset, spec.nbytes))
     if msg.total_bytes < end:

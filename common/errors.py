@@ -41,6 +41,13 @@ class InvalidSpec(InvalidArgument):
     """A job spec or config value is out of range."""
 
 
+class InvalidId(InvalidArgument, ValueError):
+    """A job or worker id breaks the id rule (:func:`psgrid.limits.check_id`).
+
+    Also a ValueError, which is what the checkpoint reader has always raised for one.
+    """
+
+
 class NotFound(PsgridError):
     code = "NOT_FOUND"
 
@@ -127,6 +134,10 @@ class DeadlineExceeded(PsgridError):
 
 class Cancelled(PsgridError):
     code = "CANCELLED"
+
+
+class Stopping(Cancelled):
+    """The caller is stopping: its call was given up, or cancelled in flight."""
 
 
 class Internal(PsgridError):

@@ -10,6 +10,7 @@ import json
 import dataclasses
 
 from psgrid.errors import InvalidSpec
+from psgrid.limits import MAX_KWARGS_JSON_BYTES, quote
 from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState, OptimizerSpec, WorkerStatus
 from psgrid.v1 import job_pb2
 
@@ -44,10 +45,14 @@ def spec_to_proto(spec: JobSpec) -> job_pb2.JobSpec:
 
 
 def _kwargs(text: str, field: str) -> dict:
+    """The JSON object ``text``; InvalidSpec for anything else, before parsing when it is
+    over MAX_KWARGS_JSON_BYTES (nesting too deep or a number too long to parse included)."""
+    if len(text) > MAX_KWARGS_JSON_BYTES:
+        raise InvalidSpec(f"{field} is {len(text)} characters of JSON, limit {MAX_KWARGS_JSON_BYTES}")
     try:
         value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise InvalidSpec(f"{field} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError, as is a huge int
+        raise InvalidSpec(f"{field} is not valid JSON: {type(exc).__name__}: {quote(str(exc))}") from None
     if not isinstance(value, dict):
         raise InvalidSpec(f"{field} must be a JSON object")
     return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -14,7 +15,7 @@ import grpc
 
 from psgrid.backoff import Backoff
 from psgrid.security import Security
-from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, DeadlineExceeded, PsgridError
+from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, DeadlineExceeded, PsgridError, Stopping
 
 logger = logging.getLogger(__name__)
 
@@ -140,24 +141,42 @@ class ServiceClient:
 
 
 def call(fn: Callable[..., T], *args, timeout: float, retry_for: float = 0.0,
-         backoff: Backoff | None = None, retry_codes=RETRYABLE, **kwargs) -> T:
+         backoff: Backoff | None = None, retry_codes=RETRYABLE, stop: threading.Event | None = None,
+         **kwargs) -> T:
     """Call a stub method with a deadline; retry retryable codes for ``retry_for`` s.
 
-    Raises the matching psgrid exception when the call fails for good.
+    Raises the matching psgrid exception when the call fails for good. Once
+    ``stop`` is set it raises Stopping instead: before a try, during a back-off
+    sleep (which ``stop`` wakes), and for a call that failed meanwhile (whoever
+    set ``stop`` may have closed the channel to cancel the calls in flight).
     """
     backoff = backoff or Backoff(initial=0.05, maximum=2.0)
     give_up = time.monotonic() + retry_for
+    name = getattr(fn, "__name__", fn)
     while True:
+        _check_stop(stop, name)
         try:
             return fn(*args, timeout=timeout, **kwargs)
         except grpc.RpcError as exc:
+            _check_stop(stop, name)
             code = exc.code() if hasattr(exc, "code") else None
             delay = backoff.next_delay()
             if code in retry_codes and time.monotonic() + delay < give_up:
-                logger.debug("retrying %s after %s in %.2fs", getattr(fn, "__name__", fn), code, delay)
-                time.sleep(delay)
+                logger.debug("retrying %s after %s in %.2fs", name, code, delay)
+                if stop is None:
+                    time.sleep(delay)
+                else:
+                    stop.wait(delay)
                 continue
             raise to_psgrid_error(exc) from None
+        except ValueError:  # "Cannot invoke RPC on closed channel": closed by a stop
+            _check_stop(stop, name)
+            raise
+
+
+def _check_stop(stop: threading.Event | None, name: object) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopping(f"stopping: {name if isinstance(name, str) else 'a call'} given up")
 
 
 def wait_for_ready(channel: grpc.Channel, timeout: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import pathlib
 import re
 import sys
@@ -18,12 +19,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from psgrid.errors import InvalidSpec, PermissionDenied
+from psgrid.limits import MAX_COUNT, MAX_IMPORT_PATH_CHARS, MAX_JOB_NAME_CHARS, MAX_KWARGS_JSON_BYTES, quote
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: Module prefixes a cluster runs by default: psgrid's own examples.
 DEFAULT_ALLOWED_MODULES = ("psgrid.examples",)
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# Dotted identifiers (no empty part: "a..b" and "a." are no module), a colon, an identifier.
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _DEVICE = re.compile(r"^(|auto|cpu|cuda(:\d+)?|mps)$")
+#: The largest per-worker batch: sample weights (batch x ranks) stay well inside int64.
+MAX_BATCH_SIZE = 2**31 - 1
 
 
 def module_allowed(module: str, allowed: tuple[str, ...]) -> bool:
@@ -71,7 +76,16 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise InvalidSpec(f"optimizer {self.name!r} is not one of {OPTIMIZERS}")
+            raise InvalidSpec(f"optimizer {quote(self.name)} is not one of {OPTIMIZERS}")
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise InvalidSpec(f"betas must be a pair of numbers, got {quote(self.betas)}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        # Every number finite: one NaN or Inf here turns the parameters non-finite at the first step.
+        for field, value in (("lr", self.lr), ("momentum", self.momentum), ("dampening", self.dampening),
+                             ("weight_decay", self.weight_decay), ("beta1", self.betas[0]),
+                             ("beta2", self.betas[1]), ("eps", self.eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidSpec(f"optimizer {field} must be a finite number, got {quote(value)}")
         if not self.lr > 0:
             raise InvalidSpec(f"optimizer lr must be > 0, got {self.lr}")
         if self.momentum < 0 or self.weight_decay < 0 or self.dampening < 0:
@@ -116,30 +130,40 @@ class JobSpec:
             raise InvalidSpec(f"eval_every must be >= 0, got {self.eval_every}")
         for field in ("model", "dataset"):
             value = getattr(self, field)
-            if not _IMPORT_PATH.match(value or ""):
-                raise InvalidSpec(f"{field} must be 'package.module:factory', got {value!r}")
+            if (not isinstance(value, str) or len(value) > MAX_IMPORT_PATH_CHARS
+                    or not _IMPORT_PATH.fullmatch(value)):
+                raise InvalidSpec(f"{field} must be 'package.module:factory' (at most "
+                                  f"{MAX_IMPORT_PATH_CHARS} characters), got {quote(value)}")
         for field in ("model_kwargs", "dataset_kwargs"):
             value = getattr(self, field)
             if not isinstance(value, dict):
                 raise InvalidSpec(f"{field} must be a mapping, got {type(value).__name__}")
             try:
-                json.dumps(value)
-            except (TypeError, ValueError) as exc:
-                raise InvalidSpec(f"{field} must be JSON-serialisable: {exc}") from None
-        if self.batch_size < 1:
-            raise InvalidSpec(f"batch_size must be >= 1, got {self.batch_size}")
+                size = len(json.dumps(value))
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise InvalidSpec(f"{field} must be JSON-serialisable: {type(exc).__name__}: "
+                                  f"{quote(str(exc))}") from None
+            if size > MAX_KWARGS_JSON_BYTES:
+                raise InvalidSpec(f"{field} is {size} bytes as JSON, limit {MAX_KWARGS_JSON_BYTES}")
+        if len(self.name) > MAX_JOB_NAME_CHARS or not self.name.isprintable():
+            raise InvalidSpec(f"name must be at most {MAX_JOB_NAME_CHARS} printable characters, "
+                              f"got {quote(self.name)}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise InvalidSpec(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
         if (self.epochs > 0) == (self.steps > 0) or self.epochs < 0 or self.steps < 0:
             raise InvalidSpec(
                 f"set exactly one of epochs and steps (> 0), got epochs={self.epochs} steps={self.steps}"
             )
-        if self.staleness is not None and self.staleness < 0:
-            raise InvalidSpec(f"staleness must be >= 0 or None, got {self.staleness}")
+        if max(self.epochs, self.steps, self.eval_every) >= MAX_COUNT:
+            raise InvalidSpec("epochs, steps and eval_every must be below 2**62")
+        if self.staleness is not None and not 0 <= self.staleness < MAX_COUNT:
+            raise InvalidSpec(f"staleness must be in [0, 2**62) or None, got {self.staleness}")
         if not 1 <= self.num_workers <= 4096:
             raise InvalidSpec(f"num_workers must be in 1..4096, got {self.num_workers}")
         if not 0 <= self.seed < 2**63:
             raise InvalidSpec(f"seed must be in [0, 2**63), got {self.seed}")
-        if not _DEVICE.match(self.device):
-            raise InvalidSpec(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not _DEVICE.fullmatch(self.device):
+            raise InvalidSpec(f"device must be auto, cpu, cuda or cuda:N, got {quote(self.device)}")
 
     _INT_FIELDS = ("batch_size", "epochs", "steps", "num_workers", "seed", "eval_every")
 
@@ -153,20 +177,20 @@ class JobSpec:
         staleness = self.staleness
         if isinstance(staleness, str):
             if staleness.lower() not in ("inf", "async", "none", "unbounded"):
-                raise InvalidSpec(f"staleness must be an integer or 'inf', got {staleness!r}")
+                raise InvalidSpec(f"staleness must be an integer or 'inf', got {quote(staleness)}")
             object.__setattr__(self, "staleness", None)
         elif staleness is not None and (isinstance(staleness, bool) or not isinstance(staleness, int)):
-            raise InvalidSpec(f"staleness must be an integer or 'inf', got {staleness!r}")
+            raise InvalidSpec(f"staleness must be an integer or 'inf', got {quote(staleness)}")
         for field in ("epochs", "steps"):
             if getattr(self, field) is None:
                 object.__setattr__(self, field, 0)
         for field in self._INT_FIELDS:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidSpec(f"{field} must be an integer, got {value!r}")
+                raise InvalidSpec(f"{field} must be an integer, got {quote(value)}")
         for field in ("name", "device"):
             if not isinstance(getattr(self, field), str):
-                raise InvalidSpec(f"{field} must be a string, got {getattr(self, field)!r}")
+                raise InvalidSpec(f"{field} must be a string, got {quote(getattr(self, field))}")
         if not isinstance(self.optimizer, OptimizerSpec):
             raise InvalidSpec(f"optimizer must be an OptimizerSpec, got {type(self.optimizer).__name__}")
 
@@ -180,7 +204,7 @@ class JobSpec:
             module = getattr(self, field).partition(":")[0]
             if not module_allowed(module, allowed):
                 raise PermissionDenied(
-                    f"{field} module {module!r} is not in the allow-list {list(allowed)}; "
+                    f"{field} module {quote(module)} is not in the allow-list {list(allowed)}; "
                     "the operator can add its package with --allow-modules")
 
     def replace(self, **changes: Any) -> "JobSpec":
@@ -305,3 +329,5 @@ class RestorePoints:
     timeline: int
     #: (step, lineage) of each snapshot held, ascending.
     points: tuple[tuple[int, str], ...] = ()
+    #: The asking worker's clock on that server (the step it is to compute next).
+    clock: int = 0

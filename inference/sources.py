@@ -32,7 +32,8 @@ from psgrid.client import Client
 from psgrid.security import Security
 from psgrid.errors import FailedPrecondition, PsgridError
 from psgrid.inference.models import Candidate, ModelRegistry
-from psgrid.checkpoints import CheckpointReader, check_job_id
+from psgrid.checkpoints import CheckpointReader
+from psgrid.limits import check_id, quote
 from psgrid.v1 import job_pb2
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class CheckpointSource(ModelSource):
             directory, job_id = directory.parent, directory.name
         self.root, self.job_id = directory, job_id
         if job_id is not None:
-            check_job_id(job_id)
+            check_id(job_id)
         self._store = CheckpointReader(directory)
         self._last_seq = -1
 
@@ -161,8 +162,9 @@ class CheckpointSource(ModelSource):
         try:
             spec = messages.spec_from_proto(json_format.Parse(ckpt.meta["spec"], job_pb2.JobSpec()))
             version = int(ckpt.meta["version"])
-        except (KeyError, TypeError, ValueError, json_format.ParseError, PsgridError) as exc:
-            return Unusable(0, origin, f"the checkpoint has no usable spec and version: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, the checkpoint is unusable
+            return Unusable(0, origin, f"the checkpoint has no usable spec and version: "
+                                       f"{type(exc).__name__}: {quote(str(exc))}")
         if version == 0:  # saved before the first update: the untrained initialisation
             return None
         return Candidate(version, spec, ckpt.params, origin)
@@ -183,13 +185,15 @@ class Follower:
         self._last_error = ""
 
     def tick(self) -> int:
-        """Poll once; return how many versions were swapped in. Never raises for an outage."""
+        """Poll once; return how many versions were swapped in. Never raises: an outage,
+        or anything else a poll runs into, is logged and the next tick tries again."""
         try:
             found = self.source.poll()
-        except (PsgridError, OSError) as exc:
-            message = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the follow thread must outlive a bad poll
+            message = f"{type(exc).__name__}: {str(exc)[:500]}"
             if message != self._last_error:  # log an outage once, not every tick
-                logger.warning("[serve] cannot poll %s: %s", self.source.description, message)
+                logger.warning("[serve] cannot poll %s: %s", self.source.description, message,
+                               exc_info=not isinstance(exc, (PsgridError, OSError)))
                 self._last_error = message
             return 0
         self._last_error = ""

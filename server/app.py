@@ -33,6 +33,7 @@ class ParameterServerApp:
         self.core = ParameterServerCore(config, checkpoints=self.checkpoints)
         if self.checkpoints:
             self.core.restore()
+            self.core.retire()
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_rpc_threads, thread_name_prefix="ps-rpc"),
@@ -45,12 +46,17 @@ class ParameterServerApp:
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self._stopping = threading.Event()
-        self._threads = [threading.Thread(target=self._every, args=(config.heartbeat_interval_s, self.core.reap),
+        self._threads = [threading.Thread(target=self._every, args=(config.heartbeat_interval_s, self._tick),
                                           name="ps-reaper", daemon=True)]
         if self.checkpoints:
             self._threads.append(threading.Thread(
                 target=self._every, args=(config.checkpoint_interval_s, self._checkpoint),
                 name="ps-checkpoint", daemon=True))
+
+    def _tick(self) -> None:
+        """Drop silent workers from their barriers, release finished jobs past retention."""
+        self.core.reap()
+        self.core.retire()
 
     def _checkpoint(self) -> None:
         self.core.checkpoint()

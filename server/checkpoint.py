@@ -23,11 +23,11 @@ import safetensors.torch
 import torch
 
 from psgrid.checkpoints import (_OPTIM, _PARAM, FORMAT, FORMAT_VERSION, SUPPORTED_DTYPES, CheckpointReader,
-                                JobCheckpoint, _describe, _manifest_checksum, check_job_id)
+                                JobCheckpoint, _describe, _manifest_checksum)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointStore", "JobCheckpoint", "SUPPORTED_DTYPES", "check_job_id"]
+__all__ = ["CheckpointStore", "JobCheckpoint", "SUPPORTED_DTYPES"]
 
 
 def _standalone(tensors: dict[str, torch.Tensor], prefix: str, seen: set[int]) -> dict[str, torch.Tensor]:

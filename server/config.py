@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import sys
 from typing import Any
@@ -36,8 +37,11 @@ class ServerConfig:
     max_rpc_threads: int = 64
     #: Write the bound port here once serving (atomically).
     port_file: str | None = None
-    #: Append one JSON line per accepted gradient push here.
+    #: Append one JSON line per accepted gradient push here (docs/operations.md, "The update log").
     update_log: str | None = None
+    #: This server's name in its cluster, on every update-log line: ``psgrid up``
+    #: names the coordinator ``server`` and the other shards ``shard-1``, ``shard-2``, ...
+    shard_name: str = "server"
     #: Checkpoint every job here, and restore from here at start (None: no checkpoints).
     checkpoint_dir: str | None = None
     checkpoint_interval_s: float = 5.0
@@ -53,6 +57,11 @@ class ServerConfig:
     #: HOST:PORT other machines should dial to reach this server (informative:
     #: logged and reported); None means the bound address.
     advertise: str | None = None
+    #: Finished jobs kept in memory (parameters, history, events), the newest first;
+    #: older ones are released (docs/operations.md, "Finished jobs").
+    keep_finished_jobs: int = 20
+    #: Seconds a finished job is kept in memory at most (None: no limit).
+    finished_job_ttl_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -68,6 +77,15 @@ class ServerConfig:
             raise ValueError("pull_wait_s must be > 0 and max_rpc_threads >= 4")
         if self.advertise is not None:
             _check_address("advertise", self.advertise)
+        if not isinstance(self.shard_name, str) or not self.shard_name.strip():
+            raise ValueError(f"shard_name must be a non-empty string, got {self.shard_name!r}")
+        if isinstance(self.keep_finished_jobs, bool) or not isinstance(self.keep_finished_jobs, int) \
+                or self.keep_finished_jobs < 0:
+            raise ValueError(f"keep_finished_jobs must be an int >= 0, got {self.keep_finished_jobs!r}")
+        ttl = self.finished_job_ttl_s
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                                or not 0 <= ttl < math.inf):
+            raise ValueError(f"finished_job_ttl_s must be a finite number >= 0 or None, got {ttl!r}")
 
     @classmethod
     def load(cls, path: str | pathlib.Path | None = None, **overrides: Any) -> "ServerConfig":

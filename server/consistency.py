@@ -75,6 +75,10 @@ class StepClock:
     def check_push(self, worker: str, seq: int) -> None:
         """Raise unless ``seq`` is the next step of ``worker`` and within the bound."""
         expected = self.clocks[worker]
+        if self.synchronous and expected != self._bsp_step:
+            # BSP: only a worker at the global step is in the barrier (a lost one rejoins first).
+            raise PushAhead(f"push seq {seq} of {worker}: its clock here is {expected}, the round is "
+                            f"step {self._bsp_step}; pull again")
         if seq != expected:
             raise PushAhead(f"push seq {seq} skips ahead: the next step of {worker} here is {expected}; "
                             "pull again")

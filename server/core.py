@@ -11,12 +11,20 @@ went wrong. The work is done by collaborators sharing one
 * :mod:`psgrid.server.durability`: restore at start, checkpoints, rolling a
   sharded job back to a restore point;
 * :mod:`psgrid.server.views`: read-only views of jobs, workers and weights.
+
+What a caller sends is checked against :mod:`psgrid.limits` before any part
+acts on it: plain arguments here, a push's header when it is built
+(:class:`~psgrid.server.steps.PushHeader`), job specs when they are
+(:class:`~psgrid.spec.JobSpec`), and ids where they are looked up
+(:class:`~psgrid.server.state.ServerState`).
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from psgrid import limits
+from psgrid.errors import InvalidArgument
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.durability import Durability
@@ -61,11 +69,19 @@ class ParameterServerCore:
 
     def register_worker(self, name: str, host: str, pid: int, device: str) -> WorkerRecord:
         """Register a worker; one registering under an earlier one's name takes back its rank."""
+        limits.check_text(name, "worker name", limits.MAX_NAME_CHARS, empty=False)
+        limits.check_text(host, "host", limits.MAX_HOST_CHARS)
+        limits.check_text(device, "device", limits.MAX_DEVICE_CHARS)
+        limits.check_count(pid, "pid")
         return self._scheduler.register_worker(name, host, pid, device)
 
     def reap(self) -> list[str]:
         """Drop workers that missed their heartbeats from their jobs' barriers."""
         return self._scheduler.reap()
+
+    def retire(self) -> list[str]:
+        """Release the finished jobs the retention policy no longer keeps in memory."""
+        return self._scheduler.retire()
 
     def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
         """Note the worker alive; hand it a job when it is idle and one waits."""
@@ -77,6 +93,12 @@ class ParameterServerCore:
 
     def open_partition(self, job_id: str, spec: JobSpec, names: list[str]) -> None:
         """Hold one shard of a sharded job here (idempotent)."""
+        limits.check_id(job_id)
+        if not 1 <= len(names) <= spec.num_workers or len(set(names)) != len(names):
+            raise InvalidArgument(f"a partition needs 1 to {spec.num_workers} distinct worker names "
+                                  f"(the spec's num_workers), got {len(names)}")
+        for name in names:
+            limits.check_text(name, "worker name", limits.MAX_NAME_CHARS, empty=False)
         self._scheduler.open_partition(job_id, spec, names)
 
     def close_partition(self, job_id: str, worker_id: str, state: JobState) -> None:
@@ -91,6 +113,7 @@ class ParameterServerCore:
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float) -> PullResult:
         """Wait until the worker may compute step ``clock``, then hand it the weights."""
+        limits.check_count(clock, "clock")
         return self._steps.pull(job_id, worker_id, clock, final, timeout_s)
 
     def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
@@ -100,9 +123,16 @@ class ParameterServerCore:
     def report(self, worker_id: str, job_id: str, phase: str, step: int, total_steps: int,
                loss: float, samples: int, seconds: float, metrics: dict[str, float],
                error: str) -> JobState:
-        """Record a worker's progress; move the job on when it finished or failed."""
+        """Record a worker's progress; move the job on when it finished or failed.
+
+        ``loss`` NaN means none was measured; ``error`` is kept to MAX_ERROR_CHARS."""
+        for value, field in ((step, "step"), (total_steps, "total_steps"), (samples, "samples")):
+            limits.check_count(value, field)
+        limits.check_real(loss, "loss", nan=True)
+        limits.check_real(seconds, "seconds", minimum=0.0)
+        metrics = limits.check_metrics(metrics)
         return self._steps.report(worker_id, job_id, phase, step, total_steps, loss, samples, seconds,
-                                  metrics, error)
+                                  metrics, error[:limits.MAX_ERROR_CHARS])
 
     # --- recovery and realignment -----------------------------------------------------
 
@@ -121,6 +151,9 @@ class ParameterServerCore:
     def roll_back(self, job_id: str, worker_id: str, step: int, lineage: str,
                   expect_timeline: int) -> tuple[int, bool]:
         """Put this server's part of a sharded BSP job back to its snapshot of (step, lineage)."""
+        limits.check_count(step, "step")
+        limits.check_count(expect_timeline, "expect_timeline")
+        limits.check_text(lineage, "lineage", limits.MAX_LINEAGE_CHARS)
         return self._durability.roll_back(job_id, worker_id, step, lineage, expect_timeline)
 
     # --- read-only views ------------------------------------------------------------

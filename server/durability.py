@@ -9,10 +9,15 @@ when the job's shards have drifted apart. How a job becomes a checkpoint and bac
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 
+from psgrid.errors import PermissionDenied
 from psgrid.server import recovery
+from psgrid.server.checkpoint import JobCheckpoint
+from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState
 from psgrid.spec import JobState, RestorePoints
@@ -36,10 +41,10 @@ class Durability:
             logger.info("[ps] restoring %d job(s) from %s", len(job_ids), checkpoints.directory)
         for index, job_id in enumerate(job_ids, start=1):
             started = time.monotonic()
-            ckpt = checkpoints.load_latest(job_id)
-            if ckpt is None:
+            found = self._restore_job(job_id)
+            if found is None:
                 continue
-            job = recovery.restore(ckpt)
+            job, ckpt = found
             state.snapshots.restored(job, ckpt)
             with state.lock:
                 state.jobs[job_id] = job
@@ -55,6 +60,29 @@ class Durability:
         self.scheduler.schedule()
         return restored
 
+    def _restore_job(self, job_id: str) -> tuple[Job, JobCheckpoint] | None:
+        """``job_id`` rebuilt from its newest checkpoint that verifies and restores, and that
+        checkpoint; None when there is none, or when its spec is outside the allow-list.
+
+        A checkpoint that fails in any way is bad: it is logged and the one before tried.
+        """
+        allowed = self.state.config.allowed_modules
+        for ckpt in self.state.checkpoints.verified(job_id):
+            try:
+                job = recovery.restore(ckpt)
+            except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is unusable
+                logger.warning("[ps] job %s checkpoint %d skipped: cannot restore the job from it: %s: %s",
+                               job_id, ckpt.seq, type(exc).__name__, str(exc)[:500])
+                continue
+            try:
+                job.spec.check_modules(allowed)
+            except PermissionDenied as exc:  # the operator narrowed --allow-modules since
+                logger.warning("[ps] job %s not restored: %s", job_id, exc)
+                return None
+            return job, ckpt
+        logger.warning("[ps] job %s not restored: none of its checkpoints is usable", job_id)
+        return None
+
     def checkpoint(self) -> int:
         """Checkpoint every job that changed since its last checkpoint (see
         :class:`~psgrid.server.snapshots.Snapshots`); return how many."""
@@ -63,7 +91,9 @@ class Durability:
     def restore_points(self, job_id: str, worker_id: str) -> RestorePoints:
         """Where a sharded BSP job is here, and the step-aligned snapshots it can go back to."""
         job, _ = self.state.member(job_id, worker_id)
-        return self.state.snapshots.restore_points(job)
+        at = self.state.snapshots.restore_points(job)
+        with job.cond:
+            return dataclasses.replace(at, clock=job.steps.clocks[worker_id])
 
     def roll_back(self, job_id: str, worker_id: str, step: int, lineage: str,
                   expect_timeline: int) -> tuple[int, bool]:

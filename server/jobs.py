@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from psgrid.codec import Layout
-from psgrid.errors import FailedPrecondition, JobNotRunning, NotAssigned
+from psgrid.errors import FailedPrecondition, JobNotRunning, NotAssigned, PushAhead
 from psgrid.server.consistency import StepClock
 from psgrid.server.store import GradientAccumulator, ParameterStore
 from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState
@@ -24,8 +24,6 @@ from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState
 AWAY = "away:"
 #: Events kept per job; a watcher that falls further behind skips ahead.
 MAX_EVENTS = 10_000
-#: Applied-update records kept in memory per job (the update log keeps all).
-MAX_UPDATE_RECORDS = 100_000
 #: Points of a job's training curve kept (the oldest go first).
 MAX_HISTORY = 100_000
 #: Step-aligned snapshots of a sharded BSP job kept in memory per shard: two, so
@@ -35,7 +33,8 @@ ALIGNED_IN_MEMORY = 2
 
 @dataclasses.dataclass(frozen=True)
 class UpdateRecord:
-    """One accepted gradient push, as the update log records it."""
+    """One accepted gradient push, as the update log records it. Written to the
+    log when applied and then dropped: the server keeps none in memory."""
 
     job_id: str
     worker_id: str
@@ -49,6 +48,18 @@ class UpdateRecord:
     #: Parameter version once this push is applied.
     version: int
     time_unix: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Last:
+    """The gradient that completes a BSP round, not counted until the round is applied."""
+
+    worker_id: str
+    seq: int
+    grads: dict[str, torch.Tensor]
+    weight: int
+    #: A bound on its |values| (None: not known).
+    grad_max: float | None
 
 
 @dataclasses.dataclass
@@ -106,7 +117,6 @@ class Job:
         self.error = ""
         self.events: deque[JobEvent] = deque(maxlen=MAX_EVENTS)
         self._next_event = next_event
-        self.updates: deque[UpdateRecord] = deque(maxlen=MAX_UPDATE_RECORDS)
         self.history: deque[HistoryRow] = deque(maxlen=MAX_HISTORY)
         self._round_records: list[UpdateRecord] = []
         self._applied: list[UpdateRecord] = []
@@ -180,6 +190,8 @@ class Job:
     def replace_worker(self, old: str, new: str) -> None:
         """A new incarnation ``new`` of worker ``old`` takes its rank, clock and data shard."""
         rank = self.rank_of(old)
+        if old in self.lost:
+            self._reset_round()  # the round's coverage changes: everyone computes it again
         self.workers[rank] = new
         self.lost.discard(old)
         self.steps.rejoin(new, replaces=old)
@@ -197,9 +209,10 @@ class Job:
         if worker_id in self.lost or self.state.terminal:
             return
         self.lost.add(worker_id)
+        # BSP: the round is not applied with whatever arrived (that would leave the
+        # lost worker's data out): it starts again, the others covering its rank.
+        self._reset_round()
         self.steps.leave(worker_id)
-        if self.steps.synchronous and self.store is not None and self.steps.round_complete():
-            self._apply_round()
         if self.evaluator == worker_id:
             self._designate_evaluator()
         self.emit("worker")
@@ -216,6 +229,7 @@ class Job:
         if worker_id not in self.lost:
             return
         self.lost.discard(worker_id)
+        self._reset_round()  # its rank is no longer covered by the others: the round starts again
         self.steps.rejoin(worker_id)
         if self.evaluator is None:
             self._designate_evaluator()
@@ -230,6 +244,25 @@ class Job:
         if not gone or rank not in live:
             return [rank]
         return [rank, *(g for i, g in enumerate(gone) if live[i % len(live)] == rank)]
+
+    def _reset_round(self) -> None:
+        """BSP: forget the round being gathered; the workers that had pushed compute it again.
+
+        Called when the round's membership changes (a worker lost, back or
+        replaced): each step's round holds every rank's batch exactly once, so
+        the weights equal a fault-free run's. Their waiting pulls wake up at the
+        current step (the runner trains that step again).
+        """
+        steps = self.steps
+        if steps is None or not steps.synchronous or self.accumulator is None:
+            return
+        for worker in steps.arrived:
+            steps.clocks[worker] = steps.global_step
+            self.progress[worker].finished = False  # its last step is undone
+        steps.arrived.clear()
+        self.accumulator.reset()
+        self._round_records.clear()
+        self.cond.notify_all()
 
     def rank_of(self, worker_id: str) -> int:
         try:
@@ -308,27 +341,43 @@ class Job:
         # ahead after it rejoined the barrier. The reply's clock says which.
         return self.state is JobState.RUNNING and self.steps.may_compute(worker_id, self.steps.clocks[worker_id])
 
-    def staging_for(self, worker_id: str, nbytes: int) -> torch.Tensor:
-        """This worker's reusable receive buffer (callers hold its push lock)."""
+    def staging_for(self, worker_id: str) -> torch.Tensor:
+        """This worker's reusable receive buffer, exactly the size of the job's parameters
+        (callers hold its push lock, and checked the push's layout against the job's)."""
+        nbytes = self.require_store().layout.total_bytes
         buf = self.staging.get(worker_id)
-        if buf is None or buf.numel() < nbytes:
+        if buf is None or buf.numel() != nbytes:
             buf = self.staging[worker_id] = torch.empty(nbytes, dtype=torch.uint8)
         return buf
 
     def accept_gradient(self, worker_id: str, seq: int, base_version: int, base_step: int,
-                        grads: dict[str, torch.Tensor], samples: int = 1) -> UpdateRecord:
-        """Apply (or, in BSP, accumulate weighted by ``samples``) one validated gradient push."""
+                        grads: dict[str, torch.Tensor], samples: int = 1,
+                        grad_max: float | None = None, ranks: tuple[int, ...] = ()) -> UpdateRecord:
+        """Apply (or, in BSP, accumulate weighted by ``samples``) one validated gradient push
+        whose values are at most ``grad_max`` in magnitude (None: not known).
+
+        Raises NonFiniteGradient when the update it makes (BSP: the round it completes)
+        would not be finite; then nothing changed.
+        """
         store = self.require_store()
         steps = self.steps
         steps.check_push(worker_id, seq)
         if steps.synchronous:
-            self.accumulator.add(grads, max(1, samples))
-            if steps.accept(worker_id, seq):
-                self._apply_round()
+            expected = tuple(self.coverage(worker_id))
+            if (tuple(ranks) or (self.rank_of(worker_id),)) != expected:
+                raise PushAhead(f"step {seq} of {worker_id} was computed on the data of ranks {list(ranks)}, "
+                                f"the round now expects ranks {list(expected)} of it (a worker left or "
+                                "came back); pull again")
+            weight = max(1, samples)
+            if steps.active <= steps.arrived | {worker_id}:  # the round's last gradient: apply them all
+                self._apply_round(_Last(worker_id, seq, grads, weight, grad_max))
+            else:
+                self.accumulator.add(grads, weight, grad_max)
+                steps.accept(worker_id, seq)
             version = store.version if not steps.arrived else store.version + 1
         else:
+            store.apply(grads, grad_max)
             steps.accept(worker_id, seq)
-            store.apply(grads)
             version = store.version
         record = UpdateRecord(
             self.job_id, worker_id, self.worker_names[self.rank_of(worker_id)], seq, base_version, base_step,
@@ -341,24 +390,46 @@ class Job:
         self.cond.notify_all()
         return record
 
-    def _apply_round(self) -> None:
-        """BSP: apply the mean of the gradients that arrived for this round."""
-        names = sorted(self.worker_names[self.workers.index(w)] for w in self.steps.arrived)
+    def _apply_round(self, last: _Last | None = None) -> None:
+        """BSP: apply the mean of the gradients that arrived for this round, and of
+        ``last``, the gradient that completes it, when there is one.
+
+        Raises NonFiniteGradient when the mean or the update would not be finite;
+        then nothing changed: ``last`` is not counted and the round stays open.
+        """
+        if last is not None or self.accumulator.count:
+            self._apply_mean(last)
+        if last is not None:
+            self.steps.accept(last.worker_id, last.seq)
+        # Who contributed, and on which ranks' data: shards whose rounds differ in either drifted apart.
+        names = sorted(f"{self.worker_names[self.workers.index(w)]}{self.coverage(w)}"
+                       for w in self.steps.arrived)
         entry = f"{self.lineage}|{self.steps.global_step}:{','.join(names)}"
         self.lineage = hashlib.sha256(entry.encode()).hexdigest()[:16]
-        if self.accumulator.count:
-            self.store.apply(self.accumulator.mean())
-            self.accumulator.reset()
         self.steps.round_applied()
         self._applied.extend(dataclasses.replace(r, version=self.store.version) for r in self._round_records)
         self._round_records.clear()
         self._maybe_aligned()
         self.cond.notify_all()
 
+    def _apply_mean(self, last: _Last | None) -> None:
+        """Apply the round's mean (with ``last``) and empty the accumulator; nothing
+        changes when that raises. In place when the bounds say that nothing can
+        overflow (the common case), else computed aside and checked exactly."""
+        acc, store = self.accumulator, self.store
+        grads, weight, grad_max = (last.grads, last.weight, last.grad_max) if last else (None, 0, 0.0)
+        bound = acc.mean_bound(grad_max, weight) if grad_max is not None else math.inf
+        if (last is None or acc.fits(grad_max, weight)) and store.predict(bound) is not None:
+            if last is not None:
+                acc.add(grads, weight, grad_max)
+            store.apply(acc.mean(), bound)
+        else:
+            store.apply(acc.mean_aside(grads, weight))
+        acc.reset()
+
     def take_applied(self) -> list[UpdateRecord]:
-        """Updates applied since the last call, in order (for the update log)."""
+        """Updates applied since the last call, in order (for the update log), forgotten here."""
         applied, self._applied = self._applied, []
-        self.updates.extend(applied)
         return applied
 
     # --- progress ---------------------------------------------------------------
@@ -378,6 +449,10 @@ class Job:
                                        dict(metrics or {})))
 
     def worker_finished(self, worker_id: str) -> None:
+        """The worker pushed its last step; ignored when that step was undone since (a reset or
+        a roll-back between its push and this report): its final pull tells it to train again."""
+        if self.steps.clocks.get(worker_id, 0) < self.total_steps:
+            return
         self.progress[worker_id].finished = True
         self._maybe_done_training()
 

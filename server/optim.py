@@ -3,16 +3,37 @@
 Each mirrors torch.optim's single-tensor implementation (same operations in
 the same order), so a server step matches ``torch.optim`` on the same inputs.
 State tensors live in the parameter's dtype, as in torch.
+
+Each also bounds its own step (:meth:`Optimizer.predict`): from the largest
+magnitudes in the parameters, the state and the gradient it tells how large
+any value of the step can get, so that the store checks the result of a step
+exactly only when it might leave the dtype's range.
 """
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from psgrid.spec import OptimizerSpec
+
+#: Bounds on the largest magnitude in the parameters ("param") and in each group of state tensors.
+Bounds = dict[str, float]
+
+
+def magnitude(tensors: Iterable[torch.Tensor]) -> float:
+    """The largest |value| in ``tensors`` (NaN when one holds NaN, inf when one holds Inf)."""
+    peak = 0.0
+    for t in tensors:
+        if t.numel():
+            lo, hi = t.aminmax()  # one pass, like a sum; NaN propagates
+            lo, hi = float(lo), float(hi)
+            if math.isnan(lo) or math.isnan(hi):
+                return math.nan
+            peak = max(peak, -lo, hi)
+    return peak
 
 
 class Optimizer(abc.ABC):
@@ -21,6 +42,8 @@ class Optimizer(abc.ABC):
     ``step`` MUST apply exactly one update using ``grads`` (same names, shapes
     and dtypes as the parameters) and MUST NOT keep references to ``grads``.
     ``state_tensors`` returns every piece of state a checkpoint must hold.
+    ``predict`` MUST over-estimate, never under: the store skips its exact check
+    of a step whose predicted peak is far below the dtype's largest value.
     """
 
     def __init__(self, spec: OptimizerSpec, params: Mapping[str, torch.Tensor]):
@@ -35,6 +58,16 @@ class Optimizer(abc.ABC):
     @abc.abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Named state tensors (views, not copies)."""
+
+    @abc.abstractmethod
+    def magnitudes(self) -> Bounds:
+        """The largest magnitude now in the parameters and in each group of state, measured."""
+
+    @abc.abstractmethod
+    def predict(self, now: Bounds, grad_max: float) -> tuple[Bounds, float]:
+        """Bounds after one :meth:`step` with gradients of magnitude at most ``grad_max``,
+        given bounds ``now`` (keys as :meth:`magnitudes`), and a bound on every value
+        the step computes on the way (its peak)."""
 
 
 class SGD(Optimizer):
@@ -65,6 +98,21 @@ class SGD(Optimizer):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"momentum_buffer.{n}": b for n, b in self.momentum_buffers.items()}
+
+    def magnitudes(self) -> Bounds:
+        return {"param": magnitude(self.params.values()), "momentum": magnitude(self.momentum_buffers.values())}
+
+    def predict(self, now: Bounds, grad_max: float) -> tuple[Bounds, float]:
+        s = self.spec
+        d_p = grad_max + s.weight_decay * now["param"]
+        buf = 0.0
+        if s.momentum:
+            buf = d_p if self.steps == 0 else s.momentum * now["momentum"] + abs(1 - s.dampening) * d_p
+            update = d_p + s.momentum * buf if s.nesterov else buf
+        else:
+            update = d_p
+        param = now["param"] + s.lr * update
+        return {"param": param, "momentum": buf}, max(d_p, buf, update, s.lr * update, param)
 
 
 class Adam(Optimizer):
@@ -102,6 +150,27 @@ class Adam(Optimizer):
         out = {f"exp_avg.{n}": t for n, t in self.exp_avg.items()}
         out.update({f"exp_avg_sq.{n}": t for n, t in self.exp_avg_sq.items()})
         return out
+
+    def magnitudes(self) -> Bounds:
+        return {"param": magnitude(self.params.values()), "exp_avg": magnitude(self.exp_avg.values()),
+                "exp_avg_sq": magnitude(self.exp_avg_sq.values())}
+
+    def predict(self, now: Bounds, grad_max: float) -> tuple[Bounds, float]:
+        s = self.spec
+        beta1, beta2 = s.betas
+        step = self.steps + 1
+        param, grad = now["param"], grad_max
+        if s.weight_decay and self.decoupled:
+            param *= abs(1 - s.lr * s.weight_decay)
+        elif s.weight_decay:
+            grad += s.weight_decay * now["param"]
+        exp_avg = max(now["exp_avg"], grad)  # a lerp stays between its ends
+        exp_avg_sq = beta2 * now["exp_avg_sq"] + (1 - beta2) * grad * grad
+        denom = math.sqrt(exp_avg_sq) / math.sqrt(1 - beta2**step) + s.eps
+        ratio = exp_avg / s.eps  # exp_avg / denom, and denom >= eps
+        param += s.lr / (1 - beta1**step) * ratio
+        peak = max(param, grad, now["exp_avg"] + grad, grad * grad, exp_avg_sq, denom, ratio)
+        return {"param": param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, peak
 
 
 def make_optimizer(spec: OptimizerSpec, params: Mapping[str, torch.Tensor]) -> Optimizer:

@@ -58,9 +58,60 @@ def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
     return JobCheckpoint(job.job_id, seq, params, optimizer_state, meta).detached()
 
 
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+def _is_names(value: object) -> bool:
+    return type(value) is list and all(type(v) is str for v in value)
+
+
+def _is_history_row(row: object) -> bool:
+    return (type(row) is list and len(row) == 5 and _is_count(row[0]) and all(map(_is_number, row[1:4]))
+            and type(row[4]) is dict and all(map(_is_number, row[4].values())))
+
+
+#: What :func:`restore` reads from a checkpoint's meta, and the form each must have
+#: (a manifest can verify and still hold anything; the optional keys came later).
+_META = {
+    "spec": lambda v: type(v) is str,
+    "state": lambda v: v in {s.value for s in JobState},
+    "error": lambda v: type(v) is str,
+    "metrics": lambda v: type(v) is dict and all(map(_is_number, v.values())),
+    "version": _is_count, "optimizer_steps": _is_count, "global_step": _is_count,
+    "total_steps": _is_count, "next_event": _is_count, "created": _is_number,
+    "worker_names": lambda v: _is_names(v) and len(set(v)) == len(v),
+    "clocks": lambda v: type(v) is dict and all(map(_is_count, v.values())),
+    "finished": _is_names,
+}
+_OPTIONAL_META = {
+    "shards": _is_names, "partition": lambda v: type(v) is bool, "lineage": lambda v: type(v) is str,
+    "history": lambda v: type(v) is list and all(map(_is_history_row, v)),
+}
+
+
+def check_meta(meta: dict) -> None:
+    """Raise ValueError naming the first field of ``meta`` that :func:`restore` could not use."""
+    for key, ok in (*_META.items(), *_OPTIONAL_META.items()):
+        if key not in meta and key in _OPTIONAL_META:
+            continue
+        if key not in meta or not ok(meta[key]):
+            raise ValueError(f"meta field {key!r} is missing or malformed")
+    if not set(meta["finished"]) <= set(meta["worker_names"]):
+        raise ValueError("meta field 'finished' names workers the job does not have")
+
+
 def restore(ckpt: JobCheckpoint) -> Job:
-    """Rebuild a job; its workers are away until they register again by name."""
+    """Rebuild a job; its workers are away until they register again by name.
+
+    Raises for a checkpoint no job can be rebuilt from: ValueError for a malformed
+    meta, InvalidSpec for a spec out of range, and whatever else a bad one runs into."""
     meta = ckpt.meta
+    check_meta(meta)
     spec = messages.spec_from_proto(json_format.Parse(meta["spec"], job_pb2.JobSpec()))
     job = Job(ckpt.job_id, spec, next_event=meta["next_event"], shards=tuple(meta.get("shards", ())),
               partition=bool(meta.get("partition", False)))
@@ -101,5 +152,7 @@ def roll_back(job: Job, ckpt: JobCheckpoint) -> None:
     meta = ckpt.meta
     store = _store(ckpt, job.spec)
     job.require_store().layout.check_matches(store.layout)
-    clocks = {worker: meta["clocks"].get(name, 0) for worker, name in zip(job.workers, job.worker_names)}
+    # Every worker goes to the snapshot's step, including one dropped when it was
+    # taken (its own clock then was frozen behind): BSP computes each step once.
+    clocks = {worker: meta["global_step"] for worker in job.workers}
     job.roll_back(store, clocks, meta["global_step"], set(meta["finished"]), meta.get("lineage", ""))

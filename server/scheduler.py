@@ -4,14 +4,17 @@
 :class:`~psgrid.server.state.ServerState`: it registers workers (one that
 registers again under its name takes back its rank), drops the silent ones from
 their barriers, starts pending jobs on idle workers, opens and closes the shards
-of sharded jobs, and returns a job's workers to the pool when the job ends.
+of sharded jobs, returns a job's workers to the pool when the job ends, and
+releases finished jobs from memory as :mod:`psgrid.server.retention` says.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 
 from psgrid.errors import InvalidArgument
+from psgrid.server import retention
 from psgrid.server.jobs import Job
 from psgrid.server.state import ServerState, WorkerRecord
 from psgrid.spec import Assignment, JobInfo, JobSpec, JobState
@@ -24,6 +27,9 @@ class Scheduler:
 
     def __init__(self, state: ServerState):
         self.state = state
+        config = state.config
+        self.retention = retention.RetentionPolicy(config.keep_finished_jobs, config.finished_job_ttl_s,
+                                                   grace_s=config.heartbeat_timeout_s)
 
     # --- workers ------------------------------------------------------------------
 
@@ -91,12 +97,12 @@ class Scheduler:
         self.schedule()
         job_state = None
         if job_id:
-            job = state.job(job_id)
-            job_state = job.state
+            job = state.jobs.get(job_id)
+            job_state = job.state if job is not None else state.released_job(job_id).info.state
         assignment = None
         current = worker.job_id
-        if current and current != job_id:
-            job = state.jobs[current]
+        job = state.jobs.get(current) if current else None
+        if job is not None and current != job_id:
             with job.cond:
                 assignment = Assignment(current, job.rank_of(worker_id), len(job.workers), job.spec,
                                         job.steps.clocks[worker_id], job.shards, tuple(job.worker_names))
@@ -130,11 +136,49 @@ class Scheduler:
         a server restarted a moment later must not bring the job back as running."""
         state = self.state
         state.snapshots.save_end(job)
+        with job.cond:  # the workers' receive buffers and copies: no push or pull needs them now
+            job.staging.clear()
+            job.snapshots.clear()
         with state.lock:
             for w in state.workers.values():
                 if w.job_id == job.job_id:
                     w.job_id = None
         self.schedule()
+        self.retire()
+
+    def retire(self) -> list[str]:
+        """Release from memory the finished jobs the retention policy no longer keeps
+        (keeping a summary of each); return their ids, oldest first."""
+        state = self.state
+        with state.lock:
+            now = state.clock()
+            for job in state.jobs.values():
+                if job.state.terminal and job.job_id not in state.ended:
+                    state.ended[job.job_id] = retention.Ended(now, job.created)
+            doomed = retention.expired(state.ended, self.retention, now)
+            for job_id in doomed:
+                self._forget(state.jobs[job_id], now)
+        for job_id in doomed:
+            for counter in (state.metrics.pushes, state.metrics.pulls, state.metrics.duplicates):
+                with contextlib.suppress(KeyError):
+                    counter.remove(job_id)
+            logger.info("[ps] job %s released from memory (finished jobs kept: %d)",
+                        job_id, self.retention.keep)
+        return doomed
+
+    def _forget(self, job: Job, now: float) -> None:
+        """Replace ``job`` by its summary; call with the server lock held. The summary
+        goes in first, so that readers, who take no lock, always find one or the other."""
+        state = self.state
+        with job.cond:
+            state.released.add(retention.ReleasedJob(job.info(), job.next_event - 1, now))
+        del state.jobs[job.job_id]
+        del state.ended[job.job_id]
+        if job.job_id in state.pending:
+            state.pending.remove(job.job_id)
+        for w in state.workers.values():
+            if w.job_id == job.job_id:
+                w.job_id = None
 
     def submit(self, spec: JobSpec) -> JobInfo:
         """Queue a job; PermissionDenied when it names modules outside the allow-list."""
@@ -160,7 +204,7 @@ class Scheduler:
         state = self.state
         spec.check_modules(state.config.allowed_modules)
         with state.lock:
-            if job_id in state.jobs:
+            if job_id in state.jobs or state.released.get(job_id) is not None:
                 return
             job = Job(job_id, spec, clock=state.clock, partition=True)
             state.snapshots.align(job)
@@ -189,6 +233,8 @@ class Scheduler:
 
     def cancel(self, job_id: str) -> JobInfo:
         """Cancel a job; a job already over stays as it was."""
+        if job_id not in self.state.jobs:
+            return self.state.released_job(job_id).info
         job = self.state.job(job_id)
         with job.cond:
             moved = job.set_state(JobState.CANCELLED)

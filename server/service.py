@@ -69,7 +69,7 @@ class ParameterServerService:
         h = codec.decode_push_header(next(request_iterator, None))
         header = PushHeader(
             job_id=h.job_id, worker_id=h.worker_id, seq=h.seq, base_version=h.base_version,
-            base_step=h.base_step, init=h.init, samples=h.samples,
+            base_step=h.base_step, init=h.init, samples=h.samples, ranks=tuple(h.ranks),
             layout=codec.layout_from_proto(h.tensors, self.core.config.max_payload_bytes),
         )
         version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest))
@@ -102,7 +102,7 @@ class ParameterServerService:
     def ListRestorePoints(self, request: ps.ListRestorePointsRequest, context) -> ps.ListRestorePointsResponse:
         at = self.core.restore_points(request.job_id, request.worker_id)
         return ps.ListRestorePointsResponse(
-            step=at.step, lineage=at.lineage, timeline=at.timeline,
+            step=at.step, lineage=at.lineage, timeline=at.timeline, clock=at.clock,
             points=[ps.RestorePoint(step=step, lineage=lineage) for step, lineage in at.points])
 
     @translate_errors

@@ -13,10 +13,12 @@ import threading
 from collections.abc import Callable
 
 from psgrid.errors import UnknownJob, UnknownWorker
+from psgrid.limits import check_id
 from psgrid.metrics import ServerMetrics
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.jobs import Job
+from psgrid.server.retention import Ended, ReleasedJob, ReleasedJobs
 from psgrid.server.snapshots import Snapshots
 
 logger = logging.getLogger(__name__)
@@ -47,10 +49,16 @@ class ServerState:
         #: Taken to change ``jobs``, ``workers``, ``pending`` or a worker's job;
         #: taken before a ``job.cond``, never while holding one.
         self.lock = threading.Lock()
+        #: Ids in ``jobs`` and ``workers`` follow the id rule (psgrid.limits.check_id):
+        #: made here or checked where they come in, so only a lookup that misses checks one.
         self.jobs: dict[str, Job] = {}
         self.workers: dict[str, WorkerRecord] = {}
         #: Ids of the jobs waiting for workers, oldest first.
         self.pending: list[str] = []
+        #: Finished jobs still in ``jobs``: when each was first seen over (see retention).
+        self.ended: dict[str, Ended] = {}
+        #: What is left of the finished jobs released from memory.
+        self.released = ReleasedJobs()
         self.metrics = ServerMetrics()
         self.metrics.jobs.labels("ALL").set_function(lambda: len(self.jobs))
         self.metrics.workers.set_function(lambda: len(self.workers))
@@ -66,16 +74,29 @@ class ServerState:
     # --- lookups ---------------------------------------------------------------
 
     def job(self, job_id: str) -> Job:
-        """The job ``job_id``; UnknownJob when there is none."""
+        """The job ``job_id``, in memory; UnknownJob when there is none, saying so
+        when it ended and was released."""
         job = self.jobs.get(job_id)
         if job is None:
-            raise UnknownJob(f"no job {job_id!r}")
+            self.released_job(job_id)
+            raise UnknownJob(f"job {job_id} ended and was released from this server's memory")
         return job
 
+    def released_job(self, job_id: str) -> ReleasedJob:
+        """What is left of the released job ``job_id``; UnknownJob when there is none
+        (InvalidId when ``job_id`` could name none: a lookup that misses checks the id)."""
+        released = self.released.get(job_id)
+        if released is None:
+            check_id(job_id)
+            raise UnknownJob(f"no job {job_id!r}")
+        return released
+
     def worker(self, worker_id: str) -> WorkerRecord:
-        """The registered worker ``worker_id``; UnknownWorker when there is none."""
+        """The registered worker ``worker_id``; UnknownWorker when there is none
+        (InvalidId when ``worker_id`` could name none)."""
         worker = self.workers.get(worker_id)
         if worker is None:
+            check_id(worker_id, "worker id")
             raise UnknownWorker(f"no worker {worker_id!r}")
         return worker
 
@@ -103,11 +124,14 @@ class ServerState:
     # --- update log ------------------------------------------------------------
 
     def log_applied(self, job: Job) -> None:
-        """Write the job's newly applied updates to the update log (under its lock, in order)."""
+        """Write the job's newly applied updates to the update log (under its lock, in
+        order); the job keeps none of them."""
         for record in job.take_applied():
             self.log_line({"event": "update", **dataclasses.asdict(record)})
 
     def log_line(self, entry: dict) -> None:
-        """Append one JSON line to the update log, when there is one."""
+        """Append one JSON line to the update log, when there is one, marked with this
+        server's ``shard_name`` (docs/operations.md, "The update log")."""
         if self._update_log:
-            self._update_log.write(json.dumps(entry) + "\n")
+            line = {"event": entry["event"], "shard": self.config.shard_name, **entry}
+            self._update_log.write(json.dumps(line) + "\n")

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
-from psgrid.errors import InvalidArgument, NotReady, PsgridError
+from psgrid.errors import InvalidArgument, NotReady, PsgridError, PushAhead
+from psgrid.limits import check_count
 from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState
@@ -36,8 +37,14 @@ class PushHeader:
     base_step: int
     init: bool
     layout: Layout
-    #: Examples the gradient averages over (BSP weight).
+    #: Examples the gradient averages over (BSP weight); 0: not given, counts as 1.
     samples: int = 1
+    #: The ranks whose data it was computed on; empty: the worker's own.
+    ranks: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field in ("seq", "base_version", "base_step", "samples"):
+            check_count(getattr(self, field), field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +115,7 @@ class StepPath:
 
     def _push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
         job, worker = self.state.member(header.job_id, header.worker_id)
+        _check_samples(job, header.samples)
         # A worker dropped from the barrier rejoins before its push counts: a late
         # gradient for a round applied without it is then a duplicate, not a
         # contribution to the next round.
@@ -118,22 +126,25 @@ class StepPath:
                 return self._push_init(job, header, payload)
             with job.cond:
                 job.require_running()
-                job.require_store().layout.check_matches(header.layout)
+                job.require_store().layout.check_identical(header.layout)  # before a byte is allocated
                 duplicate = job.steps.is_duplicate(header.worker_id, header.seq)
                 if not duplicate:
                     job.steps.check_push(header.worker_id, header.seq)
-            buffer = job.staging_for(header.worker_id, header.layout.total_bytes)
+                    if job.spec.synchronous and header.base_step != header.seq:
+                        raise PushAhead(f"step {header.seq} of {header.worker_id} was computed on the weights "
+                                        f"of step {header.base_step}; pull again")
+            buffer = job.staging_for(header.worker_id)
             _receive(header.layout, buffer, payload)
             if duplicate:
                 return job.store.version, True
             grads = header.layout.views(buffer)
-            check_finite(grads)
+            grad_max = check_finite(grads)
             started = time.perf_counter()
             with job.cond:
                 job.require_running()
                 record = job.accept_gradient(
                     header.worker_id, header.seq, header.base_version, header.base_step, grads,
-                    header.samples,
+                    header.samples, grad_max, header.ranks,
                 )
                 self.state.log_applied(job)
             self.state.metrics.apply_seconds.observe(time.perf_counter() - started)
@@ -141,12 +152,20 @@ class StepPath:
             return record.version, False
 
     def _push_init(self, job: Job, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+        # The job's layout is the declared tensors' own (dense, no padding), so the
+        # buffer is what they need, not what the header claims.
+        header.layout.dense().check_identical(header.layout)
         with job.cond:
-            job.require_running()
-            if job.store is not None:
-                job.store.layout.check_matches(header.layout)
+            if job.store is None:
+                job.require_running()
+            else:  # a restarted rank 0 pushes them again, whatever the job's state: a duplicate
+                job.store.layout.check_identical(header.layout)
         buffer = torch.empty(header.layout.total_bytes, dtype=torch.uint8)
-        _receive(header.layout, buffer, payload)
+        try:
+            _receive(header.layout, buffer, payload)
+        except BaseException:
+            del buffer  # a traceback kept by whoever reports it must not keep the buffer alive
+            raise
         with job.cond:
             created = job.initialize(header.layout, buffer)
             version = job.store.version
@@ -179,6 +198,14 @@ class StepPath:
             logger.info("[ps] job %s %s", job_id, state.value)
             self.scheduler.release(job)
         return state
+
+
+def _check_samples(job: Job, samples: int) -> None:
+    """A gradient averages over at most a batch of each rank its worker may cover: its
+    own and, when others are gone, theirs (see Job.coverage), so batch_size x num_workers."""
+    most = job.spec.batch_size * job.spec.num_workers
+    if samples > most:
+        raise InvalidArgument(f"samples must be at most {most} (batch_size x num_workers), got {samples}")
 
 
 def _receive(layout: Layout, buffer: torch.Tensor, payload: Iterable[memoryview]) -> None:

@@ -278,14 +278,17 @@ class ClusterConfig:
         """``psgrid server`` arguments of server ``node`` binding ``port`` (0: any).
 
         The coordinator gets ``--shards``; in the multi-host form each shard
-        checkpoints to its own ``<checkpoint_dir>/<node name>``.
+        checkpoints to its own ``<checkpoint_dir>/<node name>``; every shard but
+        the coordinator is told its name (``--shard-name shard-1``) and writes its
+        own update log (``updates.jsonl`` -> ``updates.shard-1.jsonl``).
         """
         checkpoint_dir = self.server.checkpoint_dir
         if self.hosts and checkpoint_dir:
             checkpoint_dir = os.path.join(checkpoint_dir, node.name)
         return self.server.argv(port, port_file, host=node.bind, advertise=advertise,
                                 shards=self.shard_addresses() if node.index == 0 else (),
-                                checkpoint_dir=checkpoint_dir, extra=extra)
+                                checkpoint_dir=checkpoint_dir, name=node.name if node.index else None,
+                                extra=extra)
 
     def worker_argv(self, node: NodeSpec, server_address: str, liveness_file: str | os.PathLike,
                     extra: tuple[str, ...] = ()) -> list[str]:

@@ -59,6 +59,24 @@ def _args(section: str, value: Any, reserved: tuple[str, ...]) -> tuple[str, ...
     return tuple(value)
 
 
+def shard_path(path: str, name: str) -> str:
+    """``path`` with ``name`` before its suffix: ``run/updates.jsonl`` -> ``run/updates.shard-1.jsonl``."""
+    head, tail = os.path.split(path)
+    stem, _, suffix = tail.rpartition(".")
+    return os.path.join(head, f"{stem}.{name}.{suffix}" if stem else f"{tail}.{name}")
+
+
+def _own_update_log(args: tuple[str, ...], name: str) -> list[str]:
+    """``args`` with the ``--update-log`` path (either form) made shard ``name``'s own."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--update-log" and i + 1 < len(out):
+            out[i + 1] = shard_path(out[i + 1], name)
+        elif arg.startswith("--update-log="):
+            out[i] = "--update-log=" + shard_path(arg.split("=", 1)[1], name)
+    return out
+
+
 def format_address(host: str, port: int) -> str:
     """HOST:PORT, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -100,7 +118,7 @@ class ServerSection(ChildSettings):
     #: Flags the supervisor passes itself; ``args`` may not repeat them.
     SECTION: ClassVar[str] = "server"
     RESERVED: ClassVar[tuple[str, ...]] = (
-        "--host", "--port", "--port-file", "--checkpoint-dir", "--advertise")
+        "--host", "--port", "--port-file", "--checkpoint-dir", "--advertise", "--shard-name")
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -130,12 +148,15 @@ class ServerSection(ChildSettings):
 
     def argv(self, port: int, port_file: str | os.PathLike, *, host: str | None = None,
              advertise: str | None = None, shards: tuple[str, ...] = (),
-             checkpoint_dir: str | None = None, extra: tuple[str, ...] = ()) -> list[str]:
+             checkpoint_dir: str | None = None, name: str | None = None,
+             extra: tuple[str, ...] = ()) -> list[str]:
         """``psgrid server`` arguments binding ``port`` (0: any) and reporting it in ``port_file``.
 
         ``host`` and ``checkpoint_dir`` default to this table's; ``advertise``
         and ``shards`` are passed when given; ``extra`` (security flags) goes
-        before ``args``, so a flag repeated in ``args`` wins.
+        before ``args``, so a flag repeated in ``args`` wins. ``name`` (a shard
+        other than the coordinator) becomes ``--shard-name`` and goes into the
+        ``--update-log`` path of ``args``, so that each shard writes its own log.
         """
         argv = ["server", "--host", self.host if host is None else host, "--port", str(port),
                 "--port-file", str(port_file)]
@@ -146,7 +167,9 @@ class ServerSection(ChildSettings):
         checkpoint_dir = self.checkpoint_dir if checkpoint_dir is None else checkpoint_dir
         if checkpoint_dir:
             argv += ["--checkpoint-dir", checkpoint_dir]
-        return argv + list(extra) + list(self.args)
+        if name:
+            argv += ["--shard-name", name]
+        return argv + list(extra) + (_own_update_log(self.args, name) if name else list(self.args))
 
 
 @dataclasses.dataclass(frozen=True)

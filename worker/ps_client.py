@@ -1,6 +1,7 @@
 """The worker's side of the ParameterServer service: the only gRPC in the worker."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -8,22 +9,32 @@ import torch
 
 from psgrid import codec, messages, rpc
 from psgrid.codec import Layout, Pulled
-from psgrid.errors import NotFound
+from psgrid.errors import NotFound, NotReady
 from psgrid.security import Security
 from psgrid.spec import Assignment, JobSpec, JobState, RestorePoints
 from psgrid.v1 import parameter_server_pb2 as ps
 
 _PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.items()}
 
+#: Longest one training pull waits on the server before asking again: the server
+#: frees its handler, and a worker whose calls were not cancelled still stops soon.
+PULL_SLICE_S = 2.0
+
 
 class ParameterServerClient(rpc.ServiceClient):
-    """Calls a parameter server; every call has a deadline and retries UNAVAILABLE."""
+    """Calls a parameter server; every call has a deadline and retries UNAVAILABLE.
+
+    Once ``stop`` is set, every call raises Stopping instead of trying or
+    retrying (see :func:`psgrid.rpc.call`); closing the client cancels the calls
+    in flight.
+    """
 
     service = "psgrid.v1.ParameterServer"
 
     def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0,
-                 security: Security | None = None):
+                 security: Security | None = None, stop: threading.Event | None = None):
         super().__init__(address, timeout_s, retry_for_s, security)
+        self.stop = stop or threading.Event()
         unary = self._unary
         self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)
         self._heartbeat = unary("Heartbeat", ps.HeartbeatRequest, ps.HeartbeatResponse)
@@ -41,7 +52,7 @@ class ParameterServerClient(rpc.ServiceClient):
 
     def _call(self, fn, request, **kw):
         return rpc.call(fn, request, timeout=kw.pop("timeout", self.timeout_s),
-                        retry_for=kw.pop("retry_for", self.retry_for_s), **kw)
+                        retry_for=kw.pop("retry_for", self.retry_for_s), stop=self.stop, **kw)
 
     def register(self, name: str, host: str, pid: int, device: str) -> tuple[str, float]:
         reply = self._call(self._register, ps.RegisterWorkerRequest(name=name, host=host, pid=pid, device=device))
@@ -59,22 +70,29 @@ class ParameterServerClient(rpc.ServiceClient):
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool,
              buffer_for: Callable[[int], torch.Tensor], wait_s: float | None = None) -> Pulled:
-        """Weights for step ``clock``; waits (re-asking on ABORTED) until they may be had.
+        """Weights for step ``clock``; waits until they may be had, or until stopping (Stopping).
 
-        With ``wait_s``, the server waits at most about that long and NotReady is
-        raised after, and an unreachable server is retried for about as long before
-        Unavailable is raised: the caller looks around (is it stopping?) and asks again.
+        The server is asked to wait at most PULL_SLICE_S at a time, and asked again
+        when a wait ends (an unreachable server is retried). With ``wait_s``, it waits
+        at most about that long and NotReady is raised after, and an unreachable
+        server is retried for about as long before Unavailable is raised: the caller
+        looks around and asks again.
         """
-        request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
-                                 max_wait_s=wait_s or 0.0)
-
         def once(req, timeout):
             return codec.decode_pull(self._pull(req, timeout=timeout), buffer_for)
 
         if wait_s is not None:
-            return rpc.call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=wait_s)
-        return rpc.call(once, request, timeout=self.timeout_s + 60.0, retry_for=1e9,
-                        retry_codes={grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+            request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
+                                     max_wait_s=wait_s)
+            return self._call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=wait_s)
+        request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
+                                 max_wait_s=PULL_SLICE_S)
+        while True:
+            try:
+                return self._call(once, request, timeout=PULL_SLICE_S + self.timeout_s + 60.0, retry_for=1e9,
+                                  retry_codes={grpc.StatusCode.UNAVAILABLE})
+            except NotReady:  # the server waited a whole slice: ask again (it held the call, no back-off)
+                continue
 
     def push(self, header: ps.PushHeader, payload: torch.Tensor) -> tuple[int, bool]:
         """Send a gradient (or initial parameters); a retry is deduplicated by the server."""
@@ -96,7 +114,7 @@ class ParameterServerClient(rpc.ServiceClient):
     def restore_points(self, job_id: str, worker_id: str) -> RestorePoints:
         """Where the job is on this server, and the snapshots it can be put back to."""
         r = self._call(self._points, ps.ListRestorePointsRequest(job_id=job_id, worker_id=worker_id))
-        return RestorePoints(r.step, r.lineage, r.timeline, tuple((p.step, p.lineage) for p in r.points))
+        return RestorePoints(r.step, r.lineage, r.timeline, tuple((p.step, p.lineage) for p in r.points), r.clock)
 
     def roll_back(self, job_id: str, worker_id: str, point: tuple[int, str], expect_timeline: int) -> tuple[int, bool]:
         """Put this server's part of the job back to snapshot ``point`` (step, lineage),
@@ -117,10 +135,11 @@ class ParameterServerClient(rpc.ServiceClient):
 
 
 def push_header(job_id: str, worker_id: str, seq: int, base_version: int, base_step: int,
-                layout: Layout, init: bool = False) -> ps.PushHeader:
+                layout: Layout, init: bool = False, ranks: tuple[int, ...] = ()) -> ps.PushHeader:
+    """The header of a push: a gradient for step ``seq`` on ``ranks``' data (empty: the worker's own)."""
     return ps.PushHeader(
         job_id=job_id, worker_id=worker_id, seq=seq, base_version=base_version,
-        base_step=base_step, init=init, tensors=codec.layout_to_proto(layout),
+        base_step=base_step, init=init, tensors=codec.layout_to_proto(layout), ranks=ranks,
     )
 
 

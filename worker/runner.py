@@ -9,7 +9,7 @@ import threading
 import time
 
 from psgrid.errors import (JobNotRunning, NotAssigned, NotReady, PsgridError, PushAhead, ShardsDiverged,
-                           Unavailable, UnknownWorker)
+                           Stopping, Unavailable, UnknownWorker)
 from psgrid.metrics import WorkerMetrics
 from psgrid.security import Security
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
@@ -30,6 +30,9 @@ LIVENESS_EVERY_S = 0.5
 FINAL_WAIT_S = 2.0
 #: Times a worker puts a BSP job's drifted shards back in step before giving up.
 REALIGN_TRIES = 10
+#: Seconds the heartbeat holds back after the process was frozen (SIGSTOP): time
+#: for the SIGTERM a supervisor sends with its SIGCONT to reach the main thread.
+THAWED_HOLD_S = 0.5
 
 
 class JobStopped(Exception):
@@ -46,7 +49,13 @@ class TrainAgain(Exception):
 
 
 class Worker:
-    """One worker process: a heartbeat thread and a job loop."""
+    """One worker process: a heartbeat thread and a job loop.
+
+    Setting ``stop`` (the client's: SIGTERM does) ends :meth:`run` promptly in
+    any state: every wait wakes, every call in flight is cancelled, and nothing
+    more is said to the servers, so a worker dropped from a barrier while it was
+    frozen does not rejoin it on its way out.
+    """
 
     def __init__(self, client: ParameterServerClient, device: str = "auto", name: str = "",
                  liveness_file: str | os.PathLike | None = None,
@@ -59,7 +68,7 @@ class Worker:
         self.liveness_file = liveness_file
         self.device_pref = device
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self.stop = threading.Event()
+        self.stop = client.stop
         self.worker_id = ""
         self.heartbeat_interval = 1.0
         self._current_job = ""
@@ -82,10 +91,14 @@ class Worker:
 
     def run(self) -> None:
         """Serve jobs until ``stop`` is set."""
+        threading.Thread(target=self._hang_up_when_stopped, name="stopper", daemon=True).start()
         if self.liveness_file:
             # Its own thread: "alive" must not wait for the server (registration retries).
             threading.Thread(target=self._liveness_loop, name="liveness", daemon=True).start()
-        self._register()
+        try:
+            self._register()
+        except Stopping:
+            return
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         while not self.stop.is_set():
@@ -95,6 +108,16 @@ class Worker:
                 continue
             assignment = self._assignments.pop(0)
             self._run_job(assignment)
+        logger.info("%s stopped", self.tag)
+
+    def _hang_up_when_stopped(self) -> None:
+        """Once stopping, wake the job loop wherever it waits (for a job, for the job's
+        end) and cancel the calls in flight: closing the channels ends them at once."""
+        self.stop.wait()
+        self._wake.set()
+        self._job_ended.set()
+        self.shards.hang_up()
+        self.client.close()
 
     def _touch_liveness(self) -> None:
         if not self.liveness_file:
@@ -110,9 +133,18 @@ class Worker:
             self._touch_liveness()
 
     def _heartbeat_loop(self) -> None:
-        while not self.stop.wait(self.heartbeat_interval):
+        while True:
+            slept_from = time.monotonic()
+            if self.stop.wait(self.heartbeat_interval):
+                return
+            if time.monotonic() - slept_from > 2 * self.heartbeat_interval and self.stop.wait(THAWED_HOLD_S):
+                # Frozen meanwhile, and stopping: the supervisor's SIGTERM came with
+                # its SIGCONT. A beat now would rejoin the barrier on the way out.
+                return
             try:
                 self._heartbeat_once()
+            except Stopping:
+                return
             except Exception:  # noqa: BLE001 - the heartbeat must outlive any one bad beat
                 logger.exception("%s heartbeat failed", self.tag)
 
@@ -130,6 +162,8 @@ class Worker:
             self._job_ended.set()
             self._safe(self._register)
             return
+        except Stopping:
+            raise
         except PsgridError as exc:
             logger.warning("%s heartbeat failed: %s", self.tag, exc)
             return
@@ -168,12 +202,18 @@ class Worker:
                     logger.info("%s the server went back to step %d: training again from there", tag, again.clock)
                     clock = again.clock
         except JobStopped:
+            if self.stop.is_set():
+                logger.info("%s stopping: leaving the job", tag)
+                return
             logger.info("%s job ended elsewhere; back to idle", tag)
             if self.shards.count > 1:
                 self._close_partitions(a)
         except (JobNotRunning, NotAssigned, UnknownWorker) as exc:
             logger.info("%s %s; back to idle", tag, exc)
         except Exception as exc:  # noqa: BLE001
+            if self.stop.is_set():  # a call cut short by the stop, not a failure of the job
+                logger.info("%s stopping: leaving the job (%s)", tag, type(exc).__name__)
+                return
             logger.exception("%s failed", tag)
             self._report_failure(a, f"{type(exc).__name__}: {exc}")
         finally:
@@ -253,7 +293,8 @@ class Worker:
             loss, rows = step.run(clock, pulled[0].ranks)
             computed_at = time.perf_counter()
             try:
-                self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows)
+                self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows,
+                                 ranks=pulled[0].ranks)
             except PushAhead as exc:
                 # A shard went back after this pull (a restore, or put back in step):
                 # pull again; the reply says where to go on from.

@@ -64,7 +64,8 @@ class ShardLinks:
         addresses = tuple(a.shards)
         for index, address in enumerate(addresses, start=1):
             if address not in self._clients:
-                self._clients[address] = ParameterServerClient(address, security=self._security)
+                self._clients[address] = ParameterServerClient(address, security=self._security,
+                                                               stop=self.coordinator.stop)
             self._ids[address] = self._clients[address].register(self.name, *self._register_args)[0]
             self._clients[address].open_partition(a.job_id, a.spec, list(a.worker_names), index,
                                                   1 + len(addresses))
@@ -90,12 +91,15 @@ class ShardLinks:
         return list(self._pool.map(one, range(first, self.count)))
 
     def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
-             payloads: list[torch.Tensor], init: bool = False, samples: int = 0) -> None:
+             payloads: list[torch.Tensor], init: bool = False, samples: int = 0,
+             ranks: tuple[int, ...] = ()) -> None:
+        """Push step ``seq``'s gradient (computed on ``ranks``' data) to every shard at once."""
         def one(shard: int) -> object:
             base = pulled[shard] if pulled else None
             # Each shard's own clock: in SSP and async a restarted shard may be behind.
             header = push_header(job_id, self.worker_id(shard), base.clock if base else seq,
-                                 base.version if base else 0, base.step if base else 0, layouts[shard], init=init)
+                                 base.version if base else 0, base.step if base else 0, layouts[shard], init=init,
+                                 ranks=ranks)
             header.samples = samples
             return self.client(shard).push(header, payloads[shard])
         self._each(one)
@@ -120,7 +124,7 @@ class ShardLinks:
 
     def _realign_once(self, job_id: str) -> int:
         at = self._each(lambda shard: self.client(shard).restore_points(job_id, self.worker_id(shard)))
-        if len({(a.step, a.lineage) for a in at}) == 1:
+        if len({(a.step, a.lineage, a.clock) for a in at}) == 1:
             # In step already: another worker realigned them since this one pulled,
             # or a round is half gathered. Pull again rather than undo more.
             return at[0].step
@@ -154,3 +158,9 @@ class ShardLinks:
                 self.client(index).close_partition(job_id, self.worker_id(index), state)
             except PsgridError as exc:
                 logger.warning("[worker %s] could not close shard %d of %s: %s", self.name, index, job_id, exc)
+
+    def hang_up(self) -> None:
+        """Cancel every call in flight to the other shards (the worker is stopping:
+        its clients' ``stop`` is set, so nothing calls them again)."""
+        for client in list(self._clients.values()):
+            client.close()

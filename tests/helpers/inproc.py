@@ -43,8 +43,11 @@ class Rig:
     def version(self) -> int:
         return self.jobs.get(self.job_id).version
 
-    def push(self, worker: int, seq: int, grads: dict[str, torch.Tensor], base_step: int = 0):
-        header = push_header(self.job_id, self.workers[worker], seq, 0, base_step, self.layout)
+    def push(self, worker: int, seq: int, grads: dict[str, torch.Tensor], base_step: int | None = None,
+             ranks: tuple[int, ...] = ()):
+        """Push step ``seq``'s gradient, computed (by default) on step ``seq``'s weights."""
+        header = push_header(self.job_id, self.workers[worker], seq, 0, seq if base_step is None else base_step,
+                             self.layout, ranks=ranks)
         return self.ps.push(header, self.layout.pack(grads))
 
     def pull(self, worker: int, clock: int):

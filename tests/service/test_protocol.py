@@ -8,7 +8,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from psgrid.errors import FailedPrecondition, JobNotRunning
+from psgrid.errors import FailedPrecondition, JobNotRunning, PushAhead
 from psgrid.spec import JobState, OptimizerSpec
 
 from helpers.inproc import make_rig, spec
@@ -162,9 +162,16 @@ def test_a_silent_worker_leaves_the_barrier_and_rejoins(server_factory):
     server = server_factory(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.4)
     rig = make_rig(server.port, spec(num_workers=2, staleness=0))
     rig.push(0, 0, ones(1.0))
-    # worker 1 goes silent: worker 0 keeps beating, the round completes without worker 1
-    wait_until(lambda: rig.ps.heartbeat(rig.workers[0], rig.job_id) and rig.version() == 1,
+    # worker 1 goes silent: worker 0 keeps beating; the barrier drops worker 1 and round 0
+    # starts again, worker 0 covering worker 1's data too (a round never leaves a rank out)
+    wait_until(lambda: rig.ps.heartbeat(rig.workers[0], rig.job_id) and server.core.job(rig.job_id).lost,
                timeout=10, message="the barrier to drop the silent worker")
+    again = rig.pull(0, 0)
+    assert (again.clock, again.ranks, rig.version()) == (0, (0, 1), 0)
+    with pytest.raises(PushAhead):  # computed on its own rank only: not what the round needs now
+        rig.push(0, 0, ones(1.0))
+    rig.push(0, 0, ones(1.0), ranks=(0, 1))
+    assert rig.version() == 1
     rig.pull(0, 1)
     # worker 1 comes back: it skips ahead to the global step and the barrier waits for it again
     back = rig.pull(1, 0)
@@ -201,8 +208,8 @@ def test_a_gone_workers_data_shard_is_covered_by_the_others(server_factory):
     assert covers == {(0, 2), (1,)}
     # BSP weights each gradient by its examples: 2 shards' worth from worker 0, 1 from worker 1
     start = rig.params()
-    for worker, value, samples in ((0, 3.0, 64), (1, 0.0, 32)):
-        header = push_header(rig.job_id, rig.workers[worker], 0, 0, 0, rig.layout)
+    for worker, value, samples, ranks in ((0, 3.0, 64, (0, 2)), (1, 0.0, 32, (1,))):
+        header = push_header(rig.job_id, rig.workers[worker], 0, 0, 0, rig.layout, ranks=ranks)
         header.samples = samples
         rig.ps.push(header, rig.layout.pack(ones(value)))
     torch.testing.assert_close(rig.params()["w"], start["w"] - 0.5 * 2.0, rtol=0, atol=1e-6)

@@ -11,7 +11,7 @@ import torch
 
 from psgrid.client.job_client import JobServiceClient
 from psgrid.codec import Layout
-from psgrid.errors import FailedPrecondition, UnknownCheckpoint
+from psgrid.errors import FailedPrecondition, PushAhead, UnknownCheckpoint
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.spec import OptimizerSpec
 from psgrid.worker.ps_client import ParameterServerClient, push_header
@@ -135,12 +135,17 @@ def test_shards_that_dropped_different_workers_differ_in_lineage_and_meet_again_
 
     kept, dropped = Shard(server_factory()), Shard(server_factory())
     kept.rounds(1)
-    # the other shard declares worker b gone during round 1 and applies it with a only
+    # the other shard declares worker b gone during round 1: the round starts again and
+    # a computes it covering b's rank too (a push for its own rank alone is refused)
     job = dropped.app.core.job(JOB)
     dropped.rounds(1)
     with job.cond:
         job.worker_lost(dropped.workers[1])
-    dropped.ps.push(push_header(JOB, dropped.workers[0], 1, 0, 1, dropped.layout), dropped.layout.pack(grads(1, 0)))
+    with pytest.raises(PushAhead):
+        dropped.ps.push(push_header(JOB, dropped.workers[0], 1, 0, 1, dropped.layout),
+                        dropped.layout.pack(grads(1, 0)))
+    dropped.ps.push(push_header(JOB, dropped.workers[0], 1, 0, 1, dropped.layout, ranks=(0, 1)),
+                    dropped.layout.pack(grads(1, 0)))
     # b's late push for round 1 does not count towards round 2: it rejoins, and it is a duplicate
     late = push_header(JOB, dropped.workers[1], 1, 0, 1, dropped.layout)
     assert dropped.ps.push(late, dropped.layout.pack(grads(1, 1)))[1] is True

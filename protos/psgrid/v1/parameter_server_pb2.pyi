@@ -117,7 +117,7 @@ class PullResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples")
+    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples", "ranks")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class PushHeader(_message.Message):
     INIT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     seq: int
@@ -134,7 +135,8 @@ class PushHeader(_message.Message):
     init: bool
     tensors: _tensor_pb2.TensorSetHeader
     samples: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -238,16 +240,18 @@ class RestorePoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class ListRestorePointsResponse(_message.Message):
-    __slots__ = ("step", "lineage", "timeline", "points")
+    __slots__ = ("step", "lineage", "timeline", "points", "clock")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     POINTS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
     step: int
     lineage: str
     timeline: int
     points: _containers.RepeatedCompositeFieldContainer[RestorePoint]
-    def __init__(self, step: _Optional[int] = ..., lineage: _Optional[str] = ..., timeline: _Optional[int] = ..., points: _Optional[_Iterable[_Union[RestorePoint, _Mapping]]] = ...) -> None: ...
+    clock: int
+    def __init__(self, step: _Optional[int] = ..., lineage: _Optional[str] = ..., timeline: _Optional[int] = ..., points: _Optional[_Iterable[_Union[RestorePoint, _Mapping]]] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class RollBackRequest(_message.Message):
     __slots__ = ("job_id", "worker_id", "step", "lineage", "expect_timeline")
