@@ -66,6 +66,10 @@ def translate_errors(method: Callable) -> Callable:
         if isinstance(exc, PsgridError):
             logger.debug("%s: %s: %s", name, type(exc).__name__, exc)
             _abort(context, exc)
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            # The caller went away mid-stream (cancelled, or its process died): a normal event.
+            logger.info("%s: the caller cancelled the call before it completed", name)
+            return
         logger.exception("%s failed", name)
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     events = []
     with UpProcess(root, "--host", "local", cluster=cluster) as up:
         up.wait_running(120)
-        with Client(up.server_addresses()[0], retry_for_s=120) as client:
+        with Client(up.server_addresses()[0]) as client:
             started = time.monotonic()
             reference = client.submit(spec)
             expected = reference.wait(timeout=args.timeout, progress=False)

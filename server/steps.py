@@ -16,7 +16,7 @@ import torch
 
 from psgrid.codec import Layout, PayloadAssembler
 from psgrid.errors import InvalidArgument, NotReady, PsgridError, PushAhead
-from psgrid.limits import check_count
+from psgrid.limits import check_count, quote
 from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState
@@ -115,7 +115,7 @@ class StepPath:
 
     def _push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
         job, worker = self.state.member(header.job_id, header.worker_id)
-        _check_samples(job, header.samples)
+        _check_against_spec(job, header)
         # A worker dropped from the barrier rejoins before its push counts: a late
         # gradient for a round applied without it is then a duplicate, not a
         # contribution to the next round.
@@ -200,12 +200,16 @@ class StepPath:
         return state
 
 
-def _check_samples(job: Job, samples: int) -> None:
+def _check_against_spec(job: Job, header: PushHeader) -> None:
     """A gradient averages over at most a batch of each rank its worker may cover: its
     own and, when others are gone, theirs (see Job.coverage), so batch_size x num_workers."""
-    most = job.spec.batch_size * job.spec.num_workers
-    if samples > most:
-        raise InvalidArgument(f"samples must be at most {most} (batch_size x num_workers), got {samples}")
+    spec = job.spec
+    most = spec.batch_size * spec.num_workers
+    if header.samples > most:
+        raise InvalidArgument(f"samples must be at most {most} (batch_size x num_workers), got {header.samples}")
+    if len(header.ranks) > spec.num_workers or any(r >= spec.num_workers for r in header.ranks):
+        raise InvalidArgument(f"ranks must be at most {spec.num_workers} ranks of the job's "
+                              f"{spec.num_workers}, got {quote(list(header.ranks))}")
 
 
 def _receive(layout: Layout, buffer: torch.Tensor, payload: Iterable[memoryview]) -> None:

@@ -40,7 +40,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str = "gradient") ->
     return peak
 
 
-def _limit(dtypes) -> float:
+def _overflow_limit(dtypes) -> float:
     """A quarter of the largest value of the narrowest of ``dtypes``: what a bound must
     stay under for the step to be surely finite (the slack covers rounding)."""
     return min((torch.finfo(d).max for d in dtypes), default=math.inf) / 4
@@ -59,7 +59,7 @@ class ParameterStore:
         check_finite(self.params, what="initial parameter")
         self.optimizer = make_optimizer(optimizer, self.params)
         self.version = 0
-        self._limit = _limit(m.dtype for m in layout.tensors)
+        self._limit = _overflow_limit(m.dtype for m in layout.tensors)
         #: Upper bounds on the magnitudes in the parameters and optimizer state (None:
         #: measure them first); ``_measured`` when they are exact, not predicted.
         self._bounds: Bounds | None = None
@@ -141,7 +141,7 @@ class GradientAccumulator:
         self.count = 0
         self.weight = 0
         self.bound = 0.0
-        self._limit = _limit(t.dtype for t in self.sums.values())
+        self._limit = _overflow_limit(t.dtype for t in self.sums.values())
 
     def fits(self, grad_max: float | None, weight: int) -> bool:
         """Whether adding a gradient with |values| <= ``grad_max`` (None: unknown)

@@ -200,3 +200,34 @@ def test_a_pull_with_a_bad_wait_is_refused(rig, wait):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert isinstance(rpc.to_psgrid_error(info.value), InvalidArgument)
     assert_unchanged_and_serving(rig, before, version)
+
+
+def test_a_push_cancelled_mid_stream_is_one_line_not_a_failure(server, caplog):
+    import logging
+    import threading
+
+    from helpers.wait import wait_until
+
+    rig = make_rig(server.port)
+    job = server.core.job(rig.job_id)
+    before = rig.params()
+    header = push_header(rig.job_id, rig.workers[0], 0, 0, 0, rig.layout)
+    first = next(codec.encode_push(header, rig.layout.pack({k: torch.ones_like(v) for k, v in before.items()})))
+    hold = threading.Event()
+
+    def frames():
+        yield first
+        hold.wait(10)  # the rest of the payload never comes
+
+    with caplog.at_level(logging.INFO, logger="psgrid.rpc"), \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_unary("/psgrid.v1.ParameterServer/Push").future(frames(), timeout=30)
+        wait_until(lambda: job.push_locks[rig.workers[0]].locked(), 10, message="the server to receive the push")
+        call.cancel()
+        hold.set()
+        wait_until(lambda: not job.push_locks[rig.workers[0]].locked(), 10, message="the handler to end")
+    lines = [r for r in caplog.records if r.name == "psgrid.rpc"]
+    assert any("cancelled" in r.getMessage() and r.levelno == logging.INFO for r in lines), lines
+    assert not any(r.exc_info or r.levelno >= logging.ERROR for r in lines)
+    after = rig.params()
+    assert all(torch.equal(after[k], before[k]) for k in before) and rig.version() == 0

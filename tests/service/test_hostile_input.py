@@ -122,6 +122,15 @@ def test_a_samples_count_beyond_what_a_worker_may_cover_is_refused(server, bsp, 
     assert bsp.version() == before.version + 1 and bsp.pull(0, 1).step == 1
 
 
+@pytest.mark.parametrize("ranks", [(0, 1, 0), (2,), (2**32 - 1,)])
+def test_ranks_beyond_the_jobs_are_refused(server, bsp, ranks):
+    before = Snapshot(bsp, server)
+    header = push_header(bsp.job_id, bsp.workers[0], 0, 0, 0, bsp.layout, ranks=ranks)
+    assert invalid(refused(bsp.ps.push, header, bsp.layout.pack(grads())))
+    before.assert_unchanged()
+    assert push_round(bsp, 0) == before.version + 1
+
+
 @pytest.mark.parametrize("field", ["seq", "base_version", "base_step"])
 def test_step_numbers_beyond_2_62_are_refused(server, bsp, field):
     before = Snapshot(bsp, server)
