@@ -30,6 +30,10 @@ LIVENESS_EVERY_S = 0.5
 FINAL_WAIT_S = 2.0
 #: Times a worker puts a BSP job's drifted shards back in step before giving up.
 REALIGN_TRIES = 10
+#: How long a pull of a sharded BSP job waits before the worker checks that the
+#: shards have not split (longer than a server's heartbeat timeout, so that the
+#: brief difference while shards restart a round one after the other passes).
+SPLIT_CHECK_S = 30.0
 #: Seconds the heartbeat holds back after the process was frozen (SIGSTOP): time
 #: for the SIGTERM a supervisor sends with its SIGCONT to reach the main thread.
 THAWED_HOLD_S = 0.5
@@ -186,7 +190,13 @@ class Worker:
         logger.info("%s starting", tag)
         try:
             step = self._prepare(a)
-        except Exception as exc:  # noqa: BLE001 - any failure to build the job fails it
+        except (JobNotRunning, NotAssigned, UnknownWorker) as exc:
+            # The assignment went stale (a server restarted, or the job moved on while this
+            # worker registered again): not the job's fault. The next assignment says where to go.
+            logger.info("%s %s; back to idle", tag, exc)
+            self._current_job = ""
+            return
+        except Exception as exc:  # noqa: BLE001 - any other failure to build the job fails it
             logger.error("%s cannot run the job: %s", tag, exc)
             self._report_failure(a, f"{type(exc).__name__}: {exc}")
             self._current_job = ""
@@ -257,20 +267,39 @@ class Worker:
         A BSP job whose shards serve different steps is put back in step first
         (every shard to a step all of them hold), then pulled again there.
         """
-        pulled = self.shards.pull(a.job_id, clock, step.buffer_for)
+        pulled = self._pull_watching(a, clock, step)
         for _ in range(REALIGN_TRIES):
             if any(p.layout is None for p in pulled):
                 raise JobStopped()
             if not diverged(pulled, a.spec.synchronous):
                 break
             clock = self.shards.realign(a.job_id)
-            pulled = self.shards.pull(a.job_id, clock, step.buffer_for)
+            pulled = self._pull_watching(a, clock, step)
         else:
             raise ShardsDiverged(f"the shards of job {a.job_id} are still at steps "
                                  f"{sorted({p.step for p in pulled})} after {REALIGN_TRIES} realignments")
         for shard, p in enumerate(pulled):
             step.load(shard, p.layout, p.buffer)
         return pulled
+
+    def _pull_watching(self, a: Assignment, clock: int, step: GradientStep, first: int = 0) -> list:
+        """Pull every shard; a sharded BSP job's pull that waits past SPLIT_CHECK_S checks
+        whether the shards split (then they are put back in step) and asks again."""
+        if self.shards.count == 1 or not a.spec.synchronous:
+            return self.shards.pull(a.job_id, clock, step.buffer_for, first)
+        while True:
+            try:
+                return self.shards.pull(a.job_id, clock, step.buffer_for, first, wait_s=SPLIT_CHECK_S)
+            except (NotReady, Unavailable):
+                self._check_running()
+                try:
+                    split = self.shards.split(a.job_id)
+                except Unavailable:  # a shard is down: it will be back, ask again
+                    continue
+                if split:
+                    clock = self.shards.realign(a.job_id)
+                    if first:  # the final wait: train again from there
+                        raise TrainAgain(clock) from None
 
     def _train(self, a: Assignment, step: GradientStep, tag: str, clock: int) -> None:
         spec = a.spec
@@ -348,7 +377,7 @@ class Worker:
                 continue
             step.load(0, final.layout, final.buffer)
             # Every push precedes the end of training, on every shard.
-            others = self.shards.pull(a.job_id, total, step.buffer_for, first=1)
+            others = self._pull_watching(a, total, step, first=1)
             if diverged([final, *others], a.spec.synchronous):
                 # A shard restarted from a checkpoint meanwhile: evaluating now would
                 # mix two versions. Put the shards back in step and train again.

@@ -79,11 +79,13 @@ class ShardLinks:
             return [fn(0)]
         return list(self._pool.map(fn, range(self.count)))
 
-    def pull(self, job_id: str, clock: int,
-             buffer_for: Callable[[int], Callable[[int], torch.Tensor]], first: int = 0) -> list[Pulled]:
-        """Weights for step ``clock`` from every shard from ``first`` on."""
+    def pull(self, job_id: str, clock: int, buffer_for: Callable[[int], Callable[[int], torch.Tensor]],
+             first: int = 0, wait_s: float | None = None) -> list[Pulled]:
+        """Weights for step ``clock`` from every shard from ``first`` on; with ``wait_s``,
+        NotReady from a shard that cannot serve it within about that long."""
         def one(shard: int) -> Pulled:
-            return self.client(shard).pull(job_id, self.worker_id(shard), clock, False, buffer_for(shard))
+            return self.client(shard).pull(job_id, self.worker_id(shard), clock, False, buffer_for(shard),
+                                           wait_s=wait_s)
         if first >= self.count:
             return []
         if self.count - first == 1:
@@ -103,6 +105,13 @@ class ShardLinks:
             header.samples = samples
             return self.client(shard).push(header, payloads[shard])
         self._each(one)
+
+    def split(self, job_id: str) -> bool:
+        """Whether the shards disagree on where the job is for this worker: step, lineage
+        or its clock (a push that reached some shards only, then a restart, can leave a
+        pull waiting for ever on a shard where this worker already pushed)."""
+        at = self._each(lambda shard: self.client(shard).restore_points(job_id, self.worker_id(shard)))
+        return len({(a.step, a.lineage, a.clock) for a in at}) > 1
 
     def realign(self, job_id: str) -> int:
         """Put every shard of a BSP job back to the newest step-aligned snapshot all

@@ -76,12 +76,32 @@ class GradientStep:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def run(self, step: int, ranks: tuple[int, ...] = ()) -> tuple[float, int]:
-        """Forward/backward on the batch for ``step`` (see :meth:`indices`); return (loss, rows).
+        """Forward/backward on the batch for ``step``; return (loss, rows).
 
         Each shard's gradients end up in ``grad_buffers[shard]``, laid out as
-        ``layouts[shard]``.
+        ``layouts[shard]``. Covering several ranks (workers that are gone), it
+        computes each rank's batch on its own and combines their means weighted by
+        rows, in rank order, as the server combines the pushes of the workers it
+        stands in for: the round then gets the gradients a fault-free run gets
+        (bit for bit with two workers), not those of one bigger batch, whose
+        different summation order would drift the weights apart over many steps.
         """
-        idx = self.indices(step, ranks).to(self.device)
+        own = ranks or (self.sampler.rank,)
+        if len(own) == 1:
+            return self._backward(self.indices(step, own), scale=None)
+        losses, rows = 0.0, 0
+        for i, rank in enumerate(own):
+            loss, n = self._backward(self.indices(step, (rank,)), scale=None if i == 0 else 0)
+            if i == 0:
+                self._scale_grads(lambda view: view.mul_(n))
+            losses, rows = losses + loss * n, rows + n
+        self._scale_grads(lambda view: view.div_(rows))  # as the server's mean: a division, not a product
+        return losses / rows, rows
+
+    def _backward(self, idx: torch.Tensor, scale: float | None) -> tuple[float, int]:
+        """Gradients of the mean loss over rows ``idx``: copied into the grad buffers
+        (``scale`` None), or added to them weighted by the rows (``scale`` 0)."""
+        idx = idx.to(self.device)
         for _, p in self.params:
             p.grad = None
         loss = self.dataset.loss_fn(self.model(self._x[idx]), self._y[idx])
@@ -90,10 +110,19 @@ class GradientStep:
             for pieces, views in zip(self.partition.pieces, self._grad_views):
                 for piece in pieces:
                     grad = self._by_name[piece.tensor].grad
-                    if grad is None:
+                    if scale is not None:
+                        if grad is not None:
+                            views[piece.name].add_(piece_view(grad, piece), alpha=len(idx))
+                    elif grad is None:
                         views[piece.name].zero_()
                     else:
                         views[piece.name].copy_(piece_view(grad, piece), non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return loss.item(), len(idx)
+
+    @torch.no_grad()
+    def _scale_grads(self, scale: Callable[[torch.Tensor], object]) -> None:
+        for views in self._grad_views:
+            for view in views.values():
+                scale(view)
