@@ -33,6 +33,10 @@ class MalformedPayload(InvalidArgument):
     """Payload bytes do not match their header (length, offsets, framing)."""
 
 
+class MalformedRequest(InvalidArgument):
+    """A request's bytes do not decode as the message its method takes."""
+
+
 class NonFiniteGradient(InvalidArgument):
     """A gradient holds NaN or Inf."""
 

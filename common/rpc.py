@@ -12,14 +12,23 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from psgrid.backoff import Backoff
 from psgrid.security import Security
-from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, DeadlineExceeded, PsgridError, Stopping
+from psgrid.errors import (
+    ERROR_BY_CODE,
+    ERRORS_BY_NAME,
+    DeadlineExceeded,
+    MalformedRequest,
+    PsgridError,
+    Stopping,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M")
 
 #: Trailing-metadata key naming the precise psgrid error class.
 ERROR_KEY = "psgrid-error"
@@ -39,10 +48,51 @@ def identity(data: bytes) -> bytes:
     return data
 
 
+def decode(request_cls: type[M], data: bytes) -> M:
+    """The ``request_cls`` message ``data`` encodes: the one decoding path of every service.
+
+    Every method registers a pass-through deserializer and decodes here, inside its
+    handler, so the token check runs before anything is parsed and bytes that do not
+    parse are the caller's error. Raises MalformedRequest (INVALID_ARGUMENT).
+    """
+    try:
+        return request_cls.FromString(data)
+    except DecodeError as exc:
+        raise MalformedRequest(f"undecodable {request_cls.DESCRIPTOR.name} ({len(data)} bytes): {exc}") from None
+
+
+def decoding(fn: Callable, request_cls) -> Callable:
+    """A behaviour for a unary-request method that decodes its raw request, then calls ``fn``.
+
+    An undecodable request is answered INVALID_ARGUMENT with one log line.
+    """
+    def behaviour(data: bytes, context: grpc.ServicerContext):
+        try:
+            request = decode(request_cls, data)
+        except MalformedRequest as exc:
+            logger.info("%s refused: %s", getattr(fn, "__qualname__", fn), exc)
+            _abort(context, exc)
+        return fn(request, context)
+    return behaviour
+
+
 def unary_handler(fn, request_cls, response_cls) -> grpc.RpcMethodHandler:
-    """A unary-unary handler that (de)serializes with the generated message classes."""
+    """A unary-unary handler: raw bytes in, decoded by :func:`decode`; the generated response class out."""
     return grpc.unary_unary_rpc_method_handler(
-        fn, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
+        decoding(fn, request_cls), request_deserializer=identity,
+        response_serializer=response_cls.SerializeToString)
+
+
+def unary_stream_handler(fn, request_cls, response_serializer: Callable = identity) -> grpc.RpcMethodHandler:
+    """A unary-stream handler: raw bytes in, decoded by :func:`decode`; ``response_serializer`` out."""
+    return grpc.unary_stream_rpc_method_handler(
+        decoding(fn, request_cls), request_deserializer=identity, response_serializer=response_serializer)
+
+
+def stream_handler(fn, response_streaming: bool, response_serializer: Callable = identity) -> grpc.RpcMethodHandler:
+    """A handler whose requests stream in as raw frames: ``fn`` decodes each (:func:`decode`)."""
+    make = grpc.stream_stream_rpc_method_handler if response_streaming else grpc.stream_unary_rpc_method_handler
+    return make(fn, request_deserializer=identity, response_serializer=response_serializer)
 
 
 def status_of(error: PsgridError) -> grpc.StatusCode:

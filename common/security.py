@@ -2,7 +2,9 @@
 
 * Token: every RPC of every psgrid service carries ``authorization: Bearer
   <token>`` metadata; one server interceptor checks it with a constant-time
-  comparison and answers UNAUTHENTICATED otherwise, before any handler runs.
+  comparison and answers UNAUTHENTICATED otherwise, before any handler runs
+  and before the request is parsed (it only reads metadata; every psgrid method
+  receives raw bytes and decodes them itself, see ``psgrid.rpc.decode``).
   The standard health service stays open (see ``OPEN_METHODS``).
 * TLS: ``cert``/``key`` make a server speak TLS; with ``ca`` as well it
   requires client certificates signed by that CA (mutual TLS). Clients verify
@@ -120,8 +122,8 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(abort, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    # No deserializer: gRPC hands over raw bytes, so a refused request is never parsed.
+    return make(abort, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):

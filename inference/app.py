@@ -4,9 +4,13 @@ Health (``grpc.health.v1``, for "" and ``psgrid.v1.Inference``) is
 NOT_SERVING until the first model version is loaded, SERVING after, and
 NOT_SERVING again from the start of shutdown.
 
-Authentication and TLS: psgrid has neither yet. The hooks are the
-``interceptors`` (a token check goes here) and ``server_credentials`` (TLS)
-arguments of :class:`InferenceApp`; nothing else needs to change.
+Authentication and TLS come from :mod:`psgrid.security`, as for every psgrid
+server: with a cluster token (``security=Security(token=...)``) every Inference
+RPC needs ``authorization: Bearer <token>`` and is refused UNAUTHENTICATED
+before its request is parsed (health stays open); with a certificate the
+server speaks TLS, and with a CA as well it requires client certificates
+(mutual TLS). ``psgrid serve`` builds the :class:`~psgrid.security.Security`
+from ``--token-file`` (else ``PSGRID_TOKEN``) and ``--tls-ca``/``--tls-cert``/``--tls-key``.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """gRPC adapter of the inference server: decode, hand to the pipeline, encode.
 
-A unary ``Predict`` waits in its handler thread for its ticket; a
-``PredictStream`` reads requests on a thread of its own and answers each as
-its ticket completes. A call that ends early (cancelled, deadline) drops its
+Every method receives raw bytes and decodes them with :func:`psgrid.rpc.decode`
+(the stream frame by frame), so an undecodable request is INVALID_ARGUMENT and
+never gRPC's own error. A unary ``Predict`` waits in its handler thread for its
+ticket; a ``PredictStream`` reads requests on a thread of its own and answers
+each as its ticket completes. A call that ends early (cancelled, deadline) drops its
 tickets at once, freeing their places in the pipeline.
 """
 from __future__ import annotations
@@ -15,12 +17,12 @@ from collections.abc import Iterator
 
 import grpc
 
-from psgrid.errors import PsgridError, Unavailable
+from psgrid.errors import MalformedRequest, PsgridError, Unavailable
 from psgrid.inference import wire
 from psgrid.inference.batcher import Ticket, TicketState
 from psgrid.inference.models import ModelRegistry
 from psgrid.inference.pipeline import Pipeline
-from psgrid.rpc import translate_errors, unary_handler
+from psgrid.rpc import decode, stream_handler, translate_errors, unary_handler
 from psgrid.v1 import inference_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class InferenceService:
         return wire.encode_response(request.id, outputs, version)
 
     @translate_errors
-    def PredictStream(self, request_iterator: Iterator[pb.PredictRequest], context) -> Iterator[pb.PredictResponse]:
+    def PredictStream(self, request_iterator: Iterator[bytes], context) -> Iterator[pb.PredictResponse]:
         stream = _Stream(self, _deadline(context)[1])
         if not context.add_callback(stream.cancel):
             return
@@ -94,12 +96,16 @@ class _Stream:
         self._open: set[Ticket] = set()
         self._reading = True
 
-    def read(self, requests: Iterator[pb.PredictRequest]) -> None:
+    def read(self, frames: Iterator[bytes]) -> None:
+        """Decode and submit each raw request frame; an undecodable one ends the call."""
         try:
-            for request in requests:
-                self._submit(request)
+            for frame in frames:
+                self._submit(decode(pb.PredictRequest, frame))
         except grpc.RpcError:
             pass  # the call ended (cancelled or past its deadline): cancel() cleans up
+        except MalformedRequest as exc:
+            logger.info("[serve] prediction stream refused: %s", exc)
+            self._out.put(exc)  # responses() raises it: the call ends INVALID_ARGUMENT
         except Exception:  # noqa: BLE001 - a reader thread must not die silently
             logger.exception("[serve] reading a prediction stream failed")
         finally:
@@ -134,6 +140,8 @@ class _Stream:
 
     def responses(self) -> Iterator[pb.PredictResponse]:
         while (item := self._out.get()) is not _END:
+            if isinstance(item, MalformedRequest):
+                raise item
             if not isinstance(item, Ticket):
                 yield item
             elif item.error is not None:
@@ -154,9 +162,7 @@ def handlers(service: InferenceService) -> list[grpc.GenericRpcHandler]:
     """The generic handler of psgrid.v1.Inference, for ``server.add_generic_rpc_handlers``."""
     return [grpc.method_handlers_generic_handler(SERVICE, {
         "Predict": unary_handler(service.Predict, pb.PredictRequest, pb.PredictResponse),
-        "PredictStream": grpc.stream_stream_rpc_method_handler(
-            service.PredictStream, request_deserializer=pb.PredictRequest.FromString,
-            response_serializer=pb.PredictResponse.SerializeToString),
+        "PredictStream": stream_handler(service.PredictStream, True, pb.PredictResponse.SerializeToString),
         "GetServingStatus": unary_handler(service.GetServingStatus, pb.GetServingStatusRequest,
                                    pb.GetServingStatusResponse),
     })]

@@ -1,8 +1,10 @@
 """gRPC adapters of the parameter server: decode, call the core, encode.
 
-The streaming methods that carry tensors (Pull, Push, FetchParameters) are
-registered with raw-bytes serializers and framed by :mod:`psgrid.codec`; every
-other method uses the generated protobuf classes.
+Every method receives its request as raw bytes and decodes it itself
+(:func:`psgrid.rpc.decode`; Push frame by frame through :mod:`psgrid.codec`), so
+the token check comes before any parsing and bad bytes are INVALID_ARGUMENT. The
+streams that carry tensors (Pull, Push, FetchParameters) send raw frames framed by
+:mod:`psgrid.codec`; every other reply is a generated protobuf message.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import grpc
 
 from psgrid import codec, messages
 from psgrid.errors import InvalidArgument
-from psgrid.rpc import identity, translate_errors, unary_handler
+from psgrid.rpc import stream_handler, translate_errors, unary_handler, unary_stream_handler
 from psgrid.server.core import ParameterServerCore
 from psgrid.server.steps import PullResult, PushHeader
 from psgrid.v1 import job_service_pb2 as js
@@ -161,11 +163,8 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
         grpc.method_handlers_generic_handler("psgrid.v1.ParameterServer", {
             "RegisterWorker": unary_handler(p.RegisterWorker, ps.RegisterWorkerRequest, ps.RegisterWorkerResponse),
             "Heartbeat": unary_handler(p.Heartbeat, ps.HeartbeatRequest, ps.HeartbeatResponse),
-            "Pull": grpc.unary_stream_rpc_method_handler(
-                p.Pull, request_deserializer=ps.PullRequest.FromString, response_serializer=identity),
-            "Push": grpc.stream_unary_rpc_method_handler(
-                p.Push, request_deserializer=identity,
-                response_serializer=ps.PushResponse.SerializeToString),
+            "Pull": unary_stream_handler(p.Pull, ps.PullRequest),
+            "Push": stream_handler(p.Push, False, ps.PushResponse.SerializeToString),
             "ReportMetrics": unary_handler(p.ReportMetrics, ps.ReportMetricsRequest, ps.ReportMetricsResponse),
             "OpenPartition": unary_handler(p.OpenPartition, ps.OpenPartitionRequest, ps.OpenPartitionResponse),
             "ClosePartition": unary_handler(p.ClosePartition, ps.ClosePartitionRequest, ps.ClosePartitionResponse),
@@ -176,15 +175,11 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
         grpc.method_handlers_generic_handler("psgrid.v1.JobService", {
             "SubmitJob": unary_handler(j.SubmitJob, js.SubmitJobRequest, js.SubmitJobResponse),
             "GetJob": unary_handler(j.GetJob, js.GetJobRequest, js.GetJobResponse),
-            "WatchJob": grpc.unary_stream_rpc_method_handler(
-                j.WatchJob, request_deserializer=js.WatchJobRequest.FromString,
-                response_serializer=lambda m: m.SerializeToString()),
+            "WatchJob": unary_stream_handler(j.WatchJob, js.WatchJobRequest, lambda m: m.SerializeToString()),
             "CancelJob": unary_handler(j.CancelJob, js.CancelJobRequest, js.CancelJobResponse),
             "ListJobs": unary_handler(j.ListJobs, js.ListJobsRequest, js.ListJobsResponse),
             "GetJobHistory": unary_handler(j.GetJobHistory, js.GetJobHistoryRequest, js.GetJobHistoryResponse),
             "ListWorkers": unary_handler(j.ListWorkers, js.ListWorkersRequest, js.ListWorkersResponse),
-            "FetchParameters": grpc.unary_stream_rpc_method_handler(
-                j.FetchParameters, request_deserializer=js.FetchParametersRequest.FromString,
-                response_serializer=identity),
+            "FetchParameters": unary_stream_handler(j.FetchParameters, js.FetchParametersRequest),
         }),
     ]

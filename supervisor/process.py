@@ -42,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psgrid import rpc
 from psgrid.errors import SupervisorStopped, UnknownNode
+from psgrid.limits import quote
 from psgrid.security import Security
 from psgrid.supervisor.base import ChildStatus, Supervisor
 from psgrid.supervisor.cluster import SERVER_NAME, ChildSecurity, ClusterConfig, NodeSpec, format_address
@@ -223,7 +224,7 @@ class ProcessSupervisor(Supervisor):
     def node(self, name: str) -> NodeInfo:
         """A snapshot of node ``name``; UnknownNode when there is none."""
         if name not in self._nodes:
-            raise UnknownNode(f"no node named {name!r}; nodes: {', '.join(self._nodes)}")
+            raise UnknownNode(f"no node named {quote(name)}; nodes: {', '.join(self._nodes)}")
         return self._info(self.status(name), self.clock())
 
     def restart_node(self, name: str) -> NodeInfo:

@@ -55,6 +55,7 @@ import random
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 
 import torch
 
@@ -148,7 +149,7 @@ def random_plan(cfg: SimConfig, seed: int) -> tuple[Fault, ...]:
     """One to five faults at random points of the job's first actions (the plan of ``seed``)."""
     rng = random.Random(seed)
     window = 2 * cfg.steps * cfg.workers + 20
-    ats = sorted(rng.randrange(10, window) for _ in range(rng.randint(1, 5)))
+    ats = sorted(rng.randrange(30, window) for _ in range(rng.randint(1, 5)))
     return tuple(_random_fault(cfg, rng, at) for at in ats)
 
 
@@ -214,8 +215,8 @@ class UpdateAudit:
     """Follows one shard's update log as it grows: checks I2 on every accepted push,
     and keeps which ranks' data each round still in the weights was made of."""
 
-    def __init__(self, path: str):
-        self.path, self.offset = path, 0
+    def __init__(self, path: str, note: Callable[[str], None]):
+        self.path, self.note, self.file = path, note, None
         #: (worker name, seq) -> ranks of the last push of it the shard accepted.
         self.ranks: dict[tuple[str, int], tuple[int, ...]] = {}
         self.rounds: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
@@ -226,18 +227,23 @@ class UpdateAudit:
 
     def scan(self) -> None:
         """Read the lines written since the last scan (call it before and after every push)."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        data = data[: data.rfind(b"\n") + 1]
-        self.offset += len(data)
-        for line in data.splitlines():
+        if self.file is None:
+            if not os.path.exists(self.path):
+                return
+            self.file = open(self.path, "rb")  # noqa: SIM115 - kept open: it is read as it grows
+        data = self.file.read()
+        end = data.rfind(b"\n") + 1
+        self.file.seek(end - len(data), os.SEEK_CUR)  # a partly written line is read again next time
+        for line in data[:end].splitlines():
             self._read(json.loads(line))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
     def _read(self, e: dict) -> None:
         if e["event"] == "restore":  # a restart or a roll-back: the rounds from its version on are undone
+            self.note(f"{os.path.basename(self.path)}: restore to version {e['version']}")
             self.rounds = {r: c for r, c in self.rounds.items() if r < e["version"]}
         elif e["event"] == "update":
             if e["seq"] != e["base_step"]:
@@ -565,7 +571,7 @@ class Cluster:
         self.rng = random.Random(f"schedule-{seed}")
         self.t = 1000.0
         self.cores = [self._start_core(k) for k in range(cfg.shards)]
-        self.audits = [UpdateAudit(self._log(k)) for k in range(cfg.shards)]
+        self.audits = [UpdateAudit(self._log(k), self.note) for k in range(cfg.shards)]
         self.violations: list[str] = []
         self.events: list[str] = []
         self.dropped = False
@@ -709,6 +715,8 @@ class Cluster:
     def close(self) -> None:
         for core in self.cores:
             core.close()
+        for audit in self.audits:
+            audit.close()
 
 
 @contextlib.contextmanager
