@@ -1,4 +1,4 @@
-"""Seeded fault sequences against real parameter-server shards: one thread, virtual time.
+"""Seeded fault sequences against real parameter-server shards and workers, on virtual time.
 
 A sharded synchronous (BSP) job runs on S :class:`ParameterServerCore` shards
 (shard 0 coordinates) with W workers, while a *fault plan* kills, freezes and
@@ -14,40 +14,40 @@ an :class:`Outcome`, whose :meth:`Outcome.problems` lists the invariants broken:
 * **I4** the job SUCCEEDED (not FAILED, not still running when the budget ran out).
 
 What is real: every shard (``ParameterServerCore`` on its own
-``CheckpointStore``, killed by dropping it and restarted with ``restore()``),
-its reaper (``reap()`` every tick, as the app's timer calls it), and every
-worker's ``psgrid.worker.runner.Worker`` with its ``ShardLinks`` (pull, push,
-realign, close) and ``GradientStep``; the simulation calls the worker's own
-``_register``, ``_heartbeat_once``, ``_prepare``, ``_pull_into``,
-``_check_running``, ``_report_failure`` and ``_close_partitions``.
+``CheckpointStore``; killed by dropping it, restarted with ``restore()``) and its
+reaper (``reap()`` every tick, as the app's timer calls it); every worker's
+``psgrid.worker.runner.Worker`` running its own ``_run_job`` (``_prepare``,
+``_train``, ``_finish``, realignment, failure reports) with its ``ShardLinks``
+and ``GradientStep``; its heartbeat (``_heartbeat_once``).
 
 What is simulated:
 
-* gRPC: :class:`CoreClient` calls a shard's current core in-process (the pulled
-  bytes are copied, as the wire does). A pull that would wait raises NotReady at
-  once and the worker asks again on a later action.
-* threads: ``ShardLinks``' pool runs the shards one after the other
-  (:class:`SerialPool`); the snapshot writer is a queue flushed every tick and
-  lost by a kill -9 when the plan says so (:class:`ManualSaver`).
-* time: one virtual clock for every core; a tick is ``TICK_S``; a worker beats
-  every second.
-* the job loop: ``Worker._run_job``/``_train``/``_finish`` block, so
-  :class:`SimWorker` replays them one action at a time (pull and compute, push,
-  final pull), making the same calls in the same order. Left out: progress
-  reports (only FINISHED and EVALUATED are sent) and the evaluation itself.
-* F7, not yet in the runner: a pull still waiting after ``STUCK_PULL_S`` while
-  the shards disagree on this worker's ``(step, lineage, clock)`` puts them back
-  in step (``SimConfig.emulate_f7``; see :meth:`SimWorker._unstick`).
+* gRPC: :class:`CoreClient` calls a shard's *current* core in-process (the
+  pulled bytes are copied, as the wire does). A pull that must wait is asked
+  again later, and raises NotReady once ``wait_s`` of virtual time has passed,
+  as ``ParameterServerClient.pull`` does. A killed shard is back at once.
+* threads: each worker process is one thread, but only one thread runs at a
+  time. The scheduler (the caller's thread) hands the baton to a worker, which
+  hands it back at its next call to a shard (:meth:`SimWorker.pause`), so each
+  seed gives one interleaving. Progress reports are not such points (the
+  runner sends them on wall-clock time). The heartbeat thread is a call to
+  ``_heartbeat_once`` every virtual second between turns; ``ShardLinks``' pool
+  runs the shards one after the other (:class:`SerialPool`); the snapshot writer
+  is a queue flushed every tick and lost by a kill -9 when the plan says so.
+* time: one virtual clock for every core and for the worker's ``_job_ended``
+  waits; a tick is ``TICK_S``.
+* the process: a thread that registers, waits for an assignment and calls
+  ``_run_job`` (``Worker.run``'s loop); kill -9 ends it at its next call
+  (:class:`Died`); SIGSTOP leaves it and its heartbeat unscheduled.
 
-The simulator also runs on trees from before pushes carried their ranks and
-restore points their clock, so that it can be shown to catch what those fixed.
+The simulator also runs on trees from before pushes carried their ranks, so
+that it can be shown to catch what the later fixes fixed.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import enum
-import inspect
 import json
 import logging
 import os
@@ -61,23 +61,23 @@ import torch
 
 from psgrid import codec
 from psgrid.codec import Pulled
-from psgrid.errors import JobNotRunning, NotAssigned, NotReady, PsgridError, PushAhead, UnknownWorker
+from psgrid.errors import NotReady, PsgridError
 from psgrid.server.checkpoint import CheckpointStore
 from psgrid.server.config import ServerConfig
 from psgrid.server.core import ParameterServerCore
 from psgrid.server.steps import PushHeader
 from psgrid.spec import JobSpec, JobState, OptimizerSpec
-from psgrid.worker.runner import FINAL_WAIT_S, JobStopped, TrainAgain, Worker
-from psgrid.worker.shards import ShardLinks, diverged
+from psgrid.worker.runner import Worker
 
 HEARTBEAT_TIMEOUT_S = 10.0
 TICK_S = 0.5
-#: F7 emulation: how long a pull waits before the worker looks for split shards.
-STUCK_PULL_S = 30.0
+#: Chance that the scheduler lets virtual time pass instead of running a worker.
+TICK_CHANCE = 0.25
 #: Largest difference from the fault-free weights allowed (union batches reassociate sums).
 ATOL = 1e-5
+#: Real seconds a worker thread may hold the baton before the simulation is declared stuck.
+BATON_TIMEOUT_S = 60.0
 _HEADER_HAS_RANKS = "ranks" in {f.name for f in dataclasses.fields(PushHeader)}
-_PUSH_TAKES_RANKS = "ranks" in inspect.signature(ShardLinks.push).parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,23 +86,21 @@ class SimConfig:
 
     workers: int = 2
     shards: int = 2
-    steps: int = 16
+    steps: int = 12
     #: checkpoint_every_steps: the step-aligned snapshots (restore points).
     every: int = 2
-    #: Scheduler iterations before an unfinished job counts as hung.
-    max_actions: int = 2500
-    emulate_f7: bool = True
+    #: Scheduler turns before an unfinished job counts as hung.
+    max_turns: int = 6000
 
     def __post_init__(self) -> None:
-        for field in ("workers", "steps", "every", "max_actions"):
+        for field in ("workers", "steps", "every", "max_turns"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.shards < 2:
             raise ValueError(f"shards must be >= 2 (a sharded job), got {self.shards}")
 
     def spec(self) -> JobSpec:
-        return JobSpec(model="psgrid.examples.models:mlp", dataset="psgrid.examples.datasets:linear_regression",
-                       model_kwargs={"in_features": 8, "hidden": 6, "classes": 1, "layers": 2},
+        return JobSpec(model="psgrid.examples.models:linear", dataset="psgrid.examples.datasets:linear_regression",
                        dataset_kwargs={"n": 256}, batch_size=8, steps=self.steps, num_workers=self.workers,
                        staleness=0, seed=3, optimizer=OptimizerSpec("adam", lr=0.05))
 
@@ -121,11 +119,11 @@ class FaultKind(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    """One fault, injected at the first scheduler iteration >= ``at_action`` at
-    which the coordinator's step is >= ``at_step``."""
+    """One fault, injected at the first scheduler turn >= ``at_turn`` at which the
+    coordinator's step is >= ``at_step``."""
 
     kind: FaultKind
-    at_action: int = 0
+    at_turn: int = 0
     at_step: int = 0
     worker: int = 0
     shard: int = 0
@@ -135,7 +133,7 @@ class Fault:
     lose_write: bool = False
 
     def __str__(self) -> str:
-        when = f"@{self.at_action}" + (f"/step>={self.at_step}" if self.at_step else "")
+        when = f"@{self.at_turn}" + (f"/step>={self.at_step}" if self.at_step else "")
         what = {
             FaultKind.KILL_WORKER: f"w{self.worker} back in {self.seconds:g}s",
             FaultKind.STOP_WORKER: f"w{self.worker} for {self.seconds:g}s" + (", then restarted" if self.restart else ""),
@@ -146,42 +144,43 @@ class Fault:
 
 
 def random_plan(cfg: SimConfig, seed: int) -> tuple[Fault, ...]:
-    """One to five faults at random points of the job's first actions (the plan of ``seed``)."""
+    """One to five faults at random turns while the job runs (the plan of ``seed``).
+
+    Not in the first turns: a coordinator killed before its first snapshot is on
+    disk loses the job (by design: sharded BSP jobs are only checkpointed by step).
+    """
     rng = random.Random(seed)
-    window = 2 * cfg.steps * cfg.workers + 20
-    ats = sorted(rng.randrange(30, window) for _ in range(rng.randint(1, 5)))
-    return tuple(_random_fault(cfg, rng, at) for at in ats)
+    window = 6 * cfg.steps * cfg.workers + 40
+    turns = sorted(rng.randrange(40, window) for _ in range(rng.randint(1, 5)))
+    return tuple(_random_fault(cfg, rng, turn) for turn in turns)
 
 
-def _random_fault(cfg: SimConfig, rng: random.Random, at: int) -> Fault:
+def _random_fault(cfg: SimConfig, rng: random.Random, turn: int) -> Fault:
     r, worker = rng.random(), rng.randrange(cfg.workers)
     if r < 0.2:  # fast restart, back-off, or past the heartbeat timeout (dropped)
-        return Fault(FaultKind.KILL_WORKER, at, worker=worker, seconds=rng.choice([0, 2, HEARTBEAT_TIMEOUT_S + 5]))
+        return Fault(FaultKind.KILL_WORKER, turn, worker=worker, seconds=rng.choice([0, 2, HEARTBEAT_TIMEOUT_S + 5]))
     if r < 0.4:
-        return Fault(FaultKind.STOP_WORKER, at, worker=worker, restart=rng.random() < 0.5,
+        return Fault(FaultKind.STOP_WORKER, turn, worker=worker, restart=rng.random() < 0.5,
                      seconds=rng.choice([2, HEARTBEAT_TIMEOUT_S + 3, 2 * HEARTBEAT_TIMEOUT_S]))
     if r < 0.5:
-        return Fault(FaultKind.DIE_MID_PUSH, at, worker=worker, after_shards=rng.randrange(cfg.shards),
+        return Fault(FaultKind.DIE_MID_PUSH, turn, worker=worker, after_shards=rng.randrange(cfg.shards),
                      seconds=rng.choice([0, HEARTBEAT_TIMEOUT_S + 5]))
-    return Fault(FaultKind.KILL_SHARD, at, shard=rng.randrange(cfg.shards), lose_write=rng.random() < 0.5)
+    return Fault(FaultKind.KILL_SHARD, turn, shard=rng.randrange(cfg.shards), lose_write=rng.random() < 0.5)
 
 
-class Died(Exception):
-    """The simulated worker process is killed in the middle of an action."""
+class Died(BaseException):
+    """kill -9 of a simulated worker: unwinds its thread through every ``except Exception``."""
 
 
 class SerialPool:
     """ShardLinks' pool, one shard after the other: like ``list(pool.map(...))``, every
-    shard's call runs even when an earlier one failed, and the first failure is raised
-    after. A killed worker (Died) stops at once."""
+    shard's call runs even when an earlier one failed, and the first failure is raised after."""
 
     def map(self, fn, items):
         out, first = [], None
         for item in items:
             try:
                 out.append(fn(item))
-            except Died:
-                raise
             except Exception as exc:  # noqa: BLE001 - re-raised below, as the pool's map does
                 first = first or exc
                 out.append(None)
@@ -243,7 +242,7 @@ class UpdateAudit:
 
     def _read(self, e: dict) -> None:
         if e["event"] == "restore":  # a restart or a roll-back: the rounds from its version on are undone
-            self.note(f"{os.path.basename(self.path)}: restore to version {e['version']}")
+            self.note(f"{os.path.basename(self.path)}: back to version {e['version']}")
             self.rounds = {r: c for r, c in self.rounds.items() if r < e["version"]}
         elif e["event"] == "update":
             if e["seq"] != e["base_step"]:
@@ -264,12 +263,17 @@ class UpdateAudit:
         return problems
 
 
-class CoreClient:
-    """The ParameterServerClient surface Worker and ShardLinks use, on a core in-process.
-    Every call goes to the shard's *current* core, so restarts show through."""
+def address(shard: int) -> str:
+    return f"shard-{shard}:{7000 + shard}"
 
-    def __init__(self, cluster: Cluster, shard: int):
-        self.cluster, self.shard = cluster, shard
+
+class CoreClient:
+    """The ParameterServerClient surface Worker and ShardLinks use, on a core in-process,
+    for one worker process. Every call goes to the shard's *current* core (restarts
+    show through) and, made from the worker's thread, is a point where it hands over."""
+
+    def __init__(self, sim: SimWorker, shard: int):
+        self.sim, self.cluster, self.shard = sim, sim.cluster, shard
         self.address = address(shard)
         self.stop = threading.Event()
 
@@ -278,24 +282,38 @@ class CoreClient:
         return self.cluster.cores[self.shard]
 
     def register(self, name, host, pid, device):
+        self.sim.pause()
         return self.core.register_worker(name, host, pid, device).worker_id, self.core.config.heartbeat_interval_s
 
     def heartbeat(self, worker_id, job_id):
+        self.sim.pause()
         return self.core.heartbeat(worker_id, job_id)
 
     def pull(self, job_id, worker_id, clock, final, buffer_for, wait_s=None):
-        r = self.core.pull(job_id, worker_id, clock, final, 0.0)  # NotReady at once: asked again later
+        started = self.cluster.t
+        self.sim.pause()
+        while True:
+            try:
+                r = self.core.pull(job_id, worker_id, clock, final, 0.0)
+                break
+            except NotReady:
+                if wait_s is not None and self.cluster.t - started >= wait_s:
+                    raise
+                self.sim.pause(until=self.cluster.changed_since(self.cluster.changes))
         buf = None
         if r.payload is not None:
             n = r.layout.total_bytes
             buf = buffer_for(n)
             buf[:n].copy_(r.payload[:n])
-        return Pulled(r.state, r.version, r.step, r.layout, buf, r.clock, tuple(r.ranks), r.lineage)
+        pulled = Pulled(r.state, r.version, r.step, r.layout, buf, r.clock, tuple(r.ranks), r.lineage)
+        if not final and buf is not None:
+            self.sim.last_pulled[self.shard] = pulled
+        return pulled
 
     def push(self, header, payload):
-        sim = self.cluster.acting
+        self.sim.pause()
         if not header.init:
-            sim.reach_shard()  # raises Died where the plan kills it
+            self.sim.reach_shard(self.shard)  # checks I1; raises Died where the plan kills it
         fields = dict(job_id=header.job_id, worker_id=header.worker_id, seq=header.seq,
                       base_version=header.base_version, base_step=header.base_step, init=header.init,
                       samples=header.samples,
@@ -308,21 +326,25 @@ class CoreClient:
         try:
             version, duplicate = self.core.push(h, [memoryview(payload[: h.layout.total_bytes].numpy())])
             if not (h.init or duplicate):
-                audit.accepted(sim.name, h.seq, sim.computed_ranks)
+                audit.accepted(self.sim.name, h.seq, self.sim.computed_ranks)
         finally:
             audit.scan()
         return version, duplicate
 
     def open_partition(self, job_id, spec, worker_names, index, count):
+        self.sim.pause()
         self.core.open_partition(job_id, spec, list(worker_names))
 
     def close_partition(self, job_id, worker_id, state):
+        self.sim.pause()
         self.core.close_partition(job_id, worker_id, state)
 
     def restore_points(self, job_id, worker_id):
+        self.sim.pause()
         return self.core.restore_points(job_id, worker_id)
 
     def roll_back(self, job_id, worker_id, point, expect_timeline):
+        self.sim.pause()
         return self.core.roll_back(job_id, worker_id, point[0], point[1], expect_timeline)
 
     def report(self, worker_id, job_id, phase, step=0, total_steps=0, loss=float("nan"), samples=0,
@@ -334,33 +356,32 @@ class CoreClient:
         pass
 
 
-def address(shard: int) -> str:
-    return f"shard-{shard}:{7000 + shard}"
+class VirtualEvent(threading.Event):
+    """The worker's ``_job_ended``: its timed waits pass on virtual time."""
 
+    def __init__(self, sim: SimWorker):
+        super().__init__()
+        self.sim = sim
 
-class Phase(str, enum.Enum):
-    """Where a simulated worker process is: BOOT -> IDLE -> TRAIN <-> PUSH -> FINISH -> IDLE."""
-
-    BOOT = "boot"
-    IDLE = "idle"
-    TRAIN = "train"
-    PUSH = "push"
-    FINISH = "finish"
+    def wait(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else self.sim.cluster.t + timeout
+        self.sim.pause(until=lambda: self.is_set() or (end is not None and self.sim.cluster.t >= end))
+        return self.is_set()
 
 
 class SimWorker:
-    """One worker process: a real Worker, driven one action at a time (see the module doc)."""
+    """One worker process: a real Worker in a thread that runs only while it holds the baton.
 
-    def __init__(self, cluster: Cluster, name: str, start_at: float | None = None):
-        self.cluster, self.name = cluster, name
-        self.worker = Worker(CoreClient(cluster, 0), device="cpu", name=name)
+    Worker ``w{index}`` registers ``index``-th, so it holds rank ``index`` of the job.
+    """
+
+    def __init__(self, cluster: Cluster, index: int, start_at: float | None = None):
+        self.cluster, self.index, self.name = cluster, index, f"w{index}"
+        self.worker = Worker(CoreClient(self, 0), device="cpu", name=self.name)
+        self.worker._job_ended = VirtualEvent(self)
         links = self.worker.shards
-        links._clients = {address(k): CoreClient(cluster, k) for k in range(1, cluster.cfg.shards)}
+        links._clients = {address(k): CoreClient(self, k) for k in range(1, cluster.cfg.shards)}
         links._pool = SerialPool()
-        self.phase = Phase.BOOT
-        self.a = self.step = self.pulled = None
-        self.clock = self.rows = 0
-        self.computed_ranks: tuple[int, ...] = ()
         #: SIGSTOPped (or not started yet) until then.
         self.asleep_until = start_at
         self.restart_on_wake = False
@@ -368,155 +389,85 @@ class SimWorker:
         self.pushes_left: int | None = None
         self.back_after = 0.0
         self.next_beat = 0.0
-        self.waiting_since: float | None = None
+        #: The weights of each shard it last pulled to compute on, and the ranks of that compute.
+        self.last_pulled: dict[int, Pulled] = {}
+        self.computed_ranks: tuple[int, ...] = ()
+        self.waits_for: Callable[[], bool] | None = None
+        self.killed = self.ended = False
+        self.crash: BaseException | None = None
+        self._go = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._main, name=f"fault-sim-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        self._go.acquire()
+        try:
+            w = self.worker
+            if not self.killed:
+                if not w.worker_id:
+                    w._register()
+                while True:  # Worker.run's loop, less its threads
+                    self.pause(until=lambda: bool(w._assignments))
+                    w._run_job(w._assignments.pop(0))
+        except Died:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the scheduler, which raises it
+            self.crash = exc
+        finally:
+            self.ended = True
+            self.cluster.baton.release()
+
+    # --- the baton ------------------------------------------------------------------
+
+    def pause(self, until: Callable[[], bool] | None = None) -> None:
+        """Hand the baton back to the scheduler, and wait for it (runnable again once
+        ``until`` holds). A no-op outside the worker's thread (its heartbeat)."""
+        if threading.current_thread() is not self._thread:
+            return
+        if self.killed:
+            raise Died()
+        self.waits_for = until
+        self.cluster.baton.release()
+        self._go.acquire()
+        self.waits_for = None
+        if self.killed:
+            raise Died()
+
+    def resume(self) -> None:
+        """Run the worker's thread until it hands the baton back (scheduler side)."""
+        self._go.release()
+        if not self.cluster.baton.acquire(timeout=BATON_TIMEOUT_S):
+            raise RuntimeError(f"{self.name} kept the baton for {BATON_TIMEOUT_S}s")
+        if self.crash is not None:
+            raise RuntimeError(f"{self.name}'s thread crashed") from self.crash
+
+    def kill(self) -> None:
+        """kill -9: the thread unwinds from where it waits."""
+        self.killed = True
+        if not self.ended:
+            self.resume()
+        self._thread.join(BATON_TIMEOUT_S)
 
     def runnable(self) -> bool:
-        return self.asleep_until is None and (self.phase is not Phase.IDLE or bool(self.worker._assignments))
+        return not self.ended and self.asleep_until is None and (self.waits_for is None or self.waits_for())
 
-    def reach_shard(self) -> None:
+    def reach_shard(self, shard: int) -> None:
+        """Before a gradient push to ``shard``: check I1 once per push, and die where the plan says."""
+        if shard == 0:
+            pulled = [self.last_pulled.get(k) for k in range(self.cluster.cfg.shards)]
+            self.cluster.check_compute(self, pulled)
+            self.computed_ranks = (pulled[0] and tuple(pulled[0].ranks)) or (self.index,)
         if self.pushes_left is not None:
             if self.pushes_left == 0:
+                self.killed = True
                 raise Died()
             self.pushes_left -= 1
 
     def beat(self) -> None:
         """The heartbeat thread's beat (other shards first, then the coordinator)."""
-        if self.asleep_until is None and self.phase is not Phase.BOOT:
+        if not self.ended and self.asleep_until is None and self.worker.worker_id:
             with contextlib.suppress(PsgridError):  # the loop logs it and beats again
                 self.worker._heartbeat_once()
-
-    def act(self) -> None:
-        """One action of Worker.run/_run_job: what it does next, up to where it would block."""
-        if self.phase is Phase.BOOT:
-            self.worker._register()
-            self.phase = Phase.IDLE
-        elif self.phase is Phase.IDLE:
-            self._start_job()
-        else:
-            self._act_in_job()
-
-    def _start_job(self) -> None:
-        w = self.worker
-        a = w._assignments.pop(0)
-        w._current_job = a.job_id
-        w._job_ended.clear()
-        try:
-            self.step = w._prepare(a)  # opens the other shards; rank 0 pushes the initial weights
-        except Died:
-            raise
-        except Exception as exc:  # noqa: BLE001 - as _run_job: any failure to build the job fails it
-            self.cluster.note(f"{self.name} cannot run the job: {type(exc).__name__}: {exc}")
-            w._report_failure(a, f"{type(exc).__name__}: {exc}")
-            w._current_job = ""
-            return
-        self.a, self.clock, self.phase = a, a.start_step, Phase.TRAIN
-
-    def _act_in_job(self) -> None:
-        w = self.worker
-        try:
-            {Phase.TRAIN: self._train_once, Phase.PUSH: self._push_once, Phase.FINISH: self._finish_once}[self.phase]()
-        except TrainAgain as again:
-            self.clock, self.phase = again.clock, Phase.TRAIN
-        except JobStopped:
-            if w.shards.count > 1:
-                w._close_partitions(self.a)
-            self._leave_job()
-        except (JobNotRunning, NotAssigned, UnknownWorker):
-            self._leave_job()
-        except PsgridError as exc:  # what _run_job reports as FAILED (ShardsDiverged, ...)
-            self.cluster.note(f"{self.name} fails the job: {type(exc).__name__}: {exc}")
-            w._report_failure(self.a, f"{type(exc).__name__}: {exc}")
-            self._leave_job()
-
-    def _leave_job(self) -> None:
-        self.worker._current_job = ""
-        self.phase = Phase.IDLE
-
-    @property
-    def total(self) -> int:
-        return self.step.sampler.total_steps(self.a.spec.epochs, self.a.spec.steps)
-
-    def _train_once(self) -> None:
-        """One turn of _train's loop up to the push: pull (realigning if need be), compute."""
-        w, a = self.worker, self.a
-        if self.clock >= self.total:
-            w.client.report(w.worker_id, a.job_id, "FINISHED", step=self.total, total_steps=self.total)
-            self.phase = Phase.FINISH
-            return
-        w._check_running()
-        try:
-            pulled = w._pull_into(self.step, a, self.clock)
-        except NotReady:
-            self._unstick()
-            return
-        self.waiting_since = None
-        if pulled[0].clock != self.clock:  # the server is the truth
-            self.clock = pulled[0].clock
-            if self.clock >= self.total:
-                return
-        self.cluster.check_compute(self, pulled)
-        self.computed_ranks = tuple(pulled[0].ranks) or (a.rank,)
-        _, self.rows = self.step.run(self.clock, pulled[0].ranks)
-        self.pulled, self.phase = pulled, Phase.PUSH
-
-    def _push_once(self) -> None:
-        """The rest of the turn: push to every shard; a refused step is pulled again."""
-        extra = {"ranks": self.pulled[0].ranks} if _PUSH_TAKES_RANKS else {}
-        self.phase = Phase.TRAIN
-        try:
-            self.worker.shards.push(self.a.job_id, self.clock, self.pulled, self.step.layouts,
-                                    self.step.grad_buffers, samples=self.rows, **extra)
-        except PushAhead:
-            return
-        self.clock += 1
-
-    def _finish_once(self) -> None:
-        """One turn of _finish's loop; the evaluator checks the shards agree, reports, closes them."""
-        w, a = self.worker, self.a
-        if w._job_ended.is_set():
-            self._leave_job()
-            return
-        try:
-            final = w.client.pull(a.job_id, w.worker_id, self.total, True, self.step.buffer_for(0),
-                                  wait_s=FINAL_WAIT_S)
-        except NotReady:
-            return
-        if final.state.terminal:
-            self._leave_job()
-        elif final.layout is None and final.state is JobState.RUNNING:
-            raise TrainAgain(final.clock)
-        elif final.layout is not None:
-            try:
-                others = w.shards.pull(a.job_id, self.total, self.step.buffer_for, first=1)
-            except NotReady:
-                if (step := self._unstick()) is not None:
-                    raise TrainAgain(step) from None
-                return
-            self.waiting_since = None
-            if diverged([final, *others], a.spec.synchronous):
-                raise TrainAgain(w.shards.realign(a.job_id))
-            w.client.report(w.worker_id, a.job_id, "EVALUATED", metrics={})
-            w.shards.close(a.job_id, JobState.SUCCEEDED)
-            self._leave_job()
-
-    def _unstick(self) -> int | None:
-        """A pull has to wait. F7 emulation: once it waited STUCK_PULL_S and the shards
-        disagree on this worker's (step, lineage, clock) (a push reached some of them
-        only), put them back in step; return the step they went back to."""
-        now = self.cluster.t
-        if not self.cluster.cfg.emulate_f7:
-            return None
-        if self.waiting_since is None or now - self.waiting_since < STUCK_PULL_S:
-            self.waiting_since = self.waiting_since if self.waiting_since is not None else now
-            return None
-        self.waiting_since = None
-        links, job_id = self.worker.shards, self.a.job_id
-        at = links._each(lambda k: links.client(k).restore_points(job_id, links.worker_id(k)))
-        if len({(p.step, p.lineage, getattr(p, "clock", None)) for p in at}) == 1:
-            return None
-        self.cluster.note(f"{self.name} stuck in a pull, shards at {[(p.step, getattr(p, 'clock', None)) for p in at]}:"
-                          " realign (F7 emulated)")
-        return links.realign(job_id)
 
 
 @dataclasses.dataclass
@@ -551,8 +502,8 @@ class Outcome:
             f"seed {self.seed} ({self.cfg}): {len(problems)} violation(s)",
             *(f"  - {p}" for p in shown),
             f"  plan: {[str(f) for f in self.plan]}",
-            "  timeline:", *(f"    {e}" for e in self.events[-40:]),
-            f"  replay: fault_sim.run_sequence({self.cfg!r}, seed={self.seed})",
+            "  timeline (last 40 events):", *(f"    {e}" for e in self.events[-40:]),
+            f"  replay: fault_sim.run_sequence(fault_sim.{self.cfg!r}, seed={self.seed})",
         ])
 
 
@@ -570,15 +521,18 @@ class Cluster:
         self.plan, self.pending = plan, list(plan)
         self.rng = random.Random(f"schedule-{seed}")
         self.t = 1000.0
+        #: Counts turns, ticks and faults: a waiting pull is asked again once something happened.
+        self.changes = 0
+        self.baton = threading.Semaphore(0)
         self.cores = [self._start_core(k) for k in range(cfg.shards)]
         self.audits = [UpdateAudit(self._log(k), self.note) for k in range(cfg.shards)]
         self.violations: list[str] = []
         self.events: list[str] = []
         self.dropped = False
-        self.acting: SimWorker | None = None
-        self.workers = [SimWorker(self, f"w{i}") for i in range(cfg.workers)]
+        self.job_id = ""
+        self.workers = [SimWorker(self, i) for i in range(cfg.workers)]
         for sim in self.workers:
-            sim.act()  # register, so that the job starts on these workers
+            sim.worker._register()  # from here: the job starts on these workers, in this order
         self.job_id = self.cores[0].submit(cfg.spec()).job_id
 
     def _log(self, k: int) -> str:
@@ -599,6 +553,9 @@ class Cluster:
     def note(self, event: str) -> None:
         self.events.append(f"t={self.t - 1000:.1f} step={self.coordinator_step()} {event}")
 
+    def changed_since(self, seen: int) -> Callable[[], bool]:
+        return lambda: self.changes != seen
+
     def job(self, k: int):
         """The job on shard k, or None (a shard restarted before its first checkpoint)."""
         try:
@@ -607,49 +564,47 @@ class Cluster:
             return None
 
     def coordinator_step(self) -> int:
-        job = self.job(0)
+        job = self.job(0) if self.job_id else None
         return job.steps.global_step if job is not None and job.steps is not None else 0
 
-    def check_compute(self, sim: SimWorker, pulled: list[Pulled]) -> None:
+    def check_compute(self, sim: SimWorker, pulled: list[Pulled | None]) -> None:
         """I1: before a compute, every shard is at one (step, lineage), and clock == step."""
-        seen = sorted({(p.step, p.lineage, p.clock) for p in pulled})
-        if len({(s, lin) for s, lin, _ in seen}) > 1:
+        seen = sorted({(p.step, p.lineage, p.clock) for p in pulled if p is not None})
+        if None in pulled or len({(s, lin) for s, lin, _ in seen}) > 1:
             self.violations.append(f"I1: {sim.name} computes on shards at (step, lineage, clock) {seen}")
         elif any(p.clock != p.step for p in pulled):
-            self.violations.append(f"I1: {sim.name} computes the data of step {sim.clock} on the weights "
-                                   f"of step {pulled[0].step}")
+            self.violations.append(f"I1: {sim.name} computes the data of step {pulled[0].clock} on the "
+                                   f"weights of step {pulled[0].step}")
 
     # --- the schedule --------------------------------------------------------------
 
     def run(self) -> Outcome:
-        """Interleave ticks, worker actions and the plan's faults until the job ends or the budget does."""
-        for i in range(self.cfg.max_actions):
-            while self.pending and i >= self.pending[0].at_action \
+        """Interleave ticks, worker turns and the plan's faults until the job ends or the budget does."""
+        for turn in range(self.cfg.max_turns):
+            while self.pending and turn >= self.pending[0].at_turn \
                     and self.coordinator_step() >= self.pending[0].at_step:
                 self._inject(self.pending.pop(0))
             ready = [sim for sim in self.workers if sim.runnable()]
-            if not ready or self.rng.random() < 0.25:
+            if not ready or self.rng.random() < TICK_CHANCE:
                 self.tick()
                 continue
-            self._act(self.rng.choice(ready))
+            self._turn(self.rng.choice(ready))
             job = self.job(0)
             if job is not None and job.state.terminal:
                 break
         return self._outcome()
 
-    def _act(self, sim: SimWorker) -> None:
-        self.acting = sim
-        try:
-            sim.act()
-        except Died:
-            self.note(f"{sim.name} killed mid-push")
+    def _turn(self, sim: SimWorker) -> None:
+        self.changes += 1
+        sim.resume()
+        if sim.ended and not sim.crash and sim in self.workers:  # died mid-push
+            self.note(f"{sim.name} died in a push")
             self._restart_worker(sim, sim.back_after)
-        finally:
-            self.acting = None
 
     def tick(self) -> None:
         """TICK_S of virtual time: wake-ups, heartbeats, the reapers, the snapshot writers."""
         self.t += TICK_S
+        self.changes += 1
         for sim in list(self.workers):
             if sim.asleep_until is not None and self.t >= sim.asleep_until:
                 sim.asleep_until = None
@@ -660,10 +615,9 @@ class Cluster:
                 sim.beat()
                 sim.next_beat = self.t + 1.0
         for k, core in enumerate(self.cores):
-            lost = core.reap()
-            if lost:
+            if core.reap():
                 self.dropped = True
-                self.note(f"shard-{k} drops {len(lost)} worker(s) from the barrier")
+                self.note(f"shard-{k} drops a worker from the barrier")
         for core in self.cores:
             core.snapshots._saver.flush()
 
@@ -671,6 +625,7 @@ class Cluster:
 
     def _inject(self, fault: Fault) -> None:
         self.note(f"FAULT {fault}")
+        self.changes += 1
         sim = self.workers[fault.worker]
         if fault.kind is FaultKind.KILL_WORKER:
             self._restart_worker(sim, fault.seconds)
@@ -682,8 +637,8 @@ class Cluster:
             self._restart_shard(fault.shard, fault.lose_write)
 
     def _restart_worker(self, sim: SimWorker, after: float) -> None:
-        new = SimWorker(self, sim.name, start_at=self.t + after if after else None)
-        self.workers[self.workers.index(sim)] = new
+        sim.kill()
+        self.workers[sim.index] = SimWorker(self, sim.index, start_at=self.t + after if after else None)
 
     def _restart_shard(self, k: int, lose_write: bool) -> None:
         saver = self.cores[k].snapshots._saver
@@ -713,24 +668,43 @@ class Cluster:
                        self.events, self.dropped)
 
     def close(self) -> None:
+        """End every worker thread, then the cores."""
+        for sim in self.workers:
+            sim.kill()
         for core in self.cores:
             core.close()
         for audit in self.audits:
             audit.close()
 
 
+class _EventLog(logging.Handler):
+    """psgrid's warnings and errors (drops, realignments, failures) into the timeline."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.cluster: Cluster | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.cluster is not None:
+            self.cluster.note(record.getMessage()[:300])
+
+
 @contextlib.contextmanager
-def _quiet_single_thread():
-    """One torch thread (tiny tensors; determinism) and no per-fault log records."""
-    threads, logger = torch.get_num_threads(), logging.getLogger("psgrid")
-    level = logger.level
+def _simulation_env():
+    """One torch thread (tiny tensors; determinism); psgrid's warnings to the timeline only."""
+    threads, logger, handler = torch.get_num_threads(), logging.getLogger("psgrid"), _EventLog()
+    saved = logger.level, logger.propagate
     torch.set_num_threads(1)
-    logger.setLevel(logging.CRITICAL)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    logger.addHandler(handler)
     try:
-        yield
+        yield handler
     finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
         torch.set_num_threads(threads)
-        logger.setLevel(level)
 
 
 def run_sequence(cfg: SimConfig, seed: int, plan: tuple[Fault, ...] | None = None) -> Outcome:
@@ -738,11 +712,13 @@ def run_sequence(cfg: SimConfig, seed: int, plan: tuple[Fault, ...] | None = Non
     The same arguments replay the same sequence."""
     plan = random_plan(cfg, seed) if plan is None else tuple(plan)
     tmp = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with _quiet_single_thread(), tempfile.TemporaryDirectory(prefix="psgrid-faults-", dir=tmp) as root:
+    with _simulation_env() as log, tempfile.TemporaryDirectory(prefix="psgrid-faults-", dir=tmp) as root:
         cluster = Cluster(cfg, seed, plan, root)
+        log.cluster = cluster
         try:
             return cluster.run()
         finally:
+            log.cluster = None
             cluster.close()
 
 
