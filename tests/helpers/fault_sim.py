@@ -136,7 +136,7 @@ class Fault:
         when = f"@{self.at_turn}" + (f"/step>={self.at_step}" if self.at_step else "")
         what = {
             FaultKind.KILL_WORKER: f"w{self.worker} back in {self.seconds:g}s",
-            FaultKind.STOP_WORKER: f"w{self.worker} for {self.seconds:g}s" + (", then restarted" if self.restart else ""),
+            FaultKind.STOP_WORKER: f"w{self.worker} for {self.seconds:g}s" + (", restarted" if self.restart else ""),
             FaultKind.DIE_MID_PUSH: f"w{self.worker} after {self.after_shards} shard(s), back in {self.seconds:g}s",
             FaultKind.KILL_SHARD: f"shard-{self.shard}" + (", losing its unsaved snapshot" if self.lose_write else ""),
         }[self.kind]
@@ -146,8 +146,9 @@ class Fault:
 def random_plan(cfg: SimConfig, seed: int) -> tuple[Fault, ...]:
     """One to five faults at random turns while the job runs (the plan of ``seed``).
 
-    Not in the first turns: a coordinator killed before its first snapshot is on
-    disk loses the job (by design: sharded BSP jobs are only checkpointed by step).
+    Not in the first turns: a coordinator killed before the job's first step-aligned
+    snapshot reaches its disk loses the job (a running sharded BSP job is checkpointed
+    by step only), a known limit and not what this explores.
     """
     rng = random.Random(seed)
     window = 6 * cfg.steps * cfg.workers + 40
@@ -609,7 +610,10 @@ class Cluster:
             if sim.asleep_until is not None and self.t >= sim.asleep_until:
                 sim.asleep_until = None
                 if sim.restart_on_wake:  # the supervisor found it hung: kill -9, start again
+                    self.note(f"{sim.name} hung: killed and started again")
                     self._restart_worker(sim, 0.0)
+                else:
+                    self.note(f"{sim.name} runs again")
         for sim in self.workers:
             if self.t >= sim.next_beat:
                 sim.beat()
