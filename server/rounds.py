@@ -93,17 +93,15 @@ class GradientRounds:
         self.cond.notify_all()
         return record
 
-    def _apply_round(self, last: _Last | None = None) -> None:
-        """BSP: apply the mean of the gradients that arrived for this round, and of
-        ``last``, the gradient that completes it, when there is one.
+    def _apply_round(self, last: _Last) -> None:
+        """BSP: apply the mean of the gradients that arrived for this round and of
+        ``last``, the gradient that completes it.
 
         Raises NonFiniteGradient when the mean or the update would not be finite;
         then nothing changed: ``last`` is not counted and the round stays open.
         """
-        if last is not None or self.accumulator.count:
-            self._apply_mean(last)
-        if last is not None:
-            self.steps.accept(last.worker_id, last.seq)
+        self._apply_mean(last)
+        self.steps.accept(last.worker_id, last.seq)
         # Who contributed, and on which ranks' data: shards whose rounds differ in either drifted apart.
         names = sorted(f"{self.worker_names[self.workers.index(w)]}{self.coverage(w)}"
                        for w in self.steps.arrived)
@@ -115,16 +113,15 @@ class GradientRounds:
         self._maybe_aligned()
         self.cond.notify_all()
 
-    def _apply_mean(self, last: _Last | None) -> None:
+    def _apply_mean(self, last: _Last) -> None:
         """Apply the round's mean (with ``last``) and empty the accumulator; nothing
         changes when that raises. In place when the bounds say that nothing can
         overflow (the common case), else computed aside and checked exactly."""
         acc, store = self.accumulator, self.store
-        grads, weight, grad_max = (last.grads, last.weight, last.grad_max) if last else (None, 0, 0.0)
+        grads, weight, grad_max = last.grads, last.weight, last.grad_max
         bound = acc.mean_bound(grad_max, weight) if grad_max is not None else math.inf
-        if (last is None or acc.fits(grad_max, weight)) and store.predict(bound) is not None:
-            if last is not None:
-                acc.add(grads, weight, grad_max)
+        if acc.fits(grad_max, weight) and store.predict(bound) is not None:
+            acc.add(grads, weight, grad_max)
             store.apply(acc.mean(), bound)
         else:
             store.apply(acc.mean_aside(grads, weight))

@@ -63,17 +63,14 @@ class GradientStep:
         for piece in self.partition.pieces[shard]:
             piece_view(self._by_name[piece.tensor], piece).copy_(views[piece.name], non_blocking=True)
 
-    def indices(self, step: int, ranks: tuple[int, ...] = ()) -> torch.Tensor:
-        """Rows of the batch for ``step``: this worker's shard, or the union of ``ranks``' shards
-        (it also computes for workers that are gone)."""
-        parts = []
-        for rank in ranks or (self.sampler.rank,):
-            if rank not in self._samplers:
-                s = self.sampler
-                self._samplers[rank] = ShardSampler(len(self.dataset.train_x), rank, self.world_size,
-                                                    s.batch_size, s.seed)
-            parts.append(self._samplers[rank].indices(step))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def indices(self, step: int, rank: int) -> torch.Tensor:
+        """Rows of the batch for ``step`` of ``rank``'s data shard (a worker also computes
+        for workers that are gone)."""
+        if rank not in self._samplers:
+            s = self.sampler
+            self._samplers[rank] = ShardSampler(len(self.dataset.train_x), rank, self.world_size,
+                                                s.batch_size, s.seed)
+        return self._samplers[rank].indices(step)
 
     def run(self, step: int, ranks: tuple[int, ...] = ()) -> tuple[float, int]:
         """Forward/backward on the batch for ``step``; return (loss, rows).
@@ -88,19 +85,19 @@ class GradientStep:
         """
         own = ranks or (self.sampler.rank,)
         if len(own) == 1:
-            return self._backward(self.indices(step, own), scale=None)
+            return self._backward(self.indices(step, own[0]))
         losses, rows = 0.0, 0
         for i, rank in enumerate(own):
-            loss, n = self._backward(self.indices(step, (rank,)), scale=None if i == 0 else 0)
+            loss, n = self._backward(self.indices(step, rank), accumulate=i > 0)
             if i == 0:
                 self._scale_grads(lambda view: view.mul_(n))
             losses, rows = losses + loss * n, rows + n
         self._scale_grads(lambda view: view.div_(rows))  # as the server's mean: a division, not a product
         return losses / rows, rows
 
-    def _backward(self, idx: torch.Tensor, scale: float | None) -> tuple[float, int]:
-        """Gradients of the mean loss over rows ``idx``: copied into the grad buffers
-        (``scale`` None), or added to them weighted by the rows (``scale`` 0)."""
+    def _backward(self, idx: torch.Tensor, accumulate: bool = False) -> tuple[float, int]:
+        """Gradients of the mean loss over rows ``idx``: copied into the grad buffers,
+        or (``accumulate``) added to them weighted by the rows."""
         idx = idx.to(self.device)
         for _, p in self.params:
             p.grad = None
@@ -110,7 +107,7 @@ class GradientStep:
             for pieces, views in zip(self.partition.pieces, self._grad_views):
                 for piece in pieces:
                     grad = self._by_name[piece.tensor].grad
-                    if scale is not None:
+                    if accumulate:
                         if grad is not None:
                             views[piece.name].add_(piece_view(grad, piece), alpha=len(idx))
                     elif grad is None:
