@@ -110,19 +110,19 @@ def is_loopback(address: str) -> bool:
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED at once."""
-    def abort(request_or_iterator, context):
+    """A handler that answers UNAUTHENTICATED at once, in place of ``handler``.
+
+    Registered request-streaming whatever ``handler`` is, so that it runs as soon
+    as the call's headers arrive: a unary handler would first wait for the whole
+    request, and a tokenless caller that never sends it would hold a thread.
+    No deserializer: a refused request is never parsed.
+    """
+    def abort(request_iterator, context):
         context.set_trailing_metadata((("psgrid-error", "Unauthenticated"),))
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    # No deserializer: gRPC hands over raw bytes, so a refused request is never parsed.
+    make = grpc.stream_stream_rpc_method_handler if handler.response_streaming \
+        else grpc.stream_unary_rpc_method_handler
     return make(abort, request_deserializer=None, response_serializer=handler.response_serializer)
 
 

@@ -19,13 +19,13 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from psgrid.inference import arrays
+from psgrid.guard import Admission, make_server
 from psgrid.security import Security
 from psgrid.inference.config import ServeConfig, resolve
 from psgrid.inference.models import ModelRegistry
@@ -75,22 +75,18 @@ class InferenceApp:
         self.source = source or make_source(config, security)
         self.follower = Follower(self.source, self.registry, config.poll_interval_s, on_swap=self._serving)
         self.health = health.HealthServicer()
-        self.server = self._grpc_server(security.interceptors())
+        self.server = self._grpc_server(security)
         address = f"{config.host}:{config.port}"
         self.port = security.add_port(self.server, address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
 
-    def _grpc_server(self, interceptors: Sequence[grpc.ServerInterceptor]) -> grpc.Server:
+    def _grpc_server(self, security: Security) -> grpc.Server:
         threads = self.config.max_rpc_threads
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="serve-rpc"),
-            interceptors=list(interceptors),
-            options=[("grpc.so_reuseport", 0),
-                     ("grpc.max_receive_message_length", self.config.max_request_bytes + _MESSAGE_SLACK)],
-            # Beyond this, gRPC answers RESOURCE_EXHAUSTED itself instead of queueing calls.
-            maximum_concurrent_rpcs=threads,
-        )
+        # Beyond ``threads`` calls at once the server answers RESOURCE_EXHAUSTED instead of queueing.
+        server = make_server(
+            "serve-rpc", [SERVICE], security, Admission(calls_per_service=threads),
+            options=[("grpc.max_receive_message_length", self.config.max_request_bytes + _MESSAGE_SLACK)])
         service = InferenceService(self.pipeline, self.registry, self.config.max_request_bytes)
         server.add_generic_rpc_handlers(handlers(service))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -4,11 +4,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from concurrent import futures
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from psgrid.guard import make_server
 from psgrid.portfile import write_port_file
 from psgrid.security import Security
 from psgrid.server.checkpoint import CheckpointStore
@@ -35,11 +34,7 @@ class ParameterServerApp:
             self.core.restore()
             self.core.retire()
         self.health = health.HealthServicer()
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_rpc_threads, thread_name_prefix="ps-rpc"),
-            options=[("grpc.so_reuseport", 0)],
-            interceptors=security.interceptors(),
-        )
+        self.server = make_server("ps-rpc", SERVICES, security, config.admission())
         self.server.add_generic_rpc_handlers(handlers(self.core))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = security.add_port(self.server, f"{config.host}:{config.port}")

@@ -7,6 +7,8 @@ import pathlib
 import sys
 from typing import Any
 
+from psgrid.guard import Admission
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -33,8 +35,15 @@ class ServerConfig:
     heartbeat_timeout_s: float = 10.0
     #: Longest a pull waits for the consistency model before answering ABORTED.
     pull_wait_s: float = 30.0
-    #: gRPC handler threads: every waiting pull and watch holds one.
+    #: Calls of one service (the workers' ParameterServer, the clients' JobService)
+    #: served at once; every waiting pull and watch holds one. Past it: RESOURCE_EXHAUSTED.
     max_rpc_threads: int = 64
+    #: Seconds a request (or a stream's first frame) may take to arrive whole, and
+    #: between two frames of a push; a connection without calls this long is closed
+    #: (psgrid.guard, docs/security.md "Slow and idle clients").
+    request_arrive_s: float = 10.0
+    frame_idle_s: float = 60.0
+    connection_idle_s: float = 300.0
     #: Write the bound port here once serving (atomically).
     port_file: str | None = None
     #: Append one JSON line per accepted gradient push here (docs/operations.md, "The update log").
@@ -63,7 +72,12 @@ class ServerConfig:
     #: Seconds a finished job is kept in memory at most (None: no limit).
     finished_job_ttl_s: float | None = None
 
+    def admission(self) -> Admission:
+        return Admission(calls_per_service=self.max_rpc_threads, arrive_s=self.request_arrive_s,
+                         frame_idle_s=self.frame_idle_s, connection_idle_s=self.connection_idle_s)
+
     def __post_init__(self) -> None:
+        self.admission()  # checks its limits
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_payload_bytes <= 0:

@@ -116,9 +116,11 @@ class ParameterServerCore:
         limits.check_count(clock, "clock")
         return self._steps.pull(job_id, worker_id, clock, final, timeout_s)
 
-    def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
-        """Receive, validate and apply one push; return (version, duplicate)."""
-        return self._steps.push(header, payload)
+    def push(self, header: PushHeader, payload: Iterable[memoryview],
+             cancel: Callable[[], object] | None = None) -> tuple[int, bool]:
+        """Receive, validate and apply one push; return (version, duplicate). ``cancel``
+        ends its receipt when a later push of the same worker arrives (StepPath.push)."""
+        return self._steps.push(header, payload, cancel)
 
     def report(self, worker_id: str, job_id: str, phase: str, step: int, total_steps: int,
                loss: float, samples: int, seconds: float, metrics: dict[str, float],

@@ -4,17 +4,18 @@ Every method expects the caller to hold ``job.cond`` unless it says otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from psgrid.codec import Layout
-from psgrid.errors import FailedPrecondition, JobNotRunning, NotAssigned
+from psgrid.errors import FailedPrecondition, JobNotRunning, NotAssigned, Overloaded
 from psgrid.server.consistency import StepClock
 from psgrid.server.rounds import GradientRounds, UpdateRecord
 from psgrid.server.store import GradientAccumulator, ParameterStore
@@ -29,6 +30,13 @@ MAX_HISTORY = 100_000
 #: Step-aligned snapshots of a sharded BSP job kept in memory per shard: two, so
 #: that shards one aligned step apart still hold a step in common.
 ALIGNED_IN_MEMORY = 2
+#: Seconds a cancelled push has to let go of its worker's receive buffer.
+HANDOVER_S = 5.0
+
+
+@dataclasses.dataclass(eq=False)
+class _Receiver:
+    cancel: Callable[[], object] | None
 
 
 @dataclasses.dataclass
@@ -89,7 +97,8 @@ class Job(GradientRounds):
         self.history: deque[HistoryRow] = deque(maxlen=MAX_HISTORY)
         self._round_records: list[UpdateRecord] = []
         self._applied: list[UpdateRecord] = []
-        self.push_locks: dict[str, threading.Lock] = {}
+        #: Per worker, the push being received now: its cancel (see receiving()).
+        self._receivers: dict[str, _Receiver] = {}
         self.staging: dict[str, torch.Tensor] = {}
         self.snapshots: dict[str, torch.Tensor] = {}
         if next_event == 0:
@@ -146,14 +155,12 @@ class Job(GradientRounds):
         self.away_since = self._clock()
         self.steps = StepClock.restored(self.spec.staleness, {w: 0 for w in self.workers}, 0)
         self.progress = {w: WorkerProgress() for w in self.workers}
-        self.push_locks = {w: threading.Lock() for w in self.workers}
 
     def start(self, workers: list[str], names: list[str]) -> None:
         self.workers = list(workers)
         self.worker_names = list(names)
         self.steps = StepClock(self.spec.staleness, self.workers)
         self.progress = {w: WorkerProgress() for w in self.workers}
-        self.push_locks = {w: threading.Lock() for w in self.workers}
         self.set_state(JobState.RUNNING)
 
     def replace_worker(self, old: str, new: str) -> None:
@@ -165,8 +172,6 @@ class Job(GradientRounds):
         self.lost.discard(old)
         self.steps.rejoin(new, replaces=old)
         self.progress[new] = self.progress.pop(old)
-        self.push_locks[new] = threading.Lock()
-        self.push_locks.pop(old, None)
         self.staging.pop(old, None)
         self.snapshots.pop(old, None)
         if self.evaluator in (old, None):
@@ -291,14 +296,38 @@ class Job(GradientRounds):
         # ahead after it rejoined the barrier. The reply's clock says which.
         return self.state is JobState.RUNNING and self.steps.may_compute(worker_id, self.steps.clocks[worker_id])
 
-    def staging_for(self, worker_id: str) -> torch.Tensor:
-        """This worker's reusable receive buffer, exactly the size of the job's parameters
-        (callers hold its push lock, and checked the push's layout against the job's)."""
-        nbytes = self.require_store().layout.total_bytes
-        buf = self.staging.get(worker_id)
-        if buf is None or buf.numel() != nbytes:
-            buf = self.staging[worker_id] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf
+    @contextlib.contextmanager
+    def receiving(self, worker_id: str, cancel: Callable[[], object] | None) -> Iterator[torch.Tensor]:
+        """This worker's reusable receive buffer (the size of the job's parameters), held
+        while one push of it is received and applied. Caller holds no lock, and checked
+        the push's layout against the job's.
+
+        A worker has one push in flight per server; one still holding the buffer is
+        stalled (abandoned after a timeout) or a stranger's. It is cancelled (its
+        ``cancel``) and given HANDOVER_S to let go; Overloaded if it does not.
+        """
+        with self.cond:
+            previous = self._receivers.get(worker_id)
+            if previous is not None:
+                if previous.cancel is not None:
+                    previous.cancel()
+                if not self.cond.wait_for(lambda: worker_id not in self._receivers, HANDOVER_S):
+                    raise Overloaded(f"a push of {worker_id} is still being received; try again")
+            mine = self._receivers[worker_id] = _Receiver(cancel)
+            nbytes = self.require_store().layout.total_bytes
+            buf = self.staging.get(worker_id)
+            if buf is None or buf.numel() != nbytes:
+                buf = self.staging[worker_id] = torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            yield buf
+        finally:
+            with self.cond:
+                if self._receivers.get(worker_id) is mine:
+                    del self._receivers[worker_id]
+                    self.cond.notify_all()
+
+    def is_receiving(self, worker_id: str) -> bool:
+        return worker_id in self._receivers
 
     # --- progress ---------------------------------------------------------------
 

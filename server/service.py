@@ -74,7 +74,8 @@ class ParameterServerService:
             base_step=h.base_step, init=h.init, samples=h.samples, ranks=tuple(h.ranks),
             layout=codec.layout_from_proto(h.tensors, self.core.config.max_payload_bytes),
         )
-        version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest))
+        version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest),
+                                            context.cancel)
         return ps.PushResponse(version=version, duplicate=duplicate)
 
     @translate_errors

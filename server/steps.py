@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -97,14 +97,19 @@ class StepPath:
             return PullResult(job.state, store.version, step, store.layout, payload, clock,
                               tuple(job.coverage(worker_id)), job.lineage)
 
-    def push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+    def push(self, header: PushHeader, payload: Iterable[memoryview],
+             cancel: Callable[[], object] | None = None) -> tuple[int, bool]:
         """Receive, validate and apply one push; return (version, duplicate).
 
         Nothing changes unless the whole payload arrived and passed every check.
+        ``cancel`` ends this push's receipt (the call's ``context.cancel``): a
+        later push of the same worker calls it, so that a stalled push (the
+        worker's own, abandoned after a timeout, or anyone's with its id) never
+        holds the worker's pushes up.
         """
         metrics = self.state.metrics
         try:
-            version, duplicate = self._push(header, payload)
+            version, duplicate = self._push(header, payload, cancel)
         except PsgridError as exc:
             metrics.rejected.labels(type(exc).__name__).inc()
             raise
@@ -113,7 +118,8 @@ class StepPath:
             (metrics.duplicates if duplicate else metrics.pushes).labels(header.job_id).inc()
         return version, duplicate
 
-    def _push(self, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
+    def _push(self, header: PushHeader, payload: Iterable[memoryview],
+              cancel: Callable[[], object] | None) -> tuple[int, bool]:
         job, worker = self.state.member(header.job_id, header.worker_id)
         _check_against_spec(job, header)
         # A worker dropped from the barrier rejoins before its push counts: a late
@@ -121,35 +127,45 @@ class StepPath:
         # contribution to the next round.
         worker.last_seen = self.state.clock()
         self.state.mark_back(worker)
-        with job.push_locks[header.worker_id]:
-            if header.init:
-                return self._push_init(job, header, payload)
+        if header.init:
+            return self._push_init(job, header, payload)
+        with job.cond:
+            job.require_running()
+            job.require_store().layout.check_identical(header.layout)  # before a byte is allocated
+            self._check_order(job, header)
+        with job.receiving(header.worker_id, cancel) as buffer:
+            _receive(header.layout, buffer, payload)
             with job.cond:
                 job.require_running()
-                job.require_store().layout.check_identical(header.layout)  # before a byte is allocated
-                duplicate = job.steps.is_duplicate(header.worker_id, header.seq)
-                if not duplicate:
-                    job.steps.check_push(header.worker_id, header.seq)
-                    if job.spec.synchronous and header.base_step != header.seq:
-                        raise PushAhead(f"step {header.seq} of {header.worker_id} was computed on the weights "
-                                        f"of step {header.base_step}; pull again")
-            buffer = job.staging_for(header.worker_id)
-            _receive(header.layout, buffer, payload)
-            if duplicate:
-                return job.store.version, True
+                if job.steps.is_duplicate(header.worker_id, header.seq):
+                    return job.store.version, True
+                self._check_order(job, header)  # again: the job may have moved while the bytes came
             grads = header.layout.views(buffer)
             grad_max = check_finite(grads)
             started = time.perf_counter()
             with job.cond:
                 job.require_running()
+                if job.steps.is_duplicate(header.worker_id, header.seq):
+                    return job.store.version, True
                 record = job.accept_gradient(
                     header.worker_id, header.seq, header.base_version, header.base_step, grads,
                     header.samples, grad_max, header.ranks,
                 )
                 self.state.log_applied(job)
-            self.state.metrics.apply_seconds.observe(time.perf_counter() - started)
-            self.state.metrics.staleness.observe(record.staleness)
-            return record.version, False
+        self.state.metrics.apply_seconds.observe(time.perf_counter() - started)
+        self.state.metrics.staleness.observe(record.staleness)
+        return record.version, False
+
+    @staticmethod
+    def _check_order(job: Job, header: PushHeader) -> None:
+        """PushAhead or StaleClock unless ``header`` is a duplicate or the worker's next step
+        (caller holds job.cond)."""
+        if job.steps.is_duplicate(header.worker_id, header.seq):
+            return
+        job.steps.check_push(header.worker_id, header.seq)
+        if job.spec.synchronous and header.base_step != header.seq:
+            raise PushAhead(f"step {header.seq} of {header.worker_id} was computed on the weights "
+                            f"of step {header.base_step}; pull again")
 
     def _push_init(self, job: Job, header: PushHeader, payload: Iterable[memoryview]) -> tuple[int, bool]:
         # The job's layout is the declared tensors' own (dense, no padding), so the

@@ -1,11 +1,11 @@
 """The gRPC adapter of a supervisor: psgrid.v1.Supervisor and standard health, on their own port."""
 from __future__ import annotations
 
-from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from psgrid.guard import Admission, make_server
 from psgrid.security import Security
 from psgrid.rpc import translate_errors, unary_handler
 from psgrid.supervisor.process import ProcessSupervisor
@@ -45,8 +45,7 @@ class SupervisorServer:
                  security: Security | None = None):
         security = security or Security()
         self.health = health.HealthServicer()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="sup-rpc"),
-                                  options=[("grpc.so_reuseport", 0)], interceptors=security.interceptors())
+        self.server = make_server("sup-rpc", [SERVICE_NAME], security, Admission(calls_per_service=8))
         self.server.add_generic_rpc_handlers([handlers(SupervisorService(supervisor))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = security.add_port(self.server, f"{host}:{port}")

@@ -222,7 +222,7 @@ def test_a_push_cancelled_mid_stream_is_one_line_not_a_failure(server, caplog):
     with caplog.at_level(logging.INFO, logger="psgrid.rpc"), \
             grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         call = channel.stream_unary("/psgrid.v1.ParameterServer/Push").future(frames(), timeout=30)
-        wait_until(lambda: job.push_locks[rig.workers[0]].locked(), 10, message="the server to receive the push")
+        wait_until(lambda: job.is_receiving(rig.workers[0]), 10, message="the server to receive the push")
         call.cancel()
         hold.set()
         wait_until(lambda: any("cancelled" in r.getMessage() for r in caplog.records if r.name == "psgrid.rpc"),
