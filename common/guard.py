@@ -107,7 +107,10 @@ def make_server(name: str, services: Sequence[str], security: Security | None = 
 
 
 class Watchdog:
-    """One thread that cancels calls whose request (or next frame) is late."""
+    """One thread that cancels calls whose request (or next frame, or answer) is late.
+
+    ``arm`` takes anything with a ``cancel()``: a server's call context, a client's call.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -115,7 +118,7 @@ class Watchdog:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def arm(self, context: grpc.ServicerContext, seconds: float, what: str) -> "_Alarm":
+    def arm(self, context, seconds: float, what: str) -> "_Alarm":
         alarm = _Alarm(context, seconds, what)
         with self._cond:
             heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._ids), alarm))
@@ -134,6 +137,7 @@ class Watchdog:
                 _, _, alarm = heapq.heappop(self._heap)
             if not alarm.disarmed:
                 logger.info("cancelled a call: %s did not arrive within %gs", alarm.what, alarm.seconds)
+                alarm.fired = True
                 alarm.context.cancel()
 
     def first(self, requests: Iterator, context: grpc.ServicerContext, seconds: float):
@@ -166,10 +170,11 @@ class Watchdog:
 
 @dataclasses.dataclass(eq=False)
 class _Alarm:
-    context: grpc.ServicerContext
+    context: object  # anything with cancel()
     seconds: float
     what: str
     disarmed: bool = False
+    fired: bool = False
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):

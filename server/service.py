@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from psgrid import codec, messages
-from psgrid.errors import InvalidArgument
+from psgrid import codec, messages, stepframes
+from psgrid.errors import InvalidArgument, MalformedPayload, PsgridError
 from psgrid.rpc import stream_handler, translate_errors, unary_handler, unary_stream_handler
 from psgrid.server.core import ParameterServerCore
 from psgrid.server.steps import PullResult, PushHeader
@@ -59,24 +59,59 @@ class ParameterServerService:
 
     @translate_errors
     def Pull(self, request: ps.PullRequest, context) -> Iterator[bytes]:
+        yield from pull_frames(self._pull(request, context))
+
+    def _pull(self, request: ps.PullRequest, context) -> PullResult:
         if not math.isfinite(request.max_wait_s) or request.max_wait_s < 0:
             raise InvalidArgument(f"max_wait_s must be a finite number >= 0, got {request.max_wait_s}")
         remaining = context.time_remaining()
         wait = min(self.core.config.pull_wait_s, request.max_wait_s or 1e9, max(0.0, (remaining or 1e9) - 0.5))
-        result = self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait)
-        yield from pull_frames(result)
+        return self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait)
 
     @translate_errors
     def Push(self, request_iterator: Iterator[bytes], context) -> ps.PushResponse:
-        h = codec.decode_push_header(next(request_iterator, None))
-        header = PushHeader(
+        header = self._push_header(codec.decode_push_header(next(request_iterator, None)))
+        version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest),
+                                            context.cancel)
+        return ps.PushResponse(version=version, duplicate=duplicate)
+
+    def _push_header(self, h: ps.PushHeader) -> PushHeader:
+        return PushHeader(
             job_id=h.job_id, worker_id=h.worker_id, seq=h.seq, base_version=h.base_version,
             base_step=h.base_step, init=h.init, samples=h.samples, ranks=tuple(h.ranks),
             layout=codec.layout_from_proto(h.tensors, self.core.config.max_payload_bytes),
         )
-        version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest),
-                                            context.cancel)
-        return ps.PushResponse(version=version, duplicate=duplicate)
+
+    @translate_errors
+    def Step(self, request_iterator: Iterator[bytes], context) -> Iterator[bytes]:
+        """A worker's step stream (psgrid.stepframes): answer each pull and push in order.
+
+        A request that fails is answered with an error frame and the stream goes
+        on; a frame out of order (or a push whose tensors cannot be read, so its
+        length is unknown) ends the stream with that error.
+        """
+        frames = iter(request_iterator)
+        for frame in frames:
+            request = stepframes.read_request(frame)
+            if request.WhichOneof("frame") == "pull":
+                try:
+                    result = self._pull(request.pull, context)
+                except PsgridError as exc:
+                    yield stepframes.error(exc)
+                    continue
+                yield from pull_frames(result)
+                continue
+            header = self._push_header(request.push)
+            payload = stepframes.Payload(frames, header.layout.total_bytes)
+            try:
+                version, duplicate = self.core.push(header, payload, context.cancel)
+            except (MalformedPayload, grpc.RpcError):
+                raise  # the stream is out of step, or gone
+            except PsgridError as exc:
+                payload.drain()
+                yield stepframes.error(exc)
+                continue
+            yield stepframes.pushed(version, duplicate)
 
     @translate_errors
     def ReportMetrics(self, request: ps.ReportMetricsRequest, context) -> ps.ReportMetricsResponse:
@@ -166,6 +201,7 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
             "Heartbeat": unary_handler(p.Heartbeat, ps.HeartbeatRequest, ps.HeartbeatResponse),
             "Pull": unary_stream_handler(p.Pull, ps.PullRequest),
             "Push": stream_handler(p.Push, False, ps.PushResponse.SerializeToString),
+            "Step": stream_handler(p.Step, True),
             "ReportMetrics": unary_handler(p.ReportMetrics, ps.ReportMetricsRequest, ps.ReportMetricsResponse),
             "OpenPartition": unary_handler(p.OpenPartition, ps.OpenPartitionRequest, ps.OpenPartitionResponse),
             "ClosePartition": unary_handler(p.ClosePartition, ps.ClosePartitionRequest, ps.ClosePartitionResponse),

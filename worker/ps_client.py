@@ -1,15 +1,18 @@
 """The worker's side of the ParameterServer service: the only gRPC in the worker."""
 from __future__ import annotations
 
+import collections
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 import torch
 
-from psgrid import codec, messages, rpc
+from psgrid import codec, messages, rpc, stepframes
 from psgrid.codec import Layout, Pulled
-from psgrid.errors import NotFound, NotReady
+from psgrid.errors import DeadlineExceeded, NotFound, NotReady, PsgridError
+from psgrid.guard import Watchdog
 from psgrid.security import Security
 from psgrid.spec import Assignment, JobSpec, JobState, RestorePoints
 from psgrid.v1 import parameter_server_pb2 as ps
@@ -19,6 +22,67 @@ _PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.it
 #: Longest one training pull waits on the server before asking again: the server
 #: frees its handler, and a worker whose calls were not cancelled still stops soon.
 PULL_SLICE_S = 2.0
+#: Step streams one client keeps open (one per worker id it pulls or pushes for).
+MAX_STREAMS = 8
+
+
+class StepStream:
+    """One worker's step stream to one server (:mod:`psgrid.stepframes`): requests
+    go out in order, answers come back in order. Opened on first use and again
+    after it broke. Callers hold ``lock`` around every use.
+    """
+
+    def __init__(self, method: Callable, watchdog: Watchdog):
+        self._method = method
+        self._watchdog = watchdog
+        self.lock = threading.Lock()
+        self._call = None
+        self._out: queue.SimpleQueue | None = None
+        #: The key of a pull sent ahead (with a push) whose answer is not read yet.
+        self.prefetched: tuple | None = None
+
+    def send(self, frames: Iterable[bytes]) -> None:
+        if self._call is None:
+            out = self._out = queue.SimpleQueue()
+
+            def requests():
+                while (frame := out.get()) is not None:
+                    yield frame
+            self._call = self._method(requests())
+        for frame in frames:
+            self._out.put(frame)
+
+    def answer(self, buffer_for: Callable[[int], torch.Tensor] | None, timeout: float):
+        """The answer to the oldest request not answered yet (its error raised).
+
+        A broken stream raises grpc.RpcError (DEADLINE_EXCEEDED after ``timeout``) and
+        is dropped, to be opened again by the next send.
+        """
+        call = self._call
+        alarm = self._watchdog.arm(call, timeout, "the answer on a step stream")
+        try:
+            reply = stepframes.read_reply(call, buffer_for)
+        except grpc.RpcError:
+            self.reset()
+            if alarm.fired:
+                raise DeadlineExceeded(f"no answer on the step stream within {timeout:.0f}s") from None
+            raise
+        except BaseException:
+            self.reset()  # out of step with the server: start afresh
+            raise
+        finally:
+            alarm.disarmed = True
+        if isinstance(reply, PsgridError):  # that request failed; the stream goes on
+            raise reply
+        return reply
+
+    def reset(self) -> None:
+        """End the stream (the server's handler ends too); the next send opens another."""
+        self.prefetched = None
+        call, out, self._call, self._out = self._call, self._out, None, None
+        if call is not None:
+            call.cancel()
+            out.put(None)
 
 
 class ParameterServerClient(rpc.ServiceClient):
@@ -49,6 +113,35 @@ class ParameterServerClient(rpc.ServiceClient):
         self._push = self.channel.stream_unary(
             self._method("Push"), request_serializer=rpc.identity,
             response_deserializer=ps.PushResponse.FromString)
+        self._step = self.channel.stream_stream(
+            self._method("Step"), request_serializer=rpc.identity, response_deserializer=rpc.identity)
+        self._streams: collections.OrderedDict[str, StepStream] = collections.OrderedDict()
+        self._streams_lock = threading.Lock()
+        self._watchdog = Watchdog()
+
+    def stream(self, worker_id: str) -> StepStream:
+        """The step stream of ``worker_id`` (the least recently used one is closed past MAX_STREAMS)."""
+        with self._streams_lock:
+            stream = self._streams.get(worker_id)
+            if stream is None:
+                stream = self._streams[worker_id] = StepStream(self._step, self._watchdog)
+                while len(self._streams) > MAX_STREAMS:
+                    self._streams.popitem(last=False)[1].reset()
+            self._streams.move_to_end(worker_id)
+            return stream
+
+    def close_streams(self) -> None:
+        """End every step stream (a job ended: the server frees their handlers)."""
+        with self._streams_lock:
+            streams, self._streams = list(self._streams.values()), collections.OrderedDict()
+        for stream in streams:
+            with stream.lock:
+                stream.reset()
+
+    def close(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.reset()
+        super().close()
 
     def _call(self, fn, request, **kw):
         return rpc.call(fn, request, timeout=kw.pop("timeout", self.timeout_s),
@@ -72,21 +165,30 @@ class ParameterServerClient(rpc.ServiceClient):
              buffer_for: Callable[[int], torch.Tensor], wait_s: float | None = None) -> Pulled:
         """Weights for step ``clock``; waits until they may be had, or until stopping (Stopping).
 
-        The server is asked to wait at most PULL_SLICE_S at a time, and asked again
-        when a wait ends (an unreachable server is retried). With ``wait_s``, it waits
-        at most about that long and NotReady is raised after, and an unreachable
-        server is retried for about as long before Unavailable is raised: the caller
-        looks around and asks again.
+        On the worker's step stream. The server is asked to wait at most
+        PULL_SLICE_S at a time, and asked again when a wait ends (an unreachable
+        server is retried). With ``wait_s``, it waits at most about that long and
+        NotReady is raised after, and an unreachable server is retried for about as
+        long before Unavailable is raised: the caller looks around and asks again.
+        A pull sent ahead with the last push (``push(..., then_pull_s=)``) is
+        answered first.
         """
-        def once(req, timeout):
-            return codec.decode_pull(self._pull(req, timeout=timeout), buffer_for)
+        stream = self.stream(worker_id)
 
+        def once(request, timeout):
+            with stream.lock:
+                if stream.prefetched == (job_id, final):
+                    stream.prefetched = None
+                else:
+                    if stream.prefetched:  # an answer nobody will read: start afresh
+                        stream.reset()
+                    stream.send([request])
+                return stream.answer(buffer_for, timeout)
+
+        slice_s = PULL_SLICE_S if wait_s is None else wait_s
+        request = stepframes.pull_request(job_id, worker_id, clock, final, slice_s)
         if wait_s is not None:
-            request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
-                                     max_wait_s=wait_s)
             return self._call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=wait_s)
-        request = ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
-                                 max_wait_s=PULL_SLICE_S)
         while True:
             try:
                 return self._call(once, request, timeout=PULL_SLICE_S + self.timeout_s + 60.0, retry_for=1e9,
@@ -94,10 +196,27 @@ class ParameterServerClient(rpc.ServiceClient):
             except NotReady:  # the server waited a whole slice: ask again (it held the call, no back-off)
                 continue
 
-    def push(self, header: ps.PushHeader, payload: torch.Tensor) -> tuple[int, bool]:
-        """Send a gradient (or initial parameters); a retry is deduplicated by the server."""
+    def push(self, header: ps.PushHeader, payload: torch.Tensor, then_pull_s: float | None = None) -> tuple[int, bool]:
+        """Send a gradient (or initial parameters) on the worker's step stream; a retry
+        is deduplicated by the server.
+
+        ``then_pull_s``: also ask for the next step's weights right behind it (the
+        server waits at most that long for them); the next :meth:`pull` reads the
+        answer, so a step costs one exchange.
+        """
+        stream = self.stream(header.worker_id)
+        ahead = stepframes.pull_request(header.job_id, header.worker_id, header.seq + 1, False, then_pull_s) \
+            if then_pull_s is not None else None
+
         def once(frames_header, timeout):
-            return self._push(codec.encode_push(frames_header, payload), timeout=timeout)
+            with stream.lock:
+                if stream.prefetched:
+                    stream.reset()
+                stream.send(codec.encode_push(frames_header, payload))
+                if ahead is not None:
+                    stream.send([ahead])
+                    stream.prefetched = (header.job_id, False)
+                return stream.answer(None, timeout)
 
         reply = self._call(once, header, timeout=self.timeout_s + 60.0)
         return reply.version, reply.duplicate

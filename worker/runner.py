@@ -16,7 +16,7 @@ from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
 from psgrid.dataset import ShardSampler
 from psgrid.device import pick_device
 from psgrid.build import build_dataset, build_model
-from psgrid.worker.ps_client import Assignment, ParameterServerClient
+from psgrid.worker.ps_client import PULL_SLICE_S, Assignment, ParameterServerClient
 from psgrid.worker.shards import ShardLinks, diverged
 from psgrid.worker.step import GradientStep
 
@@ -228,6 +228,7 @@ class Worker:
             self._report_failure(a, f"{type(exc).__name__}: {exc}")
         finally:
             self._current_job = ""
+            self.shards.close_streams()
 
     def _close_partitions(self, a: Assignment) -> None:
         try:
@@ -321,9 +322,12 @@ class Worker:
                 logger.debug("%s step %d also covers ranks %s", tag, clock, pulled[0].ranks[1:])
             loss, rows = step.run(clock, pulled[0].ranks)
             computed_at = time.perf_counter()
+            # The next step's pull rides right behind the push: one exchange a step.
+            ahead = None if clock + 1 >= total else (
+                SPLIT_CHECK_S if self.shards.count > 1 and spec.synchronous else PULL_SLICE_S)
             try:
                 self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows,
-                                 ranks=pulled[0].ranks)
+                                 ranks=pulled[0].ranks, then_pull_s=ahead)
             except PushAhead as exc:
                 # A shard went back after this pull (a restore, or put back in step):
                 # pull again; the reply says where to go on from.

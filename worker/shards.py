@@ -94,8 +94,9 @@ class ShardLinks:
 
     def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
              payloads: list[torch.Tensor], init: bool = False, samples: int = 0,
-             ranks: tuple[int, ...] = ()) -> None:
-        """Push step ``seq``'s gradient (computed on ``ranks``' data) to every shard at once."""
+             ranks: tuple[int, ...] = (), then_pull_s: float | None = None) -> None:
+        """Push step ``seq``'s gradient (computed on ``ranks``' data) to every shard at once;
+        ``then_pull_s``: ask each for the next step's weights right behind it."""
         def one(shard: int) -> object:
             base = pulled[shard] if pulled else None
             # Each shard's own clock: in SSP and async a restarted shard may be behind.
@@ -103,7 +104,7 @@ class ShardLinks:
                                  base.version if base else 0, base.step if base else 0, layouts[shard], init=init,
                                  ranks=ranks)
             header.samples = samples
-            return self.client(shard).push(header, payloads[shard])
+            return self.client(shard).push(header, payloads[shard], then_pull_s)
         self._each(one)
 
     def split(self, job_id: str) -> bool:
@@ -167,6 +168,12 @@ class ShardLinks:
                 self.client(index).close_partition(job_id, self.worker_id(index), state)
             except PsgridError as exc:
                 logger.warning("[worker %s] could not close shard %d of %s: %s", self.name, index, job_id, exc)
+
+    def close_streams(self) -> None:
+        """End this worker's step streams to every shard (its job ended)."""
+        self.coordinator.close_streams()
+        for client in list(self._clients.values()):
+            client.close_streams()
 
     def hang_up(self) -> None:
         """Cancel every call in flight to the other shards (the worker is stopping:

@@ -311,7 +311,9 @@ class CoreClient:
             self.sim.last_pulled[self.shard] = pulled
         return pulled
 
-    def push(self, header, payload):
+    def push(self, header, payload, then_pull_s=None):
+        # A pull sent ahead on the step stream is served by the next pull() here: the
+        # core answers a pull with where the worker is when it is served, either way.
         self.sim.pause()
         if not header.init:
             self.sim.reach_shard(self.shard)  # checks I1; raises Died where the plan kills it
@@ -354,6 +356,9 @@ class CoreClient:
                                 dict(metrics or {}), error)
 
     def close(self) -> None:
+        pass
+
+    def close_streams(self) -> None:
         pass
 
 

@@ -6,6 +6,9 @@ import pathlib
 import grpc
 import pytest
 import torch
+
+from psgrid import codec
+from psgrid.v1 import parameter_server_pb2 as ps_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from psgrid.cli import certs
@@ -48,9 +51,11 @@ def every_rpc(ps: ParameterServerClient, jobs: JobServiceClient, job_id: str, wo
     return {
         "RegisterWorker": lambda: ps.register("intruder", "h", 1, "cpu"),
         "Heartbeat": lambda: ps.heartbeat(worker, job_id),
-        "Pull": lambda: ps.pull(job_id, worker, 0, False, buf),
-        "Push": lambda: ps.push(push_header(job_id, worker, 0, 0, 0, layout), layout.pack(
-            {"w": torch.ones(4, 3), "b": torch.ones(4)})),
+        "Pull": lambda: ps._call(lambda r, timeout: list(ps._pull(r, timeout=timeout)),
+                                 ps_pb2.PullRequest(job_id=job_id, worker_id=worker)),
+        "Push": lambda: ps._call(lambda h, timeout: ps._push(codec.encode_push(h, layout.pack(
+            {"w": torch.ones(4, 3), "b": torch.ones(4)})), timeout=timeout), push_header(job_id, worker, 0, 0, 0, layout)),
+        "Step": lambda: ps.pull(job_id, worker, 0, False, buf),
         "ReportMetrics": lambda: ps.report(worker, job_id, "FAILED", error="x"),
         "OpenPartition": lambda: ps.open_partition("job-x", spec(), ["intruder"], 1, 2),
         "ClosePartition": lambda: ps.close_partition(job_id, worker, JobState.CANCELLED),

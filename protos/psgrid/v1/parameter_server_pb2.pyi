@@ -146,6 +146,38 @@ class PushRequest(_message.Message):
     chunk: bytes
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
+class StepRequest(_message.Message):
+    __slots__ = ("push", "chunk", "pull")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    push: PushHeader
+    chunk: bytes
+    pull: PullRequest
+    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("pull", "chunk", "pushed", "error")
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    pull: PullHeader
+    chunk: bytes
+    pushed: PushResponse
+    error: StepError
+    def __init__(self, pull: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pushed: _Optional[_Union[PushResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("code", "error", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    error: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., error: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
 class PushResponse(_message.Message):
     __slots__ = ("version", "duplicate")
     VERSION_FIELD_NUMBER: _ClassVar[int]

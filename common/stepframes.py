@@ -1,0 +1,128 @@
+"""The frames of a step stream (``ParameterServer.Step``), both directions.
+
+A worker keeps one step stream per server for a whole job. On it each request
+is a pull (one ``StepRequest.pull`` frame) or a push (its header frame, then
+exactly the header's ``total_bytes`` in chunk frames: the bytes
+:func:`psgrid.codec.encode_push` makes). The server answers every request, in
+order: a pull with its header and exactly its payload's chunks (the bytes
+:func:`psgrid.codec.encode_pull` makes), a push with a ``pushed`` frame, and a
+request that failed with an ``error`` frame naming the psgrid error, after
+which the stream goes on. A frame out of this order ends the stream
+(MalformedPayload): its two ends no longer agree where a request starts.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError
+
+from psgrid.codec import PayloadAssembler, Pulled, chunk_payload, layout_from_proto
+from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, MalformedPayload, MalformedRequest, PsgridError
+from psgrid.messages import state_from_proto
+from psgrid.spec import JobState
+from psgrid.v1 import parameter_server_pb2 as ps
+
+
+def pull_request(job_id: str, worker_id: str, clock: int, final: bool, max_wait_s: float) -> bytes:
+    return ps.StepRequest(pull=ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
+                                              max_wait_s=max_wait_s)).SerializeToString()
+
+
+def pushed(version: int, duplicate: bool) -> bytes:
+    return ps.StepResponse(pushed=ps.PushResponse(version=version, duplicate=duplicate)).SerializeToString()
+
+
+def error(exc: PsgridError) -> bytes:
+    return ps.StepResponse(error=ps.StepError(code=exc.code, error=type(exc).__name__,
+                                              message=str(exc)[:4000])).SerializeToString()
+
+
+def error_of(code: str, name: str, message: str) -> PsgridError:
+    """The psgrid exception a status code and error-class name stand for (the precise
+    class when named and consistent with the code)."""
+    cls = ERRORS_BY_NAME.get(name)
+    if cls is None or cls.code != code:
+        cls = ERROR_BY_CODE.get(code, PsgridError)
+    exc = cls(message or code)
+    exc.grpc_code = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)  # as psgrid.rpc.to_psgrid_error
+    return exc
+
+
+def read_request(frame: bytes) -> ps.StepRequest:
+    """A request's first frame: a pull or a push header (MalformedRequest otherwise)."""
+    try:
+        msg = ps.StepRequest.FromString(frame)
+    except DecodeError as exc:
+        raise MalformedRequest(f"undecodable step frame ({len(frame)} bytes): {exc}") from None
+    if msg.WhichOneof("frame") not in ("pull", "push"):
+        raise MalformedRequest("a step request starts with a pull or a push header, not a payload chunk")
+    return msg
+
+
+class Payload:
+    """The next ``total`` payload bytes of a stream, as the chunk frames bring them."""
+
+    def __init__(self, frames: Iterator[bytes], total: int):
+        self._frames = frames
+        self.remaining = total
+
+    def __iter__(self) -> Iterator[memoryview]:
+        while self.remaining > 0:
+            frame = next(self._frames, None)
+            if frame is None:
+                raise MalformedPayload(f"the stream ended with {self.remaining} payload bytes still to come")
+            piece = chunk_payload(frame)
+            if piece is None:
+                try:
+                    msg = ps.StepRequest.FromString(frame)
+                except DecodeError:
+                    msg = None
+                if msg is None or msg.WhichOneof("frame") != "chunk":
+                    raise MalformedPayload(f"a frame other than a payload chunk with {self.remaining} "
+                                           "payload bytes still to come")
+                piece = memoryview(msg.chunk)
+            if len(piece) > self.remaining:
+                raise MalformedPayload(f"a chunk of {len(piece)} bytes where {self.remaining} were left")
+            self.remaining -= len(piece)
+            yield piece
+
+    def drain(self) -> None:
+        """Read what is left (a request refused before its payload was read)."""
+        for _ in self:
+            pass
+
+
+def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor] | None,
+               max_bytes: int = 1 << 62) -> Pulled | ps.PushResponse | PsgridError:
+    """The server's answer to the oldest request: a Pulled, a PushResponse, or the error
+    the request failed with (returned: the stream is still in step). MalformedPayload
+    (raised) when the frames break the protocol."""
+    frame = next(frames, None)
+    if frame is None:
+        raise MalformedPayload("the step stream ended before its answer")
+    try:
+        msg = ps.StepResponse.FromString(frame)
+    except DecodeError as exc:
+        raise MalformedPayload(f"undecodable step reply: {exc}") from None
+    kind = msg.WhichOneof("frame")
+    if kind == "error":
+        return error_of(msg.error.code, msg.error.error, msg.error.message)
+    if kind == "pushed":
+        return msg.pushed
+    if kind != "pull":
+        raise MalformedPayload(f"a step reply starts with a header, not a {kind}")
+    h = msg.pull
+    state = state_from_proto(h.job_state) or JobState.RUNNING
+    if not h.HasField("tensors"):
+        return Pulled(state, h.version, h.step, None, None, h.clock, tuple(h.ranks), h.lineage)
+    layout = layout_from_proto(h.tensors, max_bytes)
+    if buffer_for is None:
+        raise MalformedPayload("weights where none were asked for")
+    buffer = buffer_for(layout.total_bytes)
+    assembler = PayloadAssembler(layout, buffer)
+    for piece in Payload(frames, layout.total_bytes):
+        assembler.feed(piece)
+    assembler.finish()
+    return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks), h.lineage)
