@@ -3,7 +3,9 @@
 ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 images),
 standardised, with a held-out test split. ``linear_regression``: synthetic
 ``y = x @ w + b + noise`` with known ``w`` and ``b``; its metric is the error
-of the recovered weights.
+of the recovered weights. ``synthetic_regression``: wide multi-output targets
+from a fixed random teacher network, with a test split (test MSE); the
+training benchmark's large workload.
 """
 from __future__ import annotations
 
@@ -55,3 +57,15 @@ def linear_regression(n: int = 4096, in_features: int = 8, noise: float = 0.01, 
         }
 
     return Dataset(train_x=x.to(torch_dtype), train_y=y.to(torch_dtype), loss="mse", evaluate=evaluate)
+
+
+def synthetic_regression(n: int = 4096, test_n: int = 1024, in_features: int = 1024, out_features: int = 1024,
+                         teacher_hidden: int = 256, noise: float = 0.1, seed: int = 4321) -> Dataset:
+    """``y = tanh(x @ A) @ B + noise``, ``x`` standard normal, ``A`` and ``B`` random and
+    scaled to keep every target's variance near 0.4; ``seed`` fixes every row."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(in_features, teacher_hidden, generator=g) / in_features ** 0.5
+    b = torch.randn(teacher_hidden, out_features, generator=g) / teacher_hidden ** 0.5
+    x = torch.randn(n + test_n, in_features, generator=g)
+    y = torch.tanh(x @ a) @ b + noise * torch.randn(n + test_n, out_features, generator=g)
+    return Dataset(train_x=x[:n], train_y=y[:n], test_x=x[n:], test_y=y[n:], loss="mse")
