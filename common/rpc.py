@@ -15,6 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from psgrid.backoff import Backoff
+from psgrid.limits import MAX_ERROR_CHARS
 from psgrid.security import Security
 from psgrid.errors import (
     ERROR_BY_CODE,
@@ -99,9 +100,28 @@ def status_of(error: PsgridError) -> grpc.StatusCode:
     return grpc.StatusCode[error.code]
 
 
+def status_details(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``message`` cut to at most ``limit`` bytes as gRPC sends it, saying how long it was.
+
+    Status details travel percent-encoded in a trailer (three bytes for each UTF-8
+    byte outside printable ASCII, and for ``%``), and a client drops a call whose
+    trailers pass 8 KiB, its status with them: an error quoting a huge value must
+    still arrive as itself.
+    """
+    suffix = f"... ({len(message)} characters)"
+    size = cut = 0
+    for index, char in enumerate(message):
+        size += sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in char.encode("utf-8", "surrogatepass"))
+        if size <= limit - len(suffix):
+            cut = index + 1
+        elif size > limit:
+            return message[:cut] + suffix
+    return message
+
+
 def _abort(context: grpc.ServicerContext, error: PsgridError) -> None:
     context.set_trailing_metadata(((ERROR_KEY, type(error).__name__),))
-    context.abort(status_of(error), str(error))
+    context.abort(status_of(error), status_details(str(error)))
 
 
 def translate_errors(method: Callable) -> Callable:
@@ -121,7 +141,7 @@ def translate_errors(method: Callable) -> Callable:
             logger.info("%s: the caller cancelled the call before it completed", name)
             return
         logger.exception("%s failed", name)
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        context.abort(grpc.StatusCode.INTERNAL, status_details(f"{type(exc).__name__}: {exc}"))
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)

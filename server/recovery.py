@@ -11,9 +11,11 @@ steps the parameters do not contain.
 """
 from __future__ import annotations
 
+import logging
+
 from google.protobuf import json_format
 
-from psgrid import messages
+from psgrid import limits, messages
 from psgrid.codec import Layout
 from psgrid.server.checkpoint import JobCheckpoint
 from psgrid.server.consistency import StepClock
@@ -21,6 +23,8 @@ from psgrid.server.jobs import AWAY, Job
 from psgrid.server.store import GradientAccumulator, ParameterStore
 from psgrid.spec import HistoryRow, JobSpec, JobState
 from psgrid.v1 import job_pb2
+
+logger = logging.getLogger(__name__)
 
 #: Newest training-curve points a checkpoint keeps.
 HISTORY_IN_CHECKPOINT = 5000
@@ -59,7 +63,7 @@ def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
 
 
 def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value < limits.MAX_COUNT
 
 
 def _is_number(value: object) -> bool:
@@ -103,6 +107,20 @@ def check_meta(meta: dict) -> None:
             raise ValueError(f"meta field {key!r} is missing or malformed")
     if not set(meta["finished"]) <= set(meta["worker_names"]):
         raise ValueError("meta field 'finished' names workers the job does not have")
+
+
+def usable_meta(job_id: str, seq: int, meta: dict) -> bool:
+    """Whether checkpoint ``seq`` of ``job_id`` may be read by its ``meta`` (:func:`check_meta`).
+
+    A manifest can verify and still hold anything: every path that reads a
+    checkpoint's meta asks here first. A bad one is logged at WARNING and left out.
+    """
+    try:
+        check_meta(meta)
+    except ValueError as exc:
+        logger.warning("[ps] job %s checkpoint %d skipped: %s", job_id, seq, exc)
+        return False
+    return True
 
 
 def restore(ckpt: JobCheckpoint) -> Job:

@@ -160,10 +160,15 @@ class Snapshots:
         except Exception:  # noqa: BLE001 - the next aligned step tries again
             logger.exception("[ps] job %s: step-aligned checkpoint failed", job_id)
 
-    def _aligned_on_disk(self, job_id: str) -> list[tuple[int, dict]]:
-        """(seq, meta) of the job's step-aligned checkpoints; call under ``_save_lock``."""
+    def _on_disk(self, job_id: str) -> list[tuple[int, dict]]:
+        """(seq, meta) of the job's checkpoints whose meta is usable (the others are
+        bad: logged and left out); call under ``_save_lock``."""
         found = self.store.manifests(job_id) if self.store else []
-        return [(seq, meta) for seq, meta in found if meta.get("aligned")]
+        return [(seq, meta) for seq, meta in found if recovery.usable_meta(job_id, seq, meta)]
+
+    def _aligned_on_disk(self, job_id: str) -> list[tuple[int, dict]]:
+        """(seq, meta) of the job's usable step-aligned checkpoints; call under ``_save_lock``."""
+        return [(seq, meta) for seq, meta in self._on_disk(job_id) if meta.get("aligned")]
 
     # --- going back ----------------------------------------------------------------
 
@@ -211,7 +216,7 @@ class Snapshots:
                     requeue = (job, ckpt, job.timeline, job.snapshot_stamp)
             if self.store is not None:
                 self.store.discard(job.job_id, [
-                    seq for seq, meta in self.store.manifests(job.job_id)
+                    seq for seq, meta in self._on_disk(job.job_id)
                     if meta["global_step"] > step or (meta["global_step"] == step and point_of(meta) != point)])
                 if requeue is not None:
                     self._write(*requeue)
@@ -223,12 +228,15 @@ class Snapshots:
 
     def _load_point(self, job_id: str, on_disk: list[tuple[int, dict]], point: Point) -> JobCheckpoint:
         """The newest checkpoint of ``point`` on disk; UnknownCheckpoint if there is
-        none (a corrupt one is deleted, so that it is not listed again)."""
+        none (a corrupt one is deleted, so that it is not listed again). Its meta is
+        checked as loaded: that is what the job is put back to."""
         seqs = [seq for seq, meta in on_disk if point_of(meta) == point]
         if not seqs:
             raise UnknownCheckpoint(f"job {job_id} has no snapshot of step {point[0]} here")
         try:
-            return self.store.load(job_id, seqs[-1])
+            ckpt = self.store.load(job_id, seqs[-1])
+            recovery.check_meta(ckpt.meta)
+            return ckpt
         except ValueError as exc:
             self.store.discard(job_id, [seqs[-1]])
             raise UnknownCheckpoint(str(exc)) from None

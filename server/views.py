@@ -2,7 +2,7 @@
 
 :class:`Views` reads each job under its lock and changes nothing. A finished
 job released from memory (:mod:`psgrid.server.retention`) answers from its
-summary, and its weights and history from its last checkpoint when the server
+summary, and its weights and history from its newest usable checkpoint when the server
 has a checkpoint directory.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 from psgrid.codec import Layout
 from psgrid.errors import FailedPrecondition, UnknownJob
+from psgrid.server import recovery
 from psgrid.server.state import ServerState
 from psgrid.server.steps import PullResult
 from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobState, WorkerStatus
@@ -69,15 +70,16 @@ class Views:
                     return
 
     def history(self, job_id: str) -> list[HistoryRow]:
-        """The job's training curve so far (a released job's from its last checkpoint)."""
+        """The job's training curve so far (a released job's from its newest usable checkpoint)."""
         job = self.state.jobs.get(job_id)
         if job is None:
             self.state.released_job(job_id)  # UnknownJob for a job never held here
             store = self.state.checkpoints
             found = store.manifests(job_id) if store is not None else []
-            if not found:
+            usable = [meta for seq, meta in found if recovery.usable_meta(job_id, seq, meta)]
+            if not usable:
                 raise self._gone(job_id, "history")
-            return [HistoryRow(*row) for row in found[-1][1].get("history", ())]
+            return [HistoryRow(*row) for row in usable[-1].get("history", ())]
         with job.cond:
             return list(job.history)
 
@@ -101,12 +103,13 @@ class Views:
 
     def fetch(self, job_id: str) -> PullResult:
         """A consistent copy of the job's current parameters (a released job's from its
-        last checkpoint)."""
+        newest usable checkpoint)."""
         job = self.state.jobs.get(job_id)
         if job is None:
             self.state.released_job(job_id)
             store = self.state.checkpoints
-            ckpt = store.load_latest(job_id) if store is not None else None
+            found = store.verified(job_id) if store is not None else ()
+            ckpt = next((c for c in found if recovery.usable_meta(job_id, c.seq, c.meta)), None)
             if ckpt is None:
                 raise self._gone(job_id, "parameters")
             if not ckpt.params:
@@ -122,4 +125,4 @@ class Views:
     @staticmethod
     def _gone(job_id: str, what: str) -> UnknownJob:
         return UnknownJob(f"job {job_id} ended and was released from this server's memory, and its {what} "
-                          "with it: there is no checkpoint of it here (see --keep-finished-jobs)")
+                          "with it: there is no usable checkpoint of it here (see --keep-finished-jobs)")

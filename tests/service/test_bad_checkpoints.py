@@ -1,10 +1,12 @@
-"""A bad checkpoint never stops a server from starting (issue 12, item 6).
+"""A bad checkpoint never stops a server from starting, nor is trusted later (issue 12, item 6).
 
 Whatever is wrong with a checkpoint (nesting too deep to parse, a manifest
 whose checksums verify but whose meta is empty or malformed), the server logs
 it and restores the job from the one before; a restored job whose spec is
 outside ``--allow-modules`` is not restored at all. ``psgrid serve
---checkpoint-dir`` reads checkpoints the same way.
+--checkpoint-dir`` reads checkpoints the same way, and so does every other
+path that reads one: a sharded job's roll-back to a snapshot on disk, and a
+released job's weights and history.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import pytest
 import torch
 
 from psgrid import checkpoints
+from psgrid.errors import UnknownCheckpoint, UnknownJob
 from psgrid.inference.models import Candidate
 from psgrid.inference.sources import CheckpointSource, Unusable
 from psgrid.spec import JobState
 
-from helpers.inproc import make_rig
+from helpers.inproc import make_rig, spec
+from helpers.wait import wait_until
 
 
 def grads(value: float) -> dict[str, torch.Tensor]:
@@ -63,13 +67,25 @@ def _history_not_rows(body):
     body["meta"]["history"] = [["x"]]
 
 
+def _no_step(body):
+    del body["meta"]["global_step"]
+
+
+def _count_too_big(body):
+    body["meta"]["version"] = 2**64
+
+
 DAMAGE = {
     "nested 200,000 deep": lambda path: path.write_text("[" * 200_000 + "]" * 200_000),
     "meta {}": lambda path: rewrite(path, _empty_meta),
     "worker names not strings": lambda path: rewrite(path, _names_not_strings),
     "spec out of range": lambda path: rewrite(path, _bad_spec),
     "history rows malformed": lambda path: rewrite(path, _history_not_rows),
+    "no global step": lambda path: rewrite(path, _no_step),
+    "count out of range": lambda path: rewrite(path, _count_too_big),
 }
+#: Damage that leaves a manifest verifying, and its meta bad.
+BAD_META = ["meta {}", "worker names not strings", "history rows malformed", "no global step", "count out of range"]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -112,3 +128,67 @@ def test_serving_from_a_checkpoint_directory_skips_a_bad_checkpoint(server_facto
     found = CheckpointSource(tmp_path, job_id).poll()
     assert [type(item) for item in found] == [Candidate, Unusable]
     assert found[0].version == 1
+
+
+def manifest_of(directory: pathlib.Path, job_id: str, step: int) -> pathlib.Path:
+    """The manifest of the job's checkpoint of ``step``."""
+    seq = next(seq for seq, meta in checkpoints.CheckpointReader(directory).manifests(job_id)
+               if meta["global_step"] == step)
+    return directory / job_id / f"ckpt-{seq:08d}.json"
+
+
+@pytest.mark.parametrize("damage", BAD_META[1:])  # an empty meta is not even listed as aligned
+def test_a_roll_back_to_a_snapshot_on_disk_with_a_bad_meta_is_refused_and_changes_nothing(
+        server_factory, tmp_path, damage):
+    coordinator = server_factory(shards=("127.0.0.1:9",), checkpoint_dir=str(tmp_path), checkpoint_every_steps=2,
+                                 checkpoint_interval_s=3600)  # a shard never dialled here
+    rig = make_rig(coordinator.port, spec(num_workers=1, staleness=0))
+
+    def on_disk(step: int) -> bool:
+        found = checkpoints.CheckpointReader(tmp_path).manifests(rig.job_id)
+        return any(meta["global_step"] == step for _, meta in found)
+
+    for step in range(7):
+        rig.push(0, step, grads(0.1))
+        if step == 2:  # else the saver may skip it for a newer one
+            wait_until(lambda: on_disk(2), 10, message="the snapshot of step 2 on disk")
+    # held on disk only: memory holds the newest two, 4 and 6
+    point = next(p for p in rig.ps.restore_points(rig.job_id, rig.workers[0]).points if p[0] == 2)
+    before = rig.params()
+    DAMAGE[damage](manifest_of(tmp_path, rig.job_id, 2))
+
+    with pytest.raises(UnknownCheckpoint):
+        rig.ps.roll_back(rig.job_id, rig.workers[0], point, 0)
+    where = rig.ps.restore_points(rig.job_id, rig.workers[0])
+    steps = {step for step, _ in where.points}
+    assert (where.step, where.timeline) == (7, 0) and 2 not in steps and {4, 6} <= steps  # no longer offered
+    after = rig.params()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("damage", BAD_META)
+def test_a_released_job_is_read_from_its_newest_checkpoint_with_a_good_meta(server_factory, tmp_path, damage):
+    server = server_factory(checkpoint_dir=str(tmp_path), checkpoint_interval_s=3600, keep_finished_jobs=0,
+                            heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0)
+    rig = make_rig(server.port)
+    rig.push(0, 0, grads(0.1))
+    rig.ps.report(rig.workers[0], rig.job_id, "TRAINING", step=1, total_steps=100, loss=0.5, samples=4, seconds=0.1)
+    assert server.core.checkpoint() == 1
+    older = rig.params()
+    rig.push(0, 1, grads(0.1))
+    rig.ps.report(rig.workers[0], rig.job_id, "TRAINING", step=2, total_steps=100, loss=0.25, samples=4, seconds=0.1)
+    rig.jobs.cancel(rig.job_id)  # checkpointed at once: version 2, two points of history
+    wait_until(lambda: rig.job_id not in server.core.state.jobs, 10, message="the job to be released")
+    (oldest, first), (newest, _) = checkpoints.CheckpointReader(tmp_path).manifests(rig.job_id)
+    assert first["version"] == 1
+    DAMAGE[damage](tmp_path / rig.job_id / f"ckpt-{newest:08d}.json")
+
+    pulled = rig.jobs.fetch(rig.job_id)  # the one before, as a restart would restore
+    assert pulled.version == 1 and all(torch.equal(pulled.layout.views(pulled.buffer)[k], older[k]) for k in older)
+    assert [row.loss for row in rig.jobs.history(rig.job_id)] == [0.5]
+
+    DAMAGE[damage](tmp_path / rig.job_id / f"ckpt-{oldest:08d}.json")
+    with pytest.raises(UnknownJob, match="no usable checkpoint"):
+        rig.jobs.fetch(rig.job_id)
+    with pytest.raises(UnknownJob, match="no usable checkpoint"):
+        rig.jobs.history(rig.job_id)

@@ -77,7 +77,9 @@ def test_a_shard_goes_back_to_an_aligned_step_and_replays_it_exactly(server_fact
     assert (where.step, where.timeline) == (25, 0)
     assert [step for step, _ in where.points] == [0, 10, 20]
     store = CheckpointStore(tmp_path)
-    assert sorted(m["global_step"] for _, m in store.manifests(JOB)) == [0, 10, 20]
+    # step 20's snapshot is written to disk in the background
+    wait_until(lambda: sorted(m["global_step"] for _, m in store.manifests(JOB)) == [0, 10, 20], 10,
+               message="the snapshots of steps 0, 10 and 20 on disk")
 
     assert shard.roll_back(10, timeline=0) == (10, True)
     assert all(torch.equal(shard.params()[k], at_10[k]) for k in at_10)
