@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -172,12 +173,35 @@ def layout_to_proto(layout: Layout) -> tensor_pb2.TensorSetHeader:
     )
 
 
+#: Valid layouts by the bytes of their header: a worker sends the same one every step.
+_LAYOUTS: dict[tuple[bytes, int], Layout] = {}
+_LAYOUTS_LOCK = threading.Lock()
+LAYOUT_CACHE_ENTRIES = 256
+#: Headers with more tensors than this are checked every time instead (not kept).
+LAYOUT_CACHE_MAX_TENSORS = 4096
+
+
 def layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layout:
     """Validate a declared tensor set before a byte of its payload is allocated.
 
     Raises MalformedPayload/DtypeMismatch for an inconsistent header and
-    PayloadTooLarge when it declares more than ``max_bytes``.
+    PayloadTooLarge when it declares more than ``max_bytes``. A header seen
+    before (the same bytes, the same limit) is not checked again.
     """
+    if len(msg.tensors) > LAYOUT_CACHE_MAX_TENSORS:
+        return _layout_from_proto(msg, max_bytes)
+    key = (msg.SerializeToString(deterministic=True), max_bytes)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _layout_from_proto(msg, max_bytes)
+        with _LAYOUTS_LOCK:
+            while len(_LAYOUTS) >= LAYOUT_CACHE_ENTRIES:
+                del _LAYOUTS[next(iter(_LAYOUTS))]
+            _LAYOUTS[key] = layout
+    return layout
+
+
+def _layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layout:
     if len(msg.tensors) > MAX_TENSORS:
         raise PayloadTooLarge(f"{len(msg.tensors)} tensors declared, limit {MAX_TENSORS}")
     if msg.total_bytes > max_bytes:
@@ -215,6 +239,10 @@ def layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layout
 # --- stream frames --------------------------------------------------------------
 
 _CHUNK_TAG = 0x12  # field 2 (chunk), wire type 2 (length-delimited)
+_HEADER_TAG = 0x0A  # field 1 (header)
+_PAYLOAD_TAG = 0x52  # field 10 (the header's inline payload)
+#: A payload up to this size rides inside its header's frame (``payload``), no chunk frames.
+INLINE_BYTES = CHUNK_BYTES
 
 
 def _varint(n: int) -> bytes:
@@ -235,6 +263,18 @@ def chunk_frames(flat: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator
     for start in range(0, len(view), chunk_bytes):
         piece = view[start : start + chunk_bytes]
         yield b"".join((bytes((_CHUNK_TAG,)), _varint(len(piece)), piece))
+
+
+def header_frame(header_bytes: bytes, payload: torch.Tensor | None) -> bytes:
+    """A frame whose field 1 is the serialized header, with ``payload`` (a uint8 CPU
+    tensor) appended as the header's ``payload`` field: protobuf merges appended
+    fields, so this is the message a parser sees, built with one copy of the payload."""
+    if payload is None or not payload.numel():
+        return b"".join((bytes((_HEADER_TAG,)), _varint(len(header_bytes)), header_bytes))
+    view = memoryview(payload.numpy())
+    field = (bytes((_PAYLOAD_TAG,)), _varint(len(view)))
+    inner = len(header_bytes) + sum(map(len, field)) + len(view)
+    return b"".join((bytes((_HEADER_TAG,)), _varint(inner), header_bytes, *field, view))
 
 
 def chunk_payload(frame: bytes) -> memoryview | None:
@@ -314,16 +354,19 @@ class Pulled:
 
 def encode_pull(state: JobState, version: int, step: int, layout: Layout | None,
                 payload: torch.Tensor | None, clock: int = 0,
-                ranks: tuple[int, ...] = (), lineage: str = "") -> Iterator[bytes]:
-    """Frames of a pull stream: the header, then the payload (if any) in chunks."""
+                ranks: tuple[int, ...] = (), lineage: str = "", shm: bool = False) -> Iterator[bytes]:
+    """Frames of a pull stream: the header, then the payload (if any) inline or in chunks;
+    ``shm``: the payload is in the stream's shared-memory segment instead."""
     header = parameter_server_pb2.PullHeader(
         job_state=state_to_proto(state), version=version, step=step, clock=clock, ranks=ranks,
-        lineage=lineage)
+        lineage=lineage, shm=shm)
     if layout is not None:
         header.tensors.CopyFrom(layout_to_proto(layout))
-    yield parameter_server_pb2.PullResponse(header=header).SerializeToString()
-    if layout is not None and payload is not None:
-        yield from chunk_frames(payload[: layout.total_bytes])
+    sent = payload[: layout.total_bytes] if layout is not None and payload is not None else None
+    inline = sent is not None and sent.numel() <= INLINE_BYTES
+    yield header_frame(header.SerializeToString(), sent if inline else None)
+    if sent is not None and not inline:
+        yield from chunk_frames(sent)
 
 
 def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tensor],
@@ -341,7 +384,7 @@ def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tenso
     layout = layout_from_proto(h.tensors, max_bytes)
     buffer = buffer_for(layout.total_bytes)
     assembler = PayloadAssembler(layout, buffer)
-    for piece in payload_pieces(frames, parameter_server_pb2.PullResponse):
+    for piece in header_payload(h, frames, parameter_server_pb2.PullResponse):
         assembler.feed(piece)
     assembler.finish()
     return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks), h.lineage)
@@ -349,9 +392,13 @@ def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tenso
 
 def encode_push(header: parameter_server_pb2.PushHeader, payload: torch.Tensor,
                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Frames of a push stream: ``header`` (with its tensors set), then the payload."""
-    yield parameter_server_pb2.PushRequest(header=header).SerializeToString()
-    yield from chunk_frames(payload[: header.tensors.total_bytes], chunk_bytes)
+    """Frames of a push stream: ``header`` (with its tensors set) and the payload: inside
+    the header's frame when it fits in one (INLINE_BYTES), else in chunk frames after it."""
+    sent = payload[: header.tensors.total_bytes]
+    inline = sent.numel() <= min(chunk_bytes, INLINE_BYTES)
+    yield header_frame(header.SerializeToString(), sent if inline else None)
+    if not inline:
+        yield from chunk_frames(sent, chunk_bytes)
 
 
 def _parse(message_cls, frame: bytes):
@@ -368,6 +415,18 @@ def decode_push_header(first: bytes | None) -> parameter_server_pb2.PushHeader:
     if msg is None or msg.WhichOneof("frame") != "header":
         raise MalformedPayload("a push starts with its header frame")
     return msg.header
+
+
+def header_payload(header, frames: Iterable[bytes], message_cls) -> Iterator[memoryview]:
+    """The payload a stream's ``header`` brings: its inline ``payload`` (then the stream
+    must end there), else the chunk frames that follow it."""
+    inline = header.payload  # one copy: every access to a bytes field makes another
+    if not inline:
+        yield from payload_pieces(frames, message_cls)
+        return
+    yield memoryview(inline)
+    if next(iter(frames), None) is not None:
+        raise MalformedPayload("a payload sent inline and in chunk frames as well")
 
 
 def payload_pieces(frames: Iterable[bytes], message_cls) -> Iterator[memoryview]:

@@ -25,13 +25,25 @@ from psgrid.spec import JobState
 from psgrid.v1 import parameter_server_pb2 as ps
 
 
-def pull_request(job_id: str, worker_id: str, clock: int, final: bool, max_wait_s: float) -> bytes:
+def pull_request(job_id: str, worker_id: str, clock: int, final: bool, max_wait_s: float,
+                 shm: bool = False) -> bytes:
     return ps.StepRequest(pull=ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
-                                              max_wait_s=max_wait_s)).SerializeToString()
+                                              max_wait_s=max_wait_s, shm=shm)).SerializeToString()
+
+
+def shm_open(job_id: str, worker_id: str) -> bytes:
+    return ps.StepRequest(shm_open=ps.ShmOpen(job_id=job_id, worker_id=worker_id)).SerializeToString()
 
 
 def pushed(version: int, duplicate: bool) -> bytes:
     return ps.StepResponse(pushed=ps.PushResponse(version=version, duplicate=duplicate)).SerializeToString()
+
+
+def offer(push, pull, nbytes: int) -> bytes:
+    """The answer to ``shm_open``: the stream's two segments (psgrid.shm.Segment)."""
+    return ps.StepResponse(shm_offer=ps.ShmOffer(
+        push_path=str(push.path), push_nonce=push.nonce, pull_path=str(pull.path), pull_nonce=pull.nonce,
+        nbytes=nbytes)).SerializeToString()
 
 
 def error(exc: PsgridError) -> bytes:
@@ -56,8 +68,8 @@ def read_request(frame: bytes) -> ps.StepRequest:
         msg = ps.StepRequest.FromString(frame)
     except DecodeError as exc:
         raise MalformedRequest(f"undecodable step frame ({len(frame)} bytes): {exc}") from None
-    if msg.WhichOneof("frame") not in ("pull", "push"):
-        raise MalformedRequest("a step request starts with a pull or a push header, not a payload chunk")
+    if msg.WhichOneof("frame") not in ("pull", "push", "shm_open"):
+        raise MalformedRequest("a step request starts with a pull, a push header or shm_open, not a payload chunk")
     return msg
 
 
@@ -95,7 +107,8 @@ class Payload:
 
 
 def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor] | None,
-               max_bytes: int = 1 << 62) -> Pulled | ps.PushResponse | PsgridError:
+               max_bytes: int = 1 << 62, shm: torch.Tensor | None = None
+               ) -> Pulled | ps.PushResponse | ps.ShmOffer | PsgridError:
     """The server's answer to the oldest request: a Pulled, a PushResponse, or the error
     the request failed with (returned: the stream is still in step). MalformedPayload
     (raised) when the frames break the protocol."""
@@ -111,6 +124,8 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
         return error_of(msg.error.code, msg.error.error, msg.error.message)
     if kind == "pushed":
         return msg.pushed
+    if kind == "shm_offer":
+        return msg.shm_offer
     if kind != "pull":
         raise MalformedPayload(f"a step reply starts with a header, not a {kind}")
     h = msg.pull
@@ -118,11 +133,16 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
     if not h.HasField("tensors"):
         return Pulled(state, h.version, h.step, None, None, h.clock, tuple(h.ranks), h.lineage)
     layout = layout_from_proto(h.tensors, max_bytes)
+    if h.shm:  # the weights are in the stream's pull segment
+        if shm is None or shm.numel() != layout.total_bytes:
+            raise MalformedPayload("weights in shared memory on a stream without it, or of another size")
+        return Pulled(state, h.version, h.step, layout, shm, h.clock, tuple(h.ranks), h.lineage)
     if buffer_for is None:
         raise MalformedPayload("weights where none were asked for")
     buffer = buffer_for(layout.total_bytes)
     assembler = PayloadAssembler(layout, buffer)
-    for piece in Payload(frames, layout.total_bytes):
+    inline = h.payload  # one copy: every access makes another
+    for piece in [memoryview(inline)] if inline else Payload(frames, layout.total_bytes):
         assembler.feed(piece)
     assembler.finish()
     return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks), h.lineage)

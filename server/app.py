@@ -7,6 +7,7 @@ import threading
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from psgrid import shm
 from psgrid.guard import make_server
 from psgrid.portfile import write_port_file
 from psgrid.security import Security
@@ -30,6 +31,8 @@ class ParameterServerApp:
         if config.checkpoint_dir:
             self.checkpoints = CheckpointStore(config.checkpoint_dir, keep=config.keep_checkpoints)
         self.core = ParameterServerCore(config, checkpoints=self.checkpoints)
+        if config.shared_memory:
+            shm.sweep()  # segments a killed server left behind
         if self.checkpoints:
             self.core.restore()
             self.core.retire()

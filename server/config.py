@@ -48,6 +48,8 @@ class ServerConfig:
     port_file: str | None = None
     #: Append one JSON line per accepted gradient push here (docs/operations.md, "The update log").
     update_log: str | None = None
+    #: Offer workers on this host the shared-memory path of the step stream (psgrid.shm).
+    shared_memory: bool = True
     #: This server's name in its cluster, on every update-log line: ``psgrid up``
     #: names the coordinator ``server`` and the other shards ``shard-1``, ``shard-2``, ...
     shard_name: str = "server"

@@ -116,6 +116,12 @@ class ParameterServerCore:
         limits.check_count(clock, "clock")
         return self._steps.pull(job_id, worker_id, clock, final, timeout_s)
 
+    def payload_bytes(self, job_id: str, worker_id: str) -> int:
+        """Bytes of the job's parameters on this server, for one of its workers."""
+        job, _ = self.state.member(job_id, worker_id)
+        with job.cond:
+            return job.require_store().layout.total_bytes
+
     def push(self, header: PushHeader, payload: Iterable[memoryview],
              cancel: Callable[[], object] | None = None) -> tuple[int, bool]:
         """Receive, validate and apply one push; return (version, duplicate). ``cancel``

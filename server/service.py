@@ -8,13 +8,14 @@ streams that carry tensors (Pull, Push, FetchParameters) send raw frames framed 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
 import grpc
 
-from psgrid import codec, messages, stepframes
-from psgrid.errors import InvalidArgument, MalformedPayload, PsgridError
+from psgrid import codec, messages, shm, stepframes
+from psgrid.errors import FailedPrecondition, InvalidArgument, MalformedPayload, MalformedRequest, PsgridError
 from psgrid.rpc import stream_handler, translate_errors, unary_handler, unary_stream_handler
 from psgrid.server.core import ParameterServerCore
 from psgrid.server.steps import PullResult, PushHeader
@@ -24,9 +25,9 @@ from psgrid.v1 import parameter_server_pb2 as ps
 _PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhase.DESCRIPTOR.values}
 
 
-def pull_frames(result: PullResult) -> Iterator[bytes]:
+def pull_frames(result: PullResult, shm: bool = False) -> Iterator[bytes]:
     return codec.encode_pull(result.state, result.version, result.step, result.layout,
-                             result.payload, result.clock, result.ranks, result.lineage)
+                             result.payload, result.clock, result.ranks, result.lineage, shm=shm)
 
 
 class ParameterServerService:
@@ -70,9 +71,9 @@ class ParameterServerService:
 
     @translate_errors
     def Push(self, request_iterator: Iterator[bytes], context) -> ps.PushResponse:
-        header = self._push_header(codec.decode_push_header(next(request_iterator, None)))
-        version, duplicate = self.core.push(header, codec.payload_pieces(request_iterator, ps.PushRequest),
-                                            context.cancel)
+        h = codec.decode_push_header(next(request_iterator, None))
+        version, duplicate = self.core.push(
+            self._push_header(h), codec.header_payload(h, request_iterator, ps.PushRequest), context.cancel)
         return ps.PushResponse(version=version, duplicate=duplicate)
 
     def _push_header(self, h: ps.PushHeader) -> PushHeader:
@@ -88,23 +89,50 @@ class ParameterServerService:
 
         A request that fails is answered with an error frame and the stream goes
         on; a frame out of order (or a push whose tensors cannot be read, so its
-        length is unknown) ends the stream with that error.
+        length is unknown) ends the stream with that error. The stream's shared
+        memory segments (psgrid.shm), if any, end with it.
         """
-        frames = iter(request_iterator)
+        segments: list[shm.Segment] = []
+        try:
+            yield from self._step(iter(request_iterator), context, segments)
+        finally:
+            for segment in segments:
+                segment.unlink()
+
+    def _step(self, frames: Iterator[bytes], context, segments: list) -> Iterator[bytes]:
         for frame in frames:
             request = stepframes.read_request(frame)
-            if request.WhichOneof("frame") == "pull":
+            kind = request.WhichOneof("frame")
+            if kind == "pull":
                 try:
                     result = self._pull(request.pull, context)
                 except PsgridError as exc:
                     yield stepframes.error(exc)
                     continue
-                yield from pull_frames(result)
+                if request.pull.shm and segments and result.payload is not None \
+                        and result.layout.total_bytes == segments[1].data.numel():
+                    segments[1].data.copy_(result.payload[: result.layout.total_bytes])
+                    yield from pull_frames(dataclasses.replace(result, payload=None), shm=True)
+                else:
+                    yield from pull_frames(result)
+                continue
+            if kind == "shm_open":
+                try:
+                    yield self._offer(request.shm_open, segments)
+                except PsgridError as exc:
+                    yield stepframes.error(exc)
                 continue
             header = self._push_header(request.push)
-            payload = stepframes.Payload(frames, header.layout.total_bytes)
+            inline = request.push.payload  # one copy: every access makes another
+            if request.push.shm:
+                if not segments or header.layout.total_bytes != segments[0].data.numel():
+                    raise MalformedRequest("a push from shared memory on a stream without it, or of another size")
+                pieces = [memoryview(segments[0].data.numpy())]
+            payload = stepframes.Payload(frames, 0 if inline or request.push.shm else header.layout.total_bytes)
+            if not request.push.shm:
+                pieces = [memoryview(inline)] if inline else payload
             try:
-                version, duplicate = self.core.push(header, payload, context.cancel)
+                version, duplicate = self.core.push(header, pieces, context.cancel)
             except (MalformedPayload, grpc.RpcError):
                 raise  # the stream is out of step, or gone
             except PsgridError as exc:
@@ -112,6 +140,25 @@ class ParameterServerService:
                 yield stepframes.error(exc)
                 continue
             yield stepframes.pushed(version, duplicate)
+
+    def _offer(self, request: ps.ShmOpen, segments: list) -> bytes:
+        """Create this stream's two segments (FailedPrecondition saying why not)."""
+        if not self.core.config.shared_memory:
+            raise FailedPrecondition("this server offers no shared memory (shared_memory = false)")
+        nbytes = self.core.payload_bytes(request.job_id, request.worker_id)
+        for segment in segments:
+            segment.unlink()
+        segments.clear()
+        try:
+            shm.check_space(2 * nbytes)
+            segments.extend(shm.Segment.create(nbytes) for _ in range(2))
+        except (shm.Unavailable, OSError) as exc:
+            for segment in segments:
+                segment.unlink()
+            segments.clear()
+            raise FailedPrecondition(f"no shared memory: {exc}") from None
+        push, pull = segments
+        return stepframes.offer(push, pull, nbytes)
 
     @translate_errors
     def ReportMetrics(self, request: ps.ReportMetricsRequest, context) -> ps.ReportMetricsResponse:

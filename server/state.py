@@ -126,8 +126,10 @@ class ServerState:
     def log_applied(self, job: Job) -> None:
         """Write the job's newly applied updates to the update log (under its lock, in
         order); the job keeps none of them."""
-        for record in job.take_applied():
-            self.log_line({"event": "update", **dataclasses.asdict(record)})
+        applied = job.take_applied()
+        if self._update_log:
+            for record in applied:
+                self.log_line({"event": "update", **vars(record)})  # flat: no asdict deep copy
 
     def log_line(self, entry: dict) -> None:
         """Append one JSON line to the update log, when there is one, marked with this

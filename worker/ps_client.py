@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -9,13 +10,15 @@ from collections.abc import Callable, Iterable
 import grpc
 import torch
 
-from psgrid import codec, messages, rpc, stepframes
+from psgrid import codec, messages, rpc, shm, stepframes
 from psgrid.codec import Layout, Pulled
 from psgrid.errors import DeadlineExceeded, NotFound, NotReady, PsgridError
 from psgrid.guard import Watchdog
 from psgrid.security import Security
 from psgrid.spec import Assignment, JobSpec, JobState, RestorePoints
 from psgrid.v1 import parameter_server_pb2 as ps
+
+logger = logging.getLogger(__name__)
 
 _PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.items()}
 
@@ -40,6 +43,14 @@ class StepStream:
         self._out: queue.SimpleQueue | None = None
         #: The key of a pull sent ahead (with a push) whose answer is not read yet.
         self.prefetched: tuple | None = None
+        #: Shared memory (psgrid.shm): the push and pull segments, for ``shm_job``.
+        self.shm: tuple[shm.Segment, shm.Segment] | None = None
+        self.shm_job = ""
+
+    def check(self) -> None:
+        """Forget a stream that ended while idle (a server restart, say): the next send opens another."""
+        if self._call is not None and self._call.done():
+            self.reset()
 
     def send(self, frames: Iterable[bytes]) -> None:
         if self._call is None:
@@ -61,7 +72,7 @@ class StepStream:
         call = self._call
         alarm = self._watchdog.arm(call, timeout, "the answer on a step stream")
         try:
-            reply = stepframes.read_reply(call, buffer_for)
+            reply = stepframes.read_reply(call, buffer_for, shm=self.shm[1].data if self.shm else None)
         except grpc.RpcError:
             self.reset()
             if alarm.fired:
@@ -76,9 +87,26 @@ class StepStream:
             raise reply
         return reply
 
+    def open_shm(self, job_id: str, worker_id: str, timeout: float) -> None:
+        """Ask for the shared-memory path; on any failure say why once and stay on the stream."""
+        self.shm_job = job_id
+        self.send([stepframes.shm_open(job_id, worker_id)])
+        try:
+            offer = self.answer(None, timeout)
+            segments = (shm.Segment.attach(offer.push_path, offer.nbytes, offer.push_nonce),
+                        shm.Segment.attach(offer.pull_path, offer.nbytes, offer.pull_nonce))
+        except (PsgridError, shm.Unavailable) as exc:
+            logger.info("job %s: no shared memory with the server, using the stream: %s", job_id, exc)
+            return
+        for segment in segments:
+            segment.unlink()  # mapped by both sides now: nothing is left behind, however they end
+        self.shm = segments
+        logger.info("job %s: tensors move through shared memory (%d bytes each way)", job_id, offer.nbytes)
+
     def reset(self) -> None:
         """End the stream (the server's handler ends too); the next send opens another."""
         self.prefetched = None
+        self.shm, self.shm_job = None, ""  # the server unlinks them with the stream; the mappings go with us
         call, out, self._call, self._out = self._call, self._out, None, None
         if call is not None:
             call.cancel()
@@ -96,9 +124,12 @@ class ParameterServerClient(rpc.ServiceClient):
     service = "psgrid.v1.ParameterServer"
 
     def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0,
-                 security: Security | None = None, stop: threading.Event | None = None):
+                 security: Security | None = None, stop: threading.Event | None = None,
+                 shared_memory: bool = True):
         super().__init__(address, timeout_s, retry_for_s, security)
         self.stop = stop or threading.Event()
+        #: Try the shared-memory path of the step stream (used only when the server is on this host).
+        self.shared_memory = shared_memory
         unary = self._unary
         self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)
         self._heartbeat = unary("Heartbeat", ps.HeartbeatRequest, ps.HeartbeatResponse)
@@ -174,19 +205,24 @@ class ParameterServerClient(rpc.ServiceClient):
         answered first.
         """
         stream = self.stream(worker_id)
+        slice_s = PULL_SLICE_S if wait_s is None else wait_s
 
-        def once(request, timeout):
+        def once(_, timeout):
             with stream.lock:
+                stream.check()
                 if stream.prefetched == (job_id, final):
                     stream.prefetched = None
                 else:
                     if stream.prefetched:  # an answer nobody will read: start afresh
                         stream.reset()
-                    stream.send([request])
-                return stream.answer(buffer_for, timeout)
+                    stream.send([stepframes.pull_request(job_id, worker_id, clock, final, slice_s,
+                                                         shm=stream.shm is not None)])
+                pulled = stream.answer(buffer_for, timeout)
+                if self.shared_memory and stream.shm_job != job_id and pulled.layout is not None:
+                    stream.open_shm(job_id, worker_id, self.timeout_s)
+                return pulled
 
-        slice_s = PULL_SLICE_S if wait_s is None else wait_s
-        request = stepframes.pull_request(job_id, worker_id, clock, final, slice_s)
+        request = None
         if wait_s is not None:
             return self._call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=wait_s)
         while True:
@@ -205,16 +241,25 @@ class ParameterServerClient(rpc.ServiceClient):
         answer, so a step costs one exchange.
         """
         stream = self.stream(header.worker_id)
-        ahead = stepframes.pull_request(header.job_id, header.worker_id, header.seq + 1, False, then_pull_s) \
-            if then_pull_s is not None else None
+        nbytes = header.tensors.total_bytes
 
         def once(frames_header, timeout):
             with stream.lock:
+                stream.check()
                 if stream.prefetched:
                     stream.reset()
-                stream.send(codec.encode_push(frames_header, payload))
-                if ahead is not None:
-                    stream.send([ahead])
+                segments = stream.shm if stream.shm_job == header.job_id else None
+                if segments is not None and segments[0].data.numel() == nbytes:
+                    segments[0].data.copy_(payload[:nbytes])
+                    frames_header = ps.PushHeader()
+                    frames_header.CopyFrom(header)
+                    frames_header.shm = True
+                    stream.send([codec.header_frame(frames_header.SerializeToString(), None)])
+                else:
+                    stream.send(codec.encode_push(frames_header, payload))
+                if then_pull_s is not None:
+                    stream.send([stepframes.pull_request(header.job_id, header.worker_id, header.seq + 1, False,
+                                                         then_pull_s, shm=segments is not None)])
                     stream.prefetched = (header.job_id, False)
                 return stream.answer(None, timeout)
 

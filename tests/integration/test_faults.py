@@ -204,3 +204,18 @@ def test_status_json_lists_every_node_and_job_with_restarts(up):
     running = {j["job_id"]: j for j in status["jobs"]}[job.job_id]
     assert running["state"] == "RUNNING" and running["total_steps"] > running["step"] > 0
     assert running["loss"] is not None and running["eta_s"] is not None and running["eta_s"] > 0
+
+
+def test_no_shared_memory_segment_outlives_the_kills(up):
+    """The kills above hit workers and the server while their step streams moved tensors
+    through shared memory (worker and server share this host): the workers took that
+    path, and no segment is left in /dev/shm, of a killed process or of a live one."""
+    from psgrid import shm
+
+    logs = "".join(p.read_text() for p in (up.root / "run").glob("worker-*.log"))
+    assert "tensors move through shared memory" in logs
+    wait_until(lambda: not any(j.state is JobState.RUNNING for j in Client(up.server_address).list_jobs()), 60,
+               message="the cluster to be idle")
+    left = [p.name for p in shm.ROOT.iterdir() if shm._NAME.match(p.name)
+            and (not shm._alive(int(p.name.split("-")[1])) or int(p.name.split("-")[1]) in {n.pid for n in up.nodes().values()})]
+    assert left == []

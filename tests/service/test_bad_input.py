@@ -212,7 +212,9 @@ def test_a_push_cancelled_mid_stream_is_one_line_not_a_failure(server, caplog):
     job = server.core.job(rig.job_id)
     before = rig.params()
     header = push_header(rig.job_id, rig.workers[0], 0, 0, 0, rig.layout)
-    first = next(codec.encode_push(header, rig.layout.pack({k: torch.ones_like(v) for k, v in before.items()})))
+    # its header frame only: in small chunks, the payload does not ride inline
+    first = next(codec.encode_push(header, rig.layout.pack({k: torch.ones_like(v) for k, v in before.items()}),
+                                   chunk_bytes=16))
     hold = threading.Event()
 
     def frames():

@@ -152,7 +152,8 @@ def test_a_stalled_push_never_holds_up_the_workers_own_push(start):
     ones = rig.layout.pack({k: torch.ones_like(v) for k, v in before.items()})
     silent = Silent(app.address)
     try:
-        stalled, = silent.open(PUSH, 1, AUTH, first=next(codec.encode_push(header, ones)))
+        # its header frame only (small chunks: no inline payload); the payload never comes
+        stalled, = silent.open(PUSH, 1, AUTH, first=next(codec.encode_push(header, ones, chunk_bytes=16)))
         wait_until(lambda: job.is_receiving(rig.workers[0]), 10, message="the stalled push to be received")
         twice = {k: 2 * torch.ones_like(v) for k, v in before.items()}
         assert rig.push(0, 0, twice) == (1, False)
@@ -168,7 +169,7 @@ def test_a_push_whose_frames_stop_coming_is_cancelled(start):
     rig = make_rig(app.port, security=Security(token=TOKEN))
     before = rig.params()
     header = push_header(rig.job_id, rig.workers[0], 0, 0, 0, rig.layout)
-    first = next(codec.encode_push(header, rig.layout.pack(before)))
+    first = next(codec.encode_push(header, rig.layout.pack(before), chunk_bytes=16))  # the header frame only
     silent = Silent(app.address)
     try:
         stalled, = silent.open(PUSH, 1, AUTH, first=first)

@@ -26,7 +26,7 @@ from psgrid.v1 import job_pb2 as psgrid_dot_v1_dot_job__pb2
 from psgrid.v1 import tensor_pb2 as psgrid_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n psgrid/v1/parameter_server.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a\x16psgrid/v1/tensor.proto\"P\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"\x9a\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12 \n\x04spec\x18\x04 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x12\n\nstart_step\x18\x05 \x01(\x04\x12\x0e\n\x06shards\x18\x06 \x03(\t\x12\x14\n\x0cworker_names\x18\x07 \x03(\t\"5\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"f\n\x11HeartbeatResponse\x12)\n\nassignment\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.Assignment\x12&\n\tjob_state\x18\x02 \x01(\x0e\x32\x13.psgrid.v1.JobState\"b\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\x12\n\nmax_wait_s\x18\x05 \x01(\x01\"\xaf\x01\n\nPullHeader\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12+\n\x07tensors\x18\x04 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\r\n\x05\x63lock\x18\x05 \x01(\x04\x12\r\n\x05ranks\x18\x06 \x03(\r\x12\x0f\n\x07lineage\x18\x07 \x01(\t\"Q\n\x0cPullResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\xc0\x01\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x11\n\tbase_step\x18\x05 \x01(\x04\x12\x0c\n\x04init\x18\x06 \x01(\x08\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\x0f\n\x07samples\x18\x08 \x01(\x04\x12\r\n\x05ranks\x18\t \x03(\r\"P\n\x0bPushRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"v\n\x0bStepRequest\x12%\n\x04push\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x04pull\x18\x03 \x01(\x0b\x32\x16.psgrid.v1.PullRequestH\x00\x42\x07\n\x05\x66rame\"\xa1\x01\n\x0cStepResponse\x12%\n\x04pull\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12)\n\x06pushed\x18\x03 \x01(\x0b\x32\x17.psgrid.v1.PushResponseH\x00\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.psgrid.v1.StepErrorH\x00\x42\x07\n\x05\x66rame\"9\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xb1\x02\n\x14ReportMetricsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.psgrid.v1.WorkerPhase\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x04\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.psgrid.v1.ReportMetricsRequest.MetricsEntry\x12\r\n\x05\x65rror\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x15ReportMetricsResponse\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x88\x01\n\x14OpenPartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x14\n\x0cworker_names\x18\x03 \x03(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\"\x17\n\x15OpenPartitionResponse\"^\n\x15\x43losePartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x18\n\x16\x43losePartitionResponse\"=\n\x18ListRestorePointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"-\n\x0cRestorePoint\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x02 \x01(\t\"\x8a\x01\n\x19ListRestorePointsResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x05 \x01(\t\x12\x10\n\x08timeline\x18\x04 \x01(\x04\x12\'\n\x06points\x18\x03 \x03(\x0b\x32\x17.psgrid.v1.RestorePoint\x12\r\n\x05\x63lock\x18\x06 \x01(\x04J\x04\x08\x02\x10\x03\"r\n\x0fRollBackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0f\n\x07lineage\x18\x06 \x01(\t\x12\x17\n\x0f\x65xpect_timeline\x18\x05 \x01(\x04J\x04\x08\x04\x10\x05\"5\n\x10RollBackResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0brolled_back\x18\x02 \x01(\x08*\x96\x01\n\x0bWorkerPhase\x12\x1c\n\x18WORKER_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_PHASE_TRAINING\x10\x01\x12\x19\n\x15WORKER_PHASE_FINISHED\x10\x02\x12\x1a\n\x16WORKER_PHASE_EVALUATED\x10\x03\x12\x17\n\x13WORKER_PHASE_FAILED\x10\x04\x32\x87\x06\n\x0fParameterServer\x12U\n\x0eRegisterWorker\x12 .psgrid.v1.RegisterWorkerRequest\x1a!.psgrid.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.psgrid.v1.HeartbeatRequest\x1a\x1c.psgrid.v1.HeartbeatResponse\x12\x39\n\x04Pull\x12\x16.psgrid.v1.PullRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x12\x39\n\x04Push\x12\x16.psgrid.v1.PushRequest\x1a\x17.psgrid.v1.PushResponse(\x01\x12;\n\x04Step\x12\x16.psgrid.v1.StepRequest\x1a\x17.psgrid.v1.StepResponse(\x01\x30\x01\x12R\n\rReportMetrics\x12\x1f.psgrid.v1.ReportMetricsRequest\x1a .psgrid.v1.ReportMetricsResponse\x12R\n\rOpenPartition\x12\x1f.psgrid.v1.OpenPartitionRequest\x1a .psgrid.v1.OpenPartitionResponse\x12U\n\x0e\x43losePartition\x12 .psgrid.v1.ClosePartitionRequest\x1a!.psgrid.v1.ClosePartitionResponse\x12^\n\x11ListRestorePoints\x12#.psgrid.v1.ListRestorePointsRequest\x1a$.psgrid.v1.ListRestorePointsResponse\x12\x43\n\x08RollBack\x12\x1a.psgrid.v1.RollBackRequest\x1a\x1b.psgrid.v1.RollBackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n psgrid/v1/parameter_server.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a\x16psgrid/v1/tensor.proto\"P\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"\x9a\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12 \n\x04spec\x18\x04 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x12\n\nstart_step\x18\x05 \x01(\x04\x12\x0e\n\x06shards\x18\x06 \x03(\t\x12\x14\n\x0cworker_names\x18\x07 \x03(\t\"5\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"f\n\x11HeartbeatResponse\x12)\n\nassignment\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.Assignment\x12&\n\tjob_state\x18\x02 \x01(\x0e\x32\x13.psgrid.v1.JobState\"o\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\x12\n\nmax_wait_s\x18\x05 \x01(\x01\x12\x0b\n\x03shm\x18\x06 \x01(\x08\"\xcd\x01\n\nPullHeader\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12+\n\x07tensors\x18\x04 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\r\n\x05\x63lock\x18\x05 \x01(\x04\x12\r\n\x05ranks\x18\x06 \x03(\r\x12\x0f\n\x07lineage\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x0b\n\x03shm\x18\x0b \x01(\x08\"Q\n\x0cPullResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\xde\x01\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x11\n\tbase_step\x18\x05 \x01(\x04\x12\x0c\n\x04init\x18\x06 \x01(\x08\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\x0f\n\x07samples\x18\x08 \x01(\x04\x12\r\n\x05ranks\x18\t \x03(\r\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x0b\n\x03shm\x18\x0b \x01(\x08\"P\n\x0bPushRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\x9e\x01\n\x0bStepRequest\x12%\n\x04push\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x04pull\x18\x03 \x01(\x0b\x32\x16.psgrid.v1.PullRequestH\x00\x12&\n\x08shm_open\x18\x04 \x01(\x0b\x32\x12.psgrid.v1.ShmOpenH\x00\x42\x07\n\x05\x66rame\",\n\x07ShmOpen\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"h\n\x08ShmOffer\x12\x11\n\tpush_path\x18\x01 \x01(\t\x12\x12\n\npush_nonce\x18\x02 \x01(\x0c\x12\x11\n\tpull_path\x18\x03 \x01(\t\x12\x12\n\npull_nonce\x18\x04 \x01(\x0c\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\xcb\x01\n\x0cStepResponse\x12%\n\x04pull\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12)\n\x06pushed\x18\x03 \x01(\x0b\x32\x17.psgrid.v1.PushResponseH\x00\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.psgrid.v1.StepErrorH\x00\x12(\n\tshm_offer\x18\x05 \x01(\x0b\x32\x13.psgrid.v1.ShmOfferH\x00\x42\x07\n\x05\x66rame\"9\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xb1\x02\n\x14ReportMetricsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.psgrid.v1.WorkerPhase\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x04\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.psgrid.v1.ReportMetricsRequest.MetricsEntry\x12\r\n\x05\x65rror\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x15ReportMetricsResponse\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x88\x01\n\x14OpenPartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x14\n\x0cworker_names\x18\x03 \x03(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\"\x17\n\x15OpenPartitionResponse\"^\n\x15\x43losePartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x18\n\x16\x43losePartitionResponse\"=\n\x18ListRestorePointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"-\n\x0cRestorePoint\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x02 \x01(\t\"\x8a\x01\n\x19ListRestorePointsResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x05 \x01(\t\x12\x10\n\x08timeline\x18\x04 \x01(\x04\x12\'\n\x06points\x18\x03 \x03(\x0b\x32\x17.psgrid.v1.RestorePoint\x12\r\n\x05\x63lock\x18\x06 \x01(\x04J\x04\x08\x02\x10\x03\"r\n\x0fRollBackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0f\n\x07lineage\x18\x06 \x01(\t\x12\x17\n\x0f\x65xpect_timeline\x18\x05 \x01(\x04J\x04\x08\x04\x10\x05\"5\n\x10RollBackResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0brolled_back\x18\x02 \x01(\x08*\x96\x01\n\x0bWorkerPhase\x12\x1c\n\x18WORKER_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_PHASE_TRAINING\x10\x01\x12\x19\n\x15WORKER_PHASE_FINISHED\x10\x02\x12\x1a\n\x16WORKER_PHASE_EVALUATED\x10\x03\x12\x17\n\x13WORKER_PHASE_FAILED\x10\x04\x32\x87\x06\n\x0fParameterServer\x12U\n\x0eRegisterWorker\x12 .psgrid.v1.RegisterWorkerRequest\x1a!.psgrid.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.psgrid.v1.HeartbeatRequest\x1a\x1c.psgrid.v1.HeartbeatResponse\x12\x39\n\x04Pull\x12\x16.psgrid.v1.PullRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x12\x39\n\x04Push\x12\x16.psgrid.v1.PushRequest\x1a\x17.psgrid.v1.PushResponse(\x01\x12;\n\x04Step\x12\x16.psgrid.v1.StepRequest\x1a\x17.psgrid.v1.StepResponse(\x01\x30\x01\x12R\n\rReportMetrics\x12\x1f.psgrid.v1.ReportMetricsRequest\x1a .psgrid.v1.ReportMetricsResponse\x12R\n\rOpenPartition\x12\x1f.psgrid.v1.OpenPartitionRequest\x1a .psgrid.v1.OpenPartitionResponse\x12U\n\x0e\x43losePartition\x12 .psgrid.v1.ClosePartitionRequest\x1a!.psgrid.v1.ClosePartitionResponse\x12^\n\x11ListRestorePoints\x12#.psgrid.v1.ListRestorePointsRequest\x1a$.psgrid.v1.ListRestorePointsResponse\x12\x43\n\x08RollBack\x12\x1a.psgrid.v1.RollBackRequest\x1a\x1b.psgrid.v1.RollBackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERPHASE']._serialized_start=2680
-  _globals['_WORKERPHASE']._serialized_end=2830
+  _globals['_WORKERPHASE']._serialized_start=2988
+  _globals['_WORKERPHASE']._serialized_end=3138
   _globals['_REGISTERWORKERREQUEST']._serialized_start=92
   _globals['_REGISTERWORKERREQUEST']._serialized_end=172
   _globals['_REGISTERWORKERRESPONSE']._serialized_start=174
@@ -48,47 +48,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRESPONSE']._serialized_start=461
   _globals['_HEARTBEATRESPONSE']._serialized_end=563
   _globals['_PULLREQUEST']._serialized_start=565
-  _globals['_PULLREQUEST']._serialized_end=663
-  _globals['_PULLHEADER']._serialized_start=666
-  _globals['_PULLHEADER']._serialized_end=841
-  _globals['_PULLRESPONSE']._serialized_start=843
-  _globals['_PULLRESPONSE']._serialized_end=924
-  _globals['_PUSHHEADER']._serialized_start=927
-  _globals['_PUSHHEADER']._serialized_end=1119
-  _globals['_PUSHREQUEST']._serialized_start=1121
-  _globals['_PUSHREQUEST']._serialized_end=1201
-  _globals['_STEPREQUEST']._serialized_start=1203
-  _globals['_STEPREQUEST']._serialized_end=1321
-  _globals['_STEPRESPONSE']._serialized_start=1324
-  _globals['_STEPRESPONSE']._serialized_end=1485
-  _globals['_STEPERROR']._serialized_start=1487
-  _globals['_STEPERROR']._serialized_end=1544
-  _globals['_PUSHRESPONSE']._serialized_start=1546
-  _globals['_PUSHRESPONSE']._serialized_end=1596
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=1599
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=1904
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=1858
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=1904
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1906
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1969
-  _globals['_OPENPARTITIONREQUEST']._serialized_start=1972
-  _globals['_OPENPARTITIONREQUEST']._serialized_end=2108
-  _globals['_OPENPARTITIONRESPONSE']._serialized_start=2110
-  _globals['_OPENPARTITIONRESPONSE']._serialized_end=2133
-  _globals['_CLOSEPARTITIONREQUEST']._serialized_start=2135
-  _globals['_CLOSEPARTITIONREQUEST']._serialized_end=2229
-  _globals['_CLOSEPARTITIONRESPONSE']._serialized_start=2231
-  _globals['_CLOSEPARTITIONRESPONSE']._serialized_end=2255
-  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_start=2257
-  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_end=2318
-  _globals['_RESTOREPOINT']._serialized_start=2320
-  _globals['_RESTOREPOINT']._serialized_end=2365
-  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_start=2368
-  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_end=2506
-  _globals['_ROLLBACKREQUEST']._serialized_start=2508
-  _globals['_ROLLBACKREQUEST']._serialized_end=2622
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2624
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2677
-  _globals['_PARAMETERSERVER']._serialized_start=2833
-  _globals['_PARAMETERSERVER']._serialized_end=3608
+  _globals['_PULLREQUEST']._serialized_end=676
+  _globals['_PULLHEADER']._serialized_start=679
+  _globals['_PULLHEADER']._serialized_end=884
+  _globals['_PULLRESPONSE']._serialized_start=886
+  _globals['_PULLRESPONSE']._serialized_end=967
+  _globals['_PUSHHEADER']._serialized_start=970
+  _globals['_PUSHHEADER']._serialized_end=1192
+  _globals['_PUSHREQUEST']._serialized_start=1194
+  _globals['_PUSHREQUEST']._serialized_end=1274
+  _globals['_STEPREQUEST']._serialized_start=1277
+  _globals['_STEPREQUEST']._serialized_end=1435
+  _globals['_SHMOPEN']._serialized_start=1437
+  _globals['_SHMOPEN']._serialized_end=1481
+  _globals['_SHMOFFER']._serialized_start=1483
+  _globals['_SHMOFFER']._serialized_end=1587
+  _globals['_STEPRESPONSE']._serialized_start=1590
+  _globals['_STEPRESPONSE']._serialized_end=1793
+  _globals['_STEPERROR']._serialized_start=1795
+  _globals['_STEPERROR']._serialized_end=1852
+  _globals['_PUSHRESPONSE']._serialized_start=1854
+  _globals['_PUSHRESPONSE']._serialized_end=1904
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=1907
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=2212
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=2166
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=2212
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2214
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2277
+  _globals['_OPENPARTITIONREQUEST']._serialized_start=2280
+  _globals['_OPENPARTITIONREQUEST']._serialized_end=2416
+  _globals['_OPENPARTITIONRESPONSE']._serialized_start=2418
+  _globals['_OPENPARTITIONRESPONSE']._serialized_end=2441
+  _globals['_CLOSEPARTITIONREQUEST']._serialized_start=2443
+  _globals['_CLOSEPARTITIONREQUEST']._serialized_end=2537
+  _globals['_CLOSEPARTITIONRESPONSE']._serialized_start=2539
+  _globals['_CLOSEPARTITIONRESPONSE']._serialized_end=2563
+  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_start=2565
+  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_end=2626
+  _globals['_RESTOREPOINT']._serialized_start=2628
+  _globals['_RESTOREPOINT']._serialized_end=2673
+  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_start=2676
+  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_end=2814
+  _globals['_ROLLBACKREQUEST']._serialized_start=2816
+  _globals['_ROLLBACKREQUEST']._serialized_end=2930
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2932
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2985
+  _globals['_PARAMETERSERVER']._serialized_start=3141
+  _globals['_PARAMETERSERVER']._serialized_end=3916
 # @@protoc_insertion_point(module_scope)

@@ -77,21 +77,23 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., job_state: _Optional[_Union[_job_pb2.JobState, str]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "clock", "final", "max_wait_s")
+    __slots__ = ("job_id", "worker_id", "clock", "final", "max_wait_s", "shm")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     clock: int
     final: bool
     max_wait_s: float
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., final: _Optional[bool] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
+    shm: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., final: _Optional[bool] = ..., max_wait_s: _Optional[float] = ..., shm: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("job_state", "version", "step", "tensors", "clock", "ranks", "lineage")
+    __slots__ = ("job_state", "version", "step", "tensors", "clock", "ranks", "lineage", "payload", "shm")
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,8 @@ class PullHeader(_message.Message):
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     job_state: _job_pb2.JobState
     version: int
     step: int
@@ -106,7 +110,9 @@ class PullHeader(_message.Message):
     clock: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
     lineage: str
-    def __init__(self, job_state: _Optional[_Union[_job_pb2.JobState, str]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., clock: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., lineage: _Optional[str] = ...) -> None: ...
+    payload: bytes
+    shm: bool
+    def __init__(self, job_state: _Optional[_Union[_job_pb2.JobState, str]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., clock: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., lineage: _Optional[str] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -117,7 +123,7 @@ class PullResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples", "ranks")
+    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples", "ranks", "payload", "shm")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +133,8 @@ class PushHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     seq: int
@@ -136,7 +144,9 @@ class PushHeader(_message.Message):
     tensors: _tensor_pb2.TensorSetHeader
     samples: int
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    payload: bytes
+    shm: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -147,26 +157,52 @@ class PushRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("push", "chunk", "pull")
+    __slots__ = ("push", "chunk", "pull", "shm_open")
     PUSH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
+    SHM_OPEN_FIELD_NUMBER: _ClassVar[int]
     push: PushHeader
     chunk: bytes
     pull: PullRequest
-    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+    shm_open: ShmOpen
+    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., shm_open: _Optional[_Union[ShmOpen, _Mapping]] = ...) -> None: ...
+
+class ShmOpen(_message.Message):
+    __slots__ = ("job_id", "worker_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class ShmOffer(_message.Message):
+    __slots__ = ("push_path", "push_nonce", "pull_path", "pull_nonce", "nbytes")
+    PUSH_PATH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_NONCE_FIELD_NUMBER: _ClassVar[int]
+    PULL_PATH_FIELD_NUMBER: _ClassVar[int]
+    PULL_NONCE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    push_path: str
+    push_nonce: bytes
+    pull_path: str
+    pull_nonce: bytes
+    nbytes: int
+    def __init__(self, push_path: _Optional[str] = ..., push_nonce: _Optional[bytes] = ..., pull_path: _Optional[str] = ..., pull_nonce: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("pull", "chunk", "pushed", "error")
+    __slots__ = ("pull", "chunk", "pushed", "error", "shm_offer")
     PULL_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     PUSHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFER_FIELD_NUMBER: _ClassVar[int]
     pull: PullHeader
     chunk: bytes
     pushed: PushResponse
     error: StepError
-    def __init__(self, pull: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pushed: _Optional[_Union[PushResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+    shm_offer: ShmOffer
+    def __init__(self, pull: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pushed: _Optional[_Union[PushResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., shm_offer: _Optional[_Union[ShmOffer, _Mapping]] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "error", "message")
