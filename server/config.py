@@ -36,8 +36,9 @@ class ServerConfig:
     #: Longest a pull waits for the consistency model before answering ABORTED.
     pull_wait_s: float = 30.0
     #: Calls of one service (the workers' ParameterServer, the clients' JobService)
-    #: served at once; every waiting pull and watch holds one. Past it: RESOURCE_EXHAUSTED.
-    max_rpc_threads: int = 64
+    #: served at once; every worker's step stream, idle worker's heartbeat (a long poll)
+    #: and client's watch holds one. Past it: RESOURCE_EXHAUSTED.
+    max_rpc_threads: int = 256
     #: Seconds a request (or a stream's first frame) may take to arrive whole, and
     #: between two frames of a push; a connection without calls this long is closed
     #: (psgrid.guard, docs/security.md "Slow and idle clients").

@@ -36,6 +36,10 @@ from psgrid.server.views import Views
 from psgrid.spec import Assignment, HistoryRow, JobEvent, JobInfo, JobSpec, JobState, RestorePoints, WorkerStatus
 
 
+#: Longest an idle worker's heartbeat waits for a job (the rest of its wait_s is ignored).
+HEARTBEAT_WAIT_S = 5.0
+
+
 class ParameterServerCore:
     """All jobs and workers of one parameter-server process. Thread-safe."""
 
@@ -83,9 +87,11 @@ class ParameterServerCore:
         """Release the finished jobs the retention policy no longer keeps in memory."""
         return self._scheduler.retire()
 
-    def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
-        """Note the worker alive; hand it a job when it is idle and one waits."""
-        return self._scheduler.heartbeat(worker_id, job_id)
+    def heartbeat(self, worker_id: str, job_id: str,
+                  wait_s: float = 0.0) -> tuple[Assignment | None, JobState | None]:
+        """Note the worker alive; hand it a job when it is idle and one waits (an idle
+        worker's beat waits up to ``wait_s``, at most HEARTBEAT_WAIT_S, for one)."""
+        return self._scheduler.heartbeat(worker_id, job_id, min(max(wait_s, 0.0), HEARTBEAT_WAIT_S))
 
     def submit(self, spec: JobSpec) -> JobInfo:
         """Queue a job; PermissionDenied when it names modules outside the allow-list."""

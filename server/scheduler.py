@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import uuid
 
 from psgrid.errors import InvalidArgument
@@ -27,6 +28,8 @@ class Scheduler:
 
     def __init__(self, state: ServerState):
         self.state = state
+        #: Notified whenever a job starts: idle workers' heartbeats wait on it (long poll).
+        self.started = threading.Condition()
         config = state.config
         self.retention = retention.RetentionPolicy(config.keep_finished_jobs, config.finished_job_ttl_s,
                                                    grace_s=config.heartbeat_timeout_s)
@@ -88,13 +91,19 @@ class Scheduler:
             logger.warning("[ps] worker %s missed its heartbeats: it leaves the barrier", worker_id)
         return lost
 
-    def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
-        """Note the worker alive; hand it a job when it is idle and one waits."""
+    def heartbeat(self, worker_id: str, job_id: str,
+                  wait_s: float = 0.0) -> tuple[Assignment | None, JobState | None]:
+        """Note the worker alive; hand it a job when it is idle and one waits. An idle
+        worker's beat waits up to ``wait_s`` for a job to be assigned to it."""
         state = self.state
         worker = state.worker(worker_id)
         worker.last_seen = state.clock()
         state.mark_back(worker)
         self.schedule()
+        if wait_s > 0 and not job_id and worker.job_id is None:
+            with self.started:
+                self.started.wait_for(lambda: worker.job_id is not None or worker.worker_id not in state.workers,
+                                      wait_s)
         job_state = None
         if job_id:
             job = state.jobs.get(job_id)
@@ -130,6 +139,8 @@ class Scheduler:
                 with job.cond:
                     job.start([w.worker_id for w in chosen], [w.name for w in chosen])
                 logger.info("[ps] job %s started on %s", job_id, ", ".join(job.workers))
+                with self.started:
+                    self.started.notify_all()
 
     def release(self, job: Job) -> None:
         """Return a finished job's workers to the idle pool, once its end is on disk:

@@ -45,7 +45,9 @@ class ParameterServerService:
 
     @translate_errors
     def Heartbeat(self, request: ps.HeartbeatRequest, context) -> ps.HeartbeatResponse:
-        assignment, state = self.core.heartbeat(request.worker_id, request.job_id)
+        if not math.isfinite(request.wait_s) or request.wait_s < 0:
+            raise InvalidArgument(f"wait_s must be a finite number >= 0, got {request.wait_s}")
+        assignment, state = self.core.heartbeat(request.worker_id, request.job_id, request.wait_s)
         reply = ps.HeartbeatResponse()
         if state is not None:
             reply.job_state = messages.state_to_proto(state)

@@ -182,9 +182,12 @@ class ParameterServerClient(rpc.ServiceClient):
         reply = self._call(self._register, ps.RegisterWorkerRequest(name=name, host=host, pid=pid, device=device))
         return reply.worker_id, reply.heartbeat_interval_s
 
-    def heartbeat(self, worker_id: str, job_id: str) -> tuple[Assignment | None, JobState | None]:
-        reply = self._call(self._heartbeat, ps.HeartbeatRequest(worker_id=worker_id, job_id=job_id),
-                           timeout=10.0, retry_for=0.0)
+    def heartbeat(self, worker_id: str, job_id: str,
+                  wait_s: float = 0.0) -> tuple[Assignment | None, JobState | None]:
+        """Liveness; an idle worker (``job_id`` "") may let the server hold the reply up to
+        ``wait_s`` until a job is assigned to it."""
+        reply = self._call(self._heartbeat, ps.HeartbeatRequest(worker_id=worker_id, job_id=job_id, wait_s=wait_s),
+                           timeout=10.0 + wait_s, retry_for=0.0)
         assignment = None
         if reply.HasField("assignment"):
             a = reply.assignment

@@ -137,20 +137,30 @@ class Worker:
             self._touch_liveness()
 
     def _heartbeat_loop(self) -> None:
+        rest = self.heartbeat_interval
         while True:
             slept_from = time.monotonic()
-            if self.stop.wait(self.heartbeat_interval):
+            if self.stop.wait(rest):
                 return
             if time.monotonic() - slept_from > 2 * self.heartbeat_interval and self.stop.wait(THAWED_HOLD_S):
                 # Frozen meanwhile, and stopping: the supervisor's SIGTERM came with
                 # its SIGCONT. A beat now would rejoin the barrier on the way out.
                 return
+            beat_from, idle = time.monotonic(), self._idle()
             try:
                 self._heartbeat_once()
             except Stopping:
                 return
             except Exception:  # noqa: BLE001 - the heartbeat must outlive any one bad beat
                 logger.exception("%s heartbeat failed", self.tag)
+            # An idle beat waited on the server for a job (a long poll): the next one
+            # follows when this one's interval is up, at once if it used all of it.
+            rest = self.heartbeat_interval
+            if idle:
+                rest = max(0.0, rest - (time.monotonic() - beat_from))
+
+    def _idle(self) -> bool:
+        return not self._current_job and not self._assignments
 
     def _heartbeat_once(self) -> None:
         job_id = self._current_job
@@ -158,7 +168,8 @@ class Worker:
             # other shards must not drop this worker from their barriers
             self.shards.heartbeat_others(job_id)
         try:
-            assignment, state = self.client.heartbeat(self.worker_id, job_id)
+            assignment, state = self.client.heartbeat(self.worker_id, job_id,
+                                                      wait_s=self.heartbeat_interval if self._idle() else 0.0)
         except UnknownWorker:
             # The server restarted (or a newer process took our name): register
             # again; a running job is given back with the step to resume at.

@@ -286,7 +286,8 @@ class CoreClient:
         self.sim.pause()
         return self.core.register_worker(name, host, pid, device).worker_id, self.core.config.heartbeat_interval_s
 
-    def heartbeat(self, worker_id, job_id):
+    def heartbeat(self, worker_id, job_id, wait_s=0.0):
+        # An idle worker's long poll: here the scheduler's next turn is the wait.
         self.sim.pause()
         return self.core.heartbeat(worker_id, job_id)
 

@@ -61,12 +61,14 @@ class Assignment(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., start_step: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., worker_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "job_id")
+    __slots__ = ("worker_id", "job_id", "wait_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     job_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+    wait_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., job_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("assignment", "job_state")
