@@ -288,8 +288,9 @@ class Job(GradientRounds):
             return True
         if self.store is None:
             return False
-        if final:  # or training again, after a roll-back or a restore lost its last steps
-            return self.state is JobState.EVALUATING or (
+        if final:  # the evaluator once it may evaluate; training again after a roll-back or a
+            # restore lost its last steps; the others wait for the end (answered at once then)
+            return (self.state is JobState.EVALUATING and worker_id == self.evaluator) or (
                 self.state is JobState.RUNNING and not self.progress[worker_id].finished)
         # The step served is the one this server expects the worker to compute
         # next, whatever it asked for: behind after a restore lost its last pushes,

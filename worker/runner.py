@@ -79,6 +79,8 @@ class Worker:
         self._assignments: list[Assignment] = []
         self._job_ended = threading.Event()
         self._wake = threading.Event()
+        #: Set to beat at once: a job ended (the idle long poll starts now) or stopping.
+        self._beat = threading.Event()
         self.metrics = WorkerMetrics()
         self.shards = ShardLinks(client, lambda: self.worker_id, self.name,
                                  (socket.gethostname(), os.getpid(), str(pick_device(device))), security)
@@ -119,6 +121,7 @@ class Worker:
         end) and cancel the calls in flight: closing the channels ends them at once."""
         self.stop.wait()
         self._wake.set()
+        self._beat.set()
         self._job_ended.set()
         self.shards.hang_up()
         self.client.close()
@@ -140,7 +143,9 @@ class Worker:
         rest = self.heartbeat_interval
         while True:
             slept_from = time.monotonic()
-            if self.stop.wait(rest):
+            self._beat.wait(rest)
+            self._beat.clear()
+            if self.stop.is_set():
                 return
             if time.monotonic() - slept_from > 2 * self.heartbeat_interval and self.stop.wait(THAWED_HOLD_S):
                 # Frozen meanwhile, and stopping: the supervisor's SIGTERM came with
@@ -240,6 +245,7 @@ class Worker:
         finally:
             self._current_job = ""
             self.shards.close_streams()
+            self._beat.set()  # idle now: wait on the server for the next job (long poll)
 
     def _close_partitions(self, a: Assignment) -> None:
         try:

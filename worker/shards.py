@@ -64,8 +64,9 @@ class ShardLinks:
         addresses = tuple(a.shards)
         for index, address in enumerate(addresses, start=1):
             if address not in self._clients:
-                self._clients[address] = ParameterServerClient(address, security=self._security,
-                                                               stop=self.coordinator.stop)
+                self._clients[address] = ParameterServerClient(
+                    address, security=self._security, stop=self.coordinator.stop,
+                    shared_memory=getattr(self.coordinator, "shared_memory", True))
             self._ids[address] = self._clients[address].register(self.name, *self._register_args)[0]
             self._clients[address].open_partition(a.job_id, a.spec, list(a.worker_names), index,
                                                   1 + len(addresses))
