@@ -47,6 +47,8 @@ from psgrid.security import Security
 logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+#: Alarms a watchdog holds before it drops the disarmed ones.
+COMPACT_AT = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,9 @@ class Watchdog:
     def arm(self, context, seconds: float, what: str) -> "_Alarm":
         alarm = _Alarm(context, seconds, what)
         with self._cond:
+            if len(self._heap) >= COMPACT_AT:  # mostly alarms disarmed long before their time
+                self._heap = [entry for entry in self._heap if not entry[2].disarmed]
+                heapq.heapify(self._heap)
             heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._ids), alarm))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rpc-watchdog", daemon=True)

@@ -25,6 +25,8 @@ _PHASE = {name.removeprefix("WORKER_PHASE_"): v for name, v in ps.WorkerPhase.it
 #: Longest one training pull waits on the server before asking again: the server
 #: frees its handler, and a worker whose calls were not cancelled still stops soon.
 PULL_SLICE_S = 2.0
+#: Cancels step streams whose answer is late: one thread for every client of the process.
+_WATCHDOG = Watchdog()
 #: Step streams one client keeps open (one per worker id it pulls or pushes for).
 MAX_STREAMS = 8
 
@@ -148,7 +150,7 @@ class ParameterServerClient(rpc.ServiceClient):
             self._method("Step"), request_serializer=rpc.identity, response_deserializer=rpc.identity)
         self._streams: collections.OrderedDict[str, StepStream] = collections.OrderedDict()
         self._streams_lock = threading.Lock()
-        self._watchdog = Watchdog()
+        self._watchdog = _WATCHDOG
 
     def stream(self, worker_id: str) -> StepStream:
         """The step stream of ``worker_id`` (the least recently used one is closed past MAX_STREAMS)."""

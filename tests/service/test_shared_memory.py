@@ -1,0 +1,95 @@
+"""The step stream's shared-memory path (psgrid.shm): used on one host, exact, cleaned up,
+and a fallback to the stream whenever it cannot be used."""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+import pytest
+import torch
+
+from psgrid import shm
+from psgrid.worker.ps_client import ParameterServerClient
+
+from helpers.inproc import make_rig, spec
+
+
+def grads(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 3), value), "b": torch.full((4,), value)}
+
+
+def segments_of(pid: int) -> list[str]:
+    return [p.name for p in shm.ROOT.iterdir() if p.name.startswith(f"{shm.PREFIX}{pid}-")]
+
+
+def train(rig, steps: int) -> None:
+    for seq in range(steps):
+        rig.pull(0, seq)
+        assert rig.push(0, seq, grads(0.1 * (seq + 1))) == (seq + 1, False)
+
+
+@pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
+def test_on_one_host_the_tensors_move_through_shared_memory_and_match_the_stream(server_factory):
+    results = {}
+    for shared in (True, False):
+        server = server_factory()
+        rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+        rig.ps = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0,
+                                       shared_memory=shared)
+        train(rig, 5)
+        stream = rig.ps.stream(rig.workers[0])
+        assert (stream.shm is not None) is shared
+        results[shared] = rig.params()
+        pulled = rig.pull(0, 5)
+        assert all(torch.equal(rig.layout.views(pulled.buffer)[k], results[shared][k]) for k in results[shared])
+        rig.ps.close()
+    assert all(torch.equal(results[True][k], results[False][k]) for k in results[True])
+    assert segments_of(os.getpid()) == []  # mapped, then unlinked at once
+
+
+@pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
+def test_the_segments_are_private_and_gone_from_dev_shm_once_mapped(server_factory):
+    server = server_factory()
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    rig.pull(0, 0)
+    stream = rig.ps.stream(rig.workers[0])
+    push, pull = stream.shm
+    assert not push.path.exists() and not pull.path.exists()
+    segment = shm.Segment.create(64)  # what the server creates
+    try:
+        assert stat.S_IMODE(segment.path.stat().st_mode) == 0o600
+        with pytest.raises(shm.Unavailable):
+            shm.Segment.attach(str(segment.path), 64, b"x" * shm.NONCE_BYTES)  # not the offered nonce
+        with pytest.raises(shm.Unavailable):
+            shm.Segment.attach("/tmp/not-a-segment", 64, segment.nonce)
+    finally:
+        segment.unlink()
+
+
+@pytest.mark.parametrize("why", ["disabled", "no room"])
+def test_without_shared_memory_the_worker_stays_on_the_stream_and_says_why(server_factory, monkeypatch,
+                                                                          caplog, why):
+    server = server_factory(shared_memory=why != "disabled")
+    if why == "no room":
+        monkeypatch.setattr(shm, "MARGIN_BYTES", 1 << 62)
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    with caplog.at_level(logging.INFO, logger="psgrid.worker.ps_client"):
+        train(rig, 3)
+    assert rig.ps.stream(rig.workers[0]).shm is None
+    said = [r.getMessage() for r in caplog.records if "no shared memory" in r.getMessage()]
+    assert len(said) == 1 and ("shared_memory = false" in said[0] or "MiB free" in said[0]), said
+
+
+def test_a_killed_servers_segments_are_swept_by_the_next_one(tmp_path):
+    if not shm.ROOT.is_dir():
+        pytest.skip("no /dev/shm on this system")
+    import subprocess
+    import sys
+
+    # A process that creates a segment and dies without unlinking it (as kill -9 would leave it).
+    code = "from psgrid import shm; s = shm.Segment.create(64); print(s.path.name, flush=True)"
+    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert (shm.ROOT / name).exists()
+    assert shm.sweep() >= 1
+    assert not (shm.ROOT / name).exists()
