@@ -23,6 +23,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+import torch
+
 from psgrid import limits
 from psgrid.errors import InvalidArgument
 from psgrid.server.checkpoint import CheckpointStore
@@ -128,7 +130,7 @@ class ParameterServerCore:
         with job.cond:
             return job.require_store().layout.total_bytes
 
-    def push(self, header: PushHeader, payload: Iterable[memoryview],
+    def push(self, header: PushHeader, payload: Iterable[memoryview] | torch.Tensor,
              cancel: Callable[[], object] | None = None) -> tuple[int, bool]:
         """Receive, validate and apply one push; return (version, duplicate). ``cancel``
         ends its receipt when a later push of the same worker arrives (StepPath.push)."""

@@ -76,7 +76,11 @@ class Job(GradientRounds):
         self.state = JobState.PENDING
         self._clock = clock
         self.created = self.updated = clock()
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)
+        #: Notified when a push lets go of its worker's receive buffer (receiving()); on the
+        #: same lock, so that a push's end does not wake every waiting pull.
+        self._handover = threading.Condition(lock)
         self.workers: list[str] = []
         #: Worker names by rank: a restarted worker of the same name takes its rank back.
         self.worker_names: list[str] = []
@@ -312,7 +316,7 @@ class Job(GradientRounds):
             if previous is not None:
                 if previous.cancel is not None:
                     previous.cancel()
-                if not self.cond.wait_for(lambda: worker_id not in self._receivers, HANDOVER_S):
+                if not self._handover.wait_for(lambda: worker_id not in self._receivers, HANDOVER_S):
                     raise Overloaded(f"a push of {worker_id} is still being received; try again")
             mine = self._receivers[worker_id] = _Receiver(cancel)
             nbytes = self.require_store().layout.total_bytes
@@ -325,7 +329,7 @@ class Job(GradientRounds):
             with self.cond:
                 if self._receivers.get(worker_id) is mine:
                     del self._receivers[worker_id]
-                    self.cond.notify_all()
+                    self._handover.notify_all()
 
     def is_receiving(self, worker_id: str) -> bool:
         return worker_id in self._receivers

@@ -88,9 +88,10 @@ class GradientRounds:
         )
         if steps.synchronous and steps.arrived:
             self._round_records.append(record)  # applied (and logged) with its round
+            # No pull can go on until the round is applied (_apply_round wakes them).
         else:
             self._applied.append(record)
-        self.cond.notify_all()
+            self.cond.notify_all()
         return record
 
     def _apply_round(self, last: _Last) -> None:

@@ -129,7 +129,7 @@ class ParameterServerService:
             if request.push.shm:
                 if not segments or header.layout.total_bytes != segments[0].data.numel():
                     raise MalformedRequest("a push from shared memory on a stream without it, or of another size")
-                pieces = [memoryview(segments[0].data.numpy())]
+                pieces = segments[0].data  # copied once, then checked (StepPath.push)
             payload = stepframes.Payload(frames, 0 if inline or request.push.shm else header.layout.total_bytes)
             if not request.push.shm:
                 pieces = [memoryview(inline)] if inline else payload

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
-from psgrid.errors import InvalidArgument, NotReady, PsgridError, PushAhead
+from psgrid.errors import InvalidArgument, MalformedPayload, NotReady, PsgridError, PushAhead
 from psgrid.limits import check_count, quote
 from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
@@ -97,9 +97,14 @@ class StepPath:
             return PullResult(job.state, store.version, step, store.layout, payload, clock,
                               tuple(job.coverage(worker_id)), job.lineage)
 
-    def push(self, header: PushHeader, payload: Iterable[memoryview],
+    def push(self, header: PushHeader, payload: Iterable[memoryview] | torch.Tensor,
              cancel: Callable[[], object] | None = None) -> tuple[int, bool]:
         """Receive, validate and apply one push; return (version, duplicate).
+
+        ``payload``: the pieces as they arrive, or a uint8 tensor the payload already
+        sits in (a shared-memory segment). Either is copied into the server's own
+        buffer before it is checked: the sender must not be able to change a
+        gradient between its check and its application.
 
         Nothing changes unless the whole payload arrived and passed every check.
         ``cancel`` ends this push's receipt (the call's ``context.cancel``): a
@@ -118,7 +123,7 @@ class StepPath:
             (metrics.duplicates if duplicate else metrics.pushes).labels(header.job_id).inc()
         return version, duplicate
 
-    def _push(self, header: PushHeader, payload: Iterable[memoryview],
+    def _push(self, header: PushHeader, payload: Iterable[memoryview] | torch.Tensor,
               cancel: Callable[[], object] | None) -> tuple[int, bool]:
         job, worker = self.state.member(header.job_id, header.worker_id)
         _check_against_spec(job, header)
@@ -128,13 +133,21 @@ class StepPath:
         worker.last_seen = self.state.clock()
         self.state.mark_back(worker)
         if header.init:
+            if isinstance(payload, torch.Tensor):
+                payload = [memoryview(payload.numpy())]
             return self._push_init(job, header, payload)
         with job.cond:
             job.require_running()
             job.require_store().layout.check_identical(header.layout)  # before a byte is allocated
             self._check_order(job, header)
         with job.receiving(header.worker_id, cancel) as buffer:
-            _receive(header.layout, buffer, payload)
+            if isinstance(payload, torch.Tensor):  # in memory the sender can still write to
+                if payload.numel() != header.layout.total_bytes:
+                    raise MalformedPayload(f"{payload.numel()} bytes in memory for a payload of "
+                                           f"{header.layout.total_bytes}")
+                buffer[: payload.numel()].copy_(payload)
+            else:
+                _receive(header.layout, buffer, payload)
             with job.cond:
                 job.require_running()
                 if job.steps.is_duplicate(header.worker_id, header.seq):
