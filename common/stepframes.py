@@ -18,7 +18,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from psgrid.codec import PayloadAssembler, Pulled, chunk_payload, layout_from_proto
+from psgrid.codec import PayloadAssembler, Pulled, chunk_payload, layout_from_proto, split_header
 from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, MalformedPayload, MalformedRequest, PsgridError
 from psgrid.messages import state_from_proto
 from psgrid.spec import JobState
@@ -62,15 +62,19 @@ def error_of(code: str, name: str, message: str) -> PsgridError:
     return exc
 
 
-def read_request(frame: bytes) -> ps.StepRequest:
-    """A request's first frame: a pull or a push header (MalformedRequest otherwise)."""
+def read_request(frame: bytes) -> tuple[ps.StepRequest, memoryview | None]:
+    """A request's first frame: a pull, shm_open or a push header, with a push's inline
+    payload as a view into ``frame`` (MalformedRequest otherwise)."""
+    split = split_header(frame)
     try:
+        if split is not None:  # a push header: parsed without its payload (codec.split_header)
+            return ps.StepRequest(push=ps.PushHeader.FromString(split[0])), split[1]
         msg = ps.StepRequest.FromString(frame)
     except DecodeError as exc:
         raise MalformedRequest(f"undecodable step frame ({len(frame)} bytes): {exc}") from None
     if msg.WhichOneof("frame") not in ("pull", "push", "shm_open"):
         raise MalformedRequest("a step request starts with a pull, a push header or shm_open, not a payload chunk")
-    return msg
+    return msg, None
 
 
 class Payload:
@@ -115,8 +119,12 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
     frame = next(frames, None)
     if frame is None:
         raise MalformedPayload("the step stream ended before its answer")
+    split = split_header(frame)
     try:
-        msg = ps.StepResponse.FromString(frame)
+        if split is not None:  # a pull's header: parsed without its payload (codec.split_header)
+            msg, inline = ps.StepResponse(pull=ps.PullHeader.FromString(split[0])), split[1]
+        else:
+            msg, inline = ps.StepResponse.FromString(frame), None
     except DecodeError as exc:
         raise MalformedPayload(f"undecodable step reply: {exc}") from None
     kind = msg.WhichOneof("frame")
@@ -141,8 +149,7 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
         raise MalformedPayload("weights where none were asked for")
     buffer = buffer_for(layout.total_bytes)
     assembler = PayloadAssembler(layout, buffer)
-    inline = h.payload  # one copy: every access makes another
-    for piece in [memoryview(inline)] if inline else Payload(frames, layout.total_bytes):
+    for piece in [inline] if inline is not None else Payload(frames, layout.total_bytes):
         assembler.feed(piece)
     assembler.finish()
     return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks), h.lineage)

@@ -119,10 +119,12 @@ class ParameterServerCore:
 
     # --- the step path ------------------------------------------------------------
 
-    def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float) -> PullResult:
-        """Wait until the worker may compute step ``clock``, then hand it the weights."""
+    def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float,
+             into: torch.Tensor | None = None) -> PullResult:
+        """Wait until the worker may compute step ``clock``, then hand it the weights
+        (``into``: where a needed copy goes, see StepPath.pull)."""
         limits.check_count(clock, "clock")
-        return self._steps.pull(job_id, worker_id, clock, final, timeout_s)
+        return self._steps.pull(job_id, worker_id, clock, final, timeout_s, into)
 
     def payload_bytes(self, job_id: str, worker_id: str) -> int:
         """Bytes of the job's parameters on this server, for one of its workers."""

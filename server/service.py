@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator
 
 import grpc
+import torch
 
 from psgrid import codec, messages, shm, stepframes
 from psgrid.errors import FailedPrecondition, InvalidArgument, MalformedPayload, MalformedRequest, PsgridError
@@ -64,18 +65,18 @@ class ParameterServerService:
     def Pull(self, request: ps.PullRequest, context) -> Iterator[bytes]:
         yield from pull_frames(self._pull(request, context))
 
-    def _pull(self, request: ps.PullRequest, context) -> PullResult:
+    def _pull(self, request: ps.PullRequest, context, into: torch.Tensor | None = None) -> PullResult:
         if not math.isfinite(request.max_wait_s) or request.max_wait_s < 0:
             raise InvalidArgument(f"max_wait_s must be a finite number >= 0, got {request.max_wait_s}")
         remaining = context.time_remaining()
         wait = min(self.core.config.pull_wait_s, request.max_wait_s or 1e9, max(0.0, (remaining or 1e9) - 0.5))
-        return self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait)
+        return self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait, into)
 
     @translate_errors
     def Push(self, request_iterator: Iterator[bytes], context) -> ps.PushResponse:
-        h = codec.decode_push_header(next(request_iterator, None))
+        h, inline = codec.decode_push_header(next(request_iterator, None))
         version, duplicate = self.core.push(
-            self._push_header(h), codec.header_payload(h, request_iterator, ps.PushRequest), context.cancel)
+            self._push_header(h), codec.header_payload(inline, request_iterator, ps.PushRequest), context.cancel)
         return ps.PushResponse(version=version, duplicate=duplicate)
 
     def _push_header(self, h: ps.PushHeader) -> PushHeader:
@@ -103,17 +104,18 @@ class ParameterServerService:
 
     def _step(self, frames: Iterator[bytes], context, segments: list) -> Iterator[bytes]:
         for frame in frames:
-            request = stepframes.read_request(frame)
+            request, inline = stepframes.read_request(frame)
             kind = request.WhichOneof("frame")
             if kind == "pull":
+                into = segments[1].data if request.pull.shm and segments else None
                 try:
-                    result = self._pull(request.pull, context)
+                    result = self._pull(request.pull, context, into)
                 except PsgridError as exc:
                     yield stepframes.error(exc)
                     continue
-                if request.pull.shm and segments and result.payload is not None \
-                        and result.layout.total_bytes == segments[1].data.numel():
-                    segments[1].data.copy_(result.payload[: result.layout.total_bytes])
+                if into is not None and result.payload is not None and result.layout.total_bytes == into.numel():
+                    if result.payload.data_ptr() != into.data_ptr():  # BSP: the store itself, unchanging now
+                        into.copy_(result.payload[: result.layout.total_bytes])
                     yield from pull_frames(dataclasses.replace(result, payload=None), shm=True)
                 else:
                     yield from pull_frames(result)
@@ -125,14 +127,14 @@ class ParameterServerService:
                     yield stepframes.error(exc)
                 continue
             header = self._push_header(request.push)
-            inline = request.push.payload  # one copy: every access makes another
             if request.push.shm:
                 if not segments or header.layout.total_bytes != segments[0].data.numel():
                     raise MalformedRequest("a push from shared memory on a stream without it, or of another size")
                 pieces = segments[0].data  # copied once, then checked (StepPath.push)
-            payload = stepframes.Payload(frames, 0 if inline or request.push.shm else header.layout.total_bytes)
+            payload = stepframes.Payload(frames, 0 if inline is not None or request.push.shm
+                                         else header.layout.total_bytes)
             if not request.push.shm:
-                pieces = [memoryview(inline)] if inline else payload
+                pieces = [inline] if inline is not None else payload
             try:
                 version, duplicate = self.core.push(header, pieces, context.cancel)
             except (MalformedPayload, grpc.RpcError):

@@ -71,8 +71,13 @@ class StepPath:
         self.state = state
         self.scheduler = scheduler
 
-    def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float) -> PullResult:
-        """Wait until the worker may compute step ``clock``, then hand it the weights."""
+    def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float,
+             into: torch.Tensor | None = None) -> PullResult:
+        """Wait until the worker may compute step ``clock``, then hand it the weights.
+
+        ``into``: where a copy of the weights goes when one is needed (asynchronous
+        jobs: they change while the reply is sent): the worker's shared-memory
+        segment, so that the copy is the transfer. The result's payload is then it."""
         job, worker = self.state.member(job_id, worker_id)
         worker.last_seen = self.state.clock()
         self.state.mark_back(worker)
@@ -91,7 +96,10 @@ class StepPath:
                 # Nothing writes the parameters until this worker pushes again.
                 payload = store.flat
             else:
-                payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
+                if into is not None and into.numel() == store.layout.total_bytes:
+                    payload = store.snapshot_into(into)
+                else:
+                    payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
             self.state.metrics.pulls.labels(job_id).inc()
             self.state.metrics.bytes_out.inc(store.layout.total_bytes)
             return PullResult(job.state, store.version, step, store.layout, payload, clock,
