@@ -176,9 +176,10 @@ def layout_to_proto(layout: Layout) -> tensor_pb2.TensorSetHeader:
 #: Valid layouts by the bytes of their header: a worker sends the same one every step.
 _LAYOUTS: dict[tuple[bytes, int], Layout] = {}
 _LAYOUTS_LOCK = threading.Lock()
-LAYOUT_CACHE_ENTRIES = 256
-#: Headers with more tensors than this are checked every time instead (not kept).
-LAYOUT_CACHE_MAX_TENSORS = 4096
+LAYOUT_CACHE_ENTRIES = 64
+#: Headers longer than this are checked every time instead (not kept): at most
+#: LAYOUT_CACHE_ENTRIES x this many bytes are held, whatever callers send.
+LAYOUT_CACHE_MAX_BYTES = 64 << 10
 
 
 def layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layout:
@@ -188,7 +189,7 @@ def layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layout
     PayloadTooLarge when it declares more than ``max_bytes``. A header seen
     before (the same bytes, the same limit) is not checked again.
     """
-    if len(msg.tensors) > LAYOUT_CACHE_MAX_TENSORS:
+    if msg.ByteSize() > LAYOUT_CACHE_MAX_BYTES:
         return _layout_from_proto(msg, max_bytes)
     key = (msg.SerializeToString(deterministic=True), max_bytes)
     layout = _LAYOUTS.get(key)

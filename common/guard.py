@@ -140,10 +140,11 @@ class Watchdog:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
                 _, _, alarm = heapq.heappop(self._heap)
-            if not alarm.disarmed:
+            context = alarm.context
+            if not alarm.disarmed and context is not None:
                 logger.info("cancelled a call: %s did not arrive within %gs", alarm.what, alarm.seconds)
                 alarm.fired = True
-                alarm.context.cancel()
+                context.cancel()
 
     def first(self, requests: Iterator, context: grpc.ServicerContext, seconds: float):
         """The first request of ``requests`` once it arrived; cancels the call if it takes over ``seconds``."""
@@ -153,7 +154,7 @@ class Watchdog:
         except grpc.RpcError:  # cancelled: by the caller, or by this watchdog
             return None
         finally:
-            alarm.disarmed = True
+            alarm.disarm()
 
     def frames(self, requests: Iterator, context: grpc.ServicerContext, first_s: float,
                idle_s: float | None) -> Iterator:
@@ -166,7 +167,7 @@ class Watchdog:
                 frame = next(requests, None)
             finally:
                 if alarm is not None:
-                    alarm.disarmed = True
+                    alarm.disarm()
             if frame is None:
                 return
             yield frame
@@ -180,6 +181,12 @@ class _Alarm:
     what: str
     disarmed: bool = False
     fired: bool = False
+
+    def disarm(self) -> None:
+        """No longer needed: it keeps no reference to the call (a disarmed alarm can
+        wait in the heap for its time, and a call holds its request)."""
+        self.disarmed = True
+        self.context = None
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):

@@ -84,7 +84,7 @@ class StepStream:
             self.reset()  # out of step with the server: start afresh
             raise
         finally:
-            alarm.disarmed = True
+            alarm.disarm()
         if isinstance(reply, PsgridError):  # that request failed; the stream goes on
             raise reply
         return reply
