@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 import secrets
+import socket
 
 import torch
 
@@ -89,6 +90,24 @@ class Segment:
 def _map(path: pathlib.Path, nbytes: int) -> torch.Tensor:
     whole = torch.from_file(str(path), shared=True, size=HEADER_BYTES + nbytes, dtype=torch.uint8)
     return whole[HEADER_BYTES:]
+
+
+def is_local(address: str) -> bool:
+    """Whether HOST:PORT names this host (a loopback address, or one a socket can bind
+    here): only then is shared memory worth asking for. Sends nothing."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_UDP)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((sockaddr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def check_space(nbytes: int) -> None:

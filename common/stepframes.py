@@ -31,8 +31,9 @@ def pull_request(job_id: str, worker_id: str, clock: int, final: bool, max_wait_
                                               max_wait_s=max_wait_s, shm=shm)).SerializeToString()
 
 
-def shm_open(job_id: str, worker_id: str) -> bytes:
-    return ps.StepRequest(shm_open=ps.ShmOpen(job_id=job_id, worker_id=worker_id)).SerializeToString()
+def shm_open(job_id: str, worker_id: str, decline: bool = False) -> bytes:
+    return ps.StepRequest(shm_open=ps.ShmOpen(job_id=job_id, worker_id=worker_id,
+                                              decline=decline)).SerializeToString()
 
 
 def pushed(version: int, duplicate: bool) -> bytes:

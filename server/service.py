@@ -147,12 +147,14 @@ class ParameterServerService:
 
     def _offer(self, request: ps.ShmOpen, segments: list) -> bytes:
         """Create this stream's two segments (FailedPrecondition saying why not)."""
-        if not self.core.config.shared_memory:
-            raise FailedPrecondition("this server offers no shared memory (shared_memory = false)")
-        nbytes = self.core.payload_bytes(request.job_id, request.worker_id)
         for segment in segments:
             segment.unlink()
         segments.clear()
+        if request.decline:
+            raise FailedPrecondition("shared memory declined: its segments are dropped")
+        if not self.core.config.shared_memory:
+            raise FailedPrecondition("this server offers no shared memory (shared_memory = false)")
+        nbytes = self.core.payload_bytes(request.job_id, request.worker_id)
         try:
             shm.check_space(2 * nbytes)
             segments.extend(shm.Segment.create(nbytes) for _ in range(2))

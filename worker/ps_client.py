@@ -95,10 +95,19 @@ class StepStream:
         self.send([stepframes.shm_open(job_id, worker_id)])
         try:
             offer = self.answer(None, timeout)
+        except PsgridError as exc:
+            logger.info("job %s: no shared memory with the server, using the stream: %s", job_id, exc)
+            return
+        try:
             segments = (shm.Segment.attach(offer.push_path, offer.nbytes, offer.push_nonce),
                         shm.Segment.attach(offer.pull_path, offer.nbytes, offer.pull_nonce))
-        except (PsgridError, shm.Unavailable) as exc:
+        except shm.Unavailable as exc:
             logger.info("job %s: no shared memory with the server, using the stream: %s", job_id, exc)
+            self.send([stepframes.shm_open(job_id, worker_id, decline=True)])  # the server drops them
+            try:
+                self.answer(None, timeout)
+            except PsgridError:
+                pass  # the expected answer: declined
             return
         for segment in segments:
             segment.unlink()  # mapped by both sides now: nothing is left behind, however they end
@@ -130,8 +139,9 @@ class ParameterServerClient(rpc.ServiceClient):
                  shared_memory: bool = True):
         super().__init__(address, timeout_s, retry_for_s, security)
         self.stop = stop or threading.Event()
-        #: Try the shared-memory path of the step stream (used only when the server is on this host).
-        self.shared_memory = shared_memory
+        #: Try the shared-memory path of the step stream: only when the server's address is
+        #: one of this host's (the nonce check in psgrid.shm then confirms it).
+        self.shared_memory = shared_memory and shm.is_local(address)
         unary = self._unary
         self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)
         self._heartbeat = unary("Heartbeat", ps.HeartbeatRequest, ps.HeartbeatResponse)

@@ -93,3 +93,25 @@ def test_a_killed_servers_segments_are_swept_by_the_next_one(tmp_path):
     assert (shm.ROOT / name).exists()
     assert shm.sweep() >= 1
     assert not (shm.ROOT / name).exists()
+
+
+@pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
+def test_segments_a_worker_cannot_map_are_dropped_at_once(server_factory, monkeypatch):
+    """As from a container with its own /dev/shm: the offer's files are not the worker's
+    to see; it declines, and the server drops them while the stream goes on."""
+    def elsewhere(path, nbytes, nonce):
+        raise shm.Unavailable("not this host's /dev/shm")
+
+    monkeypatch.setattr(shm.Segment, "attach", staticmethod(elsewhere))
+    server = server_factory()
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    train(rig, 3)
+    assert rig.ps.stream(rig.workers[0]).shm is None
+    assert segments_of(os.getpid()) == []  # the server's own, in this process: gone, stream still open
+
+
+@pytest.mark.parametrize("address, local", [("127.0.0.1:5", True), ("localhost:5", True),
+                                            ("192.0.2.1:5", False), ("no-such-host.invalid:5", False)])
+def test_shared_memory_is_only_asked_of_a_server_on_this_host(address, local):
+    assert shm.is_local(address) is local
+    assert ParameterServerClient(address, shared_memory=True).shared_memory is local

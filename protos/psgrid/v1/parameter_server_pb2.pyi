@@ -171,12 +171,14 @@ class StepRequest(_message.Message):
     def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., shm_open: _Optional[_Union[ShmOpen, _Mapping]] = ...) -> None: ...
 
 class ShmOpen(_message.Message):
-    __slots__ = ("job_id", "worker_id")
+    __slots__ = ("job_id", "worker_id", "decline")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    decline: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., decline: _Optional[bool] = ...) -> None: ...
 
 class ShmOffer(_message.Message):
     __slots__ = ("push_path", "push_nonce", "pull_path", "pull_nonce", "nbytes")
