@@ -113,6 +113,8 @@ class Scheduler:
         job = state.jobs.get(current) if current else None
         if job is not None and current != job_id:
             with job.cond:
+                if job.state.terminal:  # ended, its workers not released yet (release is saving it)
+                    return None, job_state
                 assignment = Assignment(current, job.rank_of(worker_id), len(job.workers), job.spec,
                                         job.steps.clocks[worker_id], job.shards, tuple(job.worker_names))
         return assignment, job_state

@@ -22,7 +22,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "chaos.py"
 
 def test_ten_mixed_faults_leave_the_weights_of_the_fault_free_run(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--kills", "9", "--stops", "1", "--epochs", "80",
-                          "--seed", "3", "--run-dir", str(tmp_path)],
+                          "--seed", "3", "--liveness", "3", "--run-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=560)
     assert run.stdout.strip(), run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
