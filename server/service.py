@@ -31,6 +31,18 @@ def pull_frames(result: PullResult, shm: bool = False) -> Iterator[bytes]:
                              result.payload, result.clock, result.ranks, result.lineage, shm=shm)
 
 
+def _push_payload(shm: bool, header: PushHeader, inline: memoryview | None, frames: Iterator[bytes],
+                  segments: list) -> tuple[object, stepframes.Payload]:
+    """Where a step-stream push's payload is (what core.push takes), and the chunk frames
+    still to come on the stream for it (none when inline or in shared memory)."""
+    payload = stepframes.Payload(frames, 0 if shm or inline is not None else header.layout.total_bytes)
+    if not shm:
+        return ([inline] if inline is not None else payload), payload
+    if not segments or header.layout.total_bytes != segments[0].data.numel():
+        raise MalformedRequest("a push from shared memory on a stream without it, or of another size")
+    return segments[0].data, payload  # the push segment; copied once, then checked (StepPath.push)
+
+
 class ParameterServerService:
     """psgrid.v1.ParameterServer over a :class:`ParameterServerCore`."""
 
@@ -127,14 +139,7 @@ class ParameterServerService:
                     yield stepframes.error(exc)
                 continue
             header = self._push_header(request.push)
-            if request.push.shm:
-                if not segments or header.layout.total_bytes != segments[0].data.numel():
-                    raise MalformedRequest("a push from shared memory on a stream without it, or of another size")
-                pieces = segments[0].data  # copied once, then checked (StepPath.push)
-            payload = stepframes.Payload(frames, 0 if inline is not None or request.push.shm
-                                         else header.layout.total_bytes)
-            if not request.push.shm:
-                pieces = [inline] if inline is not None else payload
+            pieces, payload = _push_payload(request.push.shm, header, inline, frames, segments)
             try:
                 version, duplicate = self.core.push(header, pieces, context.cancel)
             except (MalformedPayload, grpc.RpcError):

@@ -237,12 +237,11 @@ class ParameterServerClient(rpc.ServiceClient):
                     stream.open_shm(job_id, worker_id, self.timeout_s)
                 return pulled
 
-        request = None
         if wait_s is not None:
-            return self._call(once, request, timeout=wait_s + self.timeout_s + 60.0, retry_for=wait_s)
+            return self._call(once, None, timeout=wait_s + self.timeout_s + 60.0, retry_for=wait_s)
         while True:
             try:
-                return self._call(once, request, timeout=PULL_SLICE_S + self.timeout_s + 60.0, retry_for=1e9,
+                return self._call(once, None, timeout=PULL_SLICE_S + self.timeout_s + 60.0, retry_for=1e9,
                                   retry_codes={grpc.StatusCode.UNAVAILABLE})
             except NotReady:  # the server waited a whole slice: ask again (it held the call, no back-off)
                 continue
