@@ -97,3 +97,42 @@ def test_the_client_reopens_a_stream_the_server_ended(rig):
     stream._call.cancel()  # as a server restart or a network cut ends it
     assert rig.push(0, 0, grads()) == (1, False)  # on a new stream
     assert rig.pull(0, 1).clock == 1
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "oversize", "unknown job", "unknown worker", "wrong dtype"])
+def test_bad_input_on_the_step_stream_gets_its_status_in_band_and_changes_nothing(rig, server, case):
+    from psgrid.errors import DtypeMismatch, NonFiniteGradient, PayloadTooLarge, UnknownJob, UnknownWorker
+
+    before = rig.params()
+    job, worker, layout, g = rig.job_id, rig.workers[0], rig.layout, grads()
+    if case == "nan":
+        g["w"][1, 1] = float("nan")
+    elif case == "inf":
+        g["b"][0] = float("inf")
+    elif case == "unknown job":
+        job = "job-nope"
+    elif case == "unknown worker":
+        worker = "w-nope"
+    if case == "oversize":
+        header = push_header(job, worker, 0, 0, 0, layout)
+        header.tensors.total_bytes = 1 << 50
+        frames = [codec.header_frame(header.SerializeToString(), None)]
+        expected = PayloadTooLarge
+    elif case == "wrong dtype":
+        layout = codec.Layout.of([("w", torch.float64, (4, 3)), ("b", torch.float32, (4,))])
+        frames = list(codec.encode_push(push_header(job, worker, 0, 0, 0, layout),
+                                        layout.pack({"w": torch.ones(4, 3, dtype=torch.float64), "b": torch.ones(4)})))
+        expected = DtypeMismatch
+    else:
+        frames = list(codec.encode_push(push_header(job, worker, 0, 0, 0, layout), layout.pack(g)))
+        expected = {"nan": NonFiniteGradient, "inf": NonFiniteGradient, "unknown job": UnknownJob,
+                    "unknown worker": UnknownWorker}[case]
+    pull = stepframes.pull_request(rig.job_id, rig.workers[0], 0, False, 5.0)
+    answers = exchange(f"127.0.0.1:{server.port}", [*frames, pull])
+    if case == "oversize":  # its length cannot be trusted: the stream ends with the status
+        assert isinstance(answers[-1], grpc.RpcError) and answers[-1].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    else:
+        error, pulled = answers
+        assert isinstance(error, expected) and error.grpc_code == grpc.StatusCode[expected.code], answers
+        assert pulled.version == 0  # the stream went on
+    assert rig.version() == 0 and all(torch.equal(rig.params()[k], before[k]) for k in before)
