@@ -13,13 +13,20 @@ from psgrid.spec import HistoryRow, JobInfo, WorkerStatus
 
 
 def eta_seconds(info: JobInfo, history: list[HistoryRow], window: int = 20) -> float | None:
-    """Seconds left at the recent step rate, or None when it cannot be told."""
+    """Seconds left at the recent step rate, or None when it cannot be told.
+
+    The rate counts only forward progress over the window's time: a roll-back
+    (the step going down after a fault) or a stall slows the estimate instead
+    of hiding it."""
     if info.state.terminal or not info.total_steps:
         return None
     rows = [r for r in history if r.step > 0][-window:]
-    if len(rows) < 2 or rows[-1].time_unix <= rows[0].time_unix or rows[-1].step <= rows[0].step:
+    if len(rows) < 2 or rows[-1].time_unix <= rows[0].time_unix:
         return None
-    rate = (rows[-1].step - rows[0].step) / (rows[-1].time_unix - rows[0].time_unix)
+    gained = sum(max(0, b.step - a.step) for a, b in zip(rows, rows[1:]))
+    if gained <= 0:
+        return None
+    rate = gained / (rows[-1].time_unix - rows[0].time_unix)
     return max(0.0, (info.total_steps - info.step) / rate)
 
 
