@@ -85,6 +85,7 @@ def info_to_proto(info: JobInfo) -> job_pb2.JobInfo:
         loss=info.loss, samples_per_sec=info.samples_per_sec, metrics=info.metrics,
         error=info.error, worker_ids=info.worker_ids,
         created_unix=info.created_unix, updated_unix=info.updated_unix, shards=info.shards,
+        waiting=info.waiting,
     )
 
 
@@ -95,7 +96,7 @@ def info_from_proto(msg: job_pb2.JobInfo) -> JobInfo:
         step=msg.step, total_steps=msg.total_steps, version=msg.version, loss=msg.loss,
         samples_per_sec=msg.samples_per_sec, metrics=dict(msg.metrics), error=msg.error,
         worker_ids=tuple(msg.worker_ids), created_unix=msg.created_unix,
-        updated_unix=msg.updated_unix, shards=tuple(msg.shards),
+        updated_unix=msg.updated_unix, shards=tuple(msg.shards), waiting=msg.waiting,
     )
 
 

@@ -257,6 +257,8 @@ class JobInfo:
     updated_unix: float = 0.0
     #: Addresses of the other parameter-server shards holding part of the job.
     shards: tuple[str, ...] = ()
+    #: Why a PENDING job has not started yet; empty once it runs.
+    waiting: str = ""
 
     @property
     def progress(self) -> float:

@@ -79,7 +79,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_kwargs_json: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_kwargs_json: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., steps: _Optional[int] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., eval_every: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "step", "total_steps", "version", "loss", "samples_per_sec", "metrics", "error", "worker_ids", "created_unix", "updated_unix", "shards")
+    __slots__ = ("job_id", "spec", "state", "step", "total_steps", "version", "loss", "samples_per_sec", "metrics", "error", "worker_ids", "created_unix", "updated_unix", "shards", "waiting")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class JobInfo(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -115,7 +116,8 @@ class JobInfo(_message.Message):
     created_unix: float
     updated_unix: float
     shards: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., shards: _Optional[_Iterable[str]] = ...) -> None: ...
+    waiting: str
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., shards: _Optional[_Iterable[str]] = ..., waiting: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("seq", "time_unix", "job", "kind")
