@@ -21,7 +21,10 @@ def import_factory(path: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_MODULES
     """
     module_name, _, attr = path.partition(":")
     if not module_allowed(module_name, allowed):
-        raise PermissionDenied(f"module {module_name!r} is not in this worker's allow-list {list(allowed)}")
+        package = module_name.split(".")[0]
+        raise PermissionDenied(f"module {module_name!r} is not in this process's allow-list {list(allowed)}: "
+                               f"start it with --allow-modules {package} (psgrid server, worker and serve "
+                               "each take the flag)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -88,7 +88,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--queue-capacity", type=int, help="requests each stage buffers before RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--max-request-bytes", type=int, help="largest request payload (default 4 MiB)")
     p.add_argument("--input-shape", type=_shape, metavar="D1,D2,...",
-                   help="one example's shape (default: the model's first Linear layer's inputs)")
+                   help="one example's shape (default: the model's first Linear layer's inputs, "
+                        "else one example of the job's dataset)")
     p.add_argument("--input-dtype", help="with --input-shape: the examples' dtype (default float32)")
     p.set_defaults(func=cmd_serve)
     return p

@@ -36,7 +36,7 @@ from psgrid.errors import Internal, Unavailable
 from psgrid.inference import arrays
 from psgrid.inference.arrays import Array
 from psgrid.spec import JobSpec
-from psgrid.build import build_model, trainable
+from psgrid.build import build_dataset, build_model, trainable
 
 logger = logging.getLogger(__name__)
 
@@ -221,13 +221,30 @@ class ModelRegistry:
         layout = self._check_params(module, candidate.params, current)
         module.load_state_dict(candidate.params, strict=False)
         module.eval().to(self.device)
-        input_spec = self._input or infer_input_spec(module)
+        input_spec = self._input or infer_input_spec(module) or self._input_from_dataset(candidate.spec)
         if input_spec is None:
-            raise _Refused("cannot tell the model's input shape; configure input_shape")
+            raise _Refused("cannot tell the model's input shape (its first layer is not nn.Linear and the "
+                           "job names no dataset this process can build): pass --input-shape D1,D2,... "
+                           "(one example's shape, e.g. 1,28,28) to psgrid serve")
         served = ServedModel(candidate.version, candidate.origin, module, self.device, layout, ())
         served.output_shape = self._smoke(served, input_spec, current)
         self._input = input_spec
         return served
+
+    def _input_from_dataset(self, spec: JobSpec) -> InputSpec | None:
+        """One training example's shape and dtype, from the dataset the job trained on."""
+        if not spec.dataset:
+            return None
+        try:
+            data = build_dataset(spec, self.allowed_modules)
+        except Exception as exc:  # noqa: BLE001 - no dataset here: the caller says which flag to set
+            logger.warning("[serve] cannot build the job's dataset %s to learn the input shape: %s",
+                           spec.dataset, exc)
+            return None
+        example = data.train_x[0]
+        logger.info("[serve] input shape %s (%s) taken from the job's dataset %s",
+                    list(example.shape), str(example.dtype).removeprefix("torch."), spec.dataset)
+        return InputSpec(tuple(example.shape), example.dtype)
 
     @staticmethod
     def _check_params(module: nn.Module, params: dict[str, torch.Tensor],

@@ -69,6 +69,10 @@ class ServerConfig:
     #: HOST:PORT other machines should dial to reach this server (informative:
     #: logged and reported); None means the bound address.
     advertise: str | None = None
+    #: A pending job that waited this long, and that the live workers could hold,
+    #: reserves the next free workers: younger jobs no longer start before it
+    #: (before that, they backfill the idle workers it cannot use yet).
+    reserve_after_s: float = 60.0
     #: Finished jobs kept in memory (parameters, history, events), the newest first;
     #: older ones are released (docs/operations.md, "Finished jobs").
     keep_finished_jobs: int = 20
@@ -99,6 +103,9 @@ class ServerConfig:
         if isinstance(self.keep_finished_jobs, bool) or not isinstance(self.keep_finished_jobs, int) \
                 or self.keep_finished_jobs < 0:
             raise ValueError(f"keep_finished_jobs must be an int >= 0, got {self.keep_finished_jobs!r}")
+        if isinstance(self.reserve_after_s, bool) or not isinstance(self.reserve_after_s, (int, float)) \
+                or not 0 <= self.reserve_after_s < math.inf:
+            raise ValueError(f"reserve_after_s must be a finite number >= 0, got {self.reserve_after_s!r}")
         ttl = self.finished_job_ttl_s
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
                                 or not 0 <= ttl < math.inf):

@@ -76,6 +76,8 @@ class Job(GradientRounds):
         self.state = JobState.PENDING
         self._clock = clock
         self.created = self.updated = clock()
+        #: Why the job, PENDING, has not started yet (Scheduler.schedule).
+        self.waiting = ""
         lock = threading.RLock()
         self.cond = threading.Condition(lock)
         #: Notified when a push lets go of its worker's receive buffer (receiving()); on the
@@ -122,7 +124,14 @@ class Job(GradientRounds):
             samples_per_sec=sum(p.samples_per_sec for p in self.progress.values() if not p.finished),
             metrics=dict(self.metrics), error=self.error, worker_ids=tuple(self.workers),
             created_unix=self.created, updated_unix=self.updated, shards=self.shards,
+            waiting=self.waiting if self.state is JobState.PENDING else "",
         )
+
+    def set_waiting(self, reason: str) -> None:
+        """Say why this PENDING job has not started (an event when it changes)."""
+        if reason != self.waiting:
+            self.waiting = reason
+            self.emit("waiting")
 
     def emit(self, kind: str) -> None:
         self.updated = self._clock()

@@ -23,6 +23,15 @@ from psgrid.spec import Assignment, JobInfo, JobSpec, JobState
 logger = logging.getLogger(__name__)
 
 
+def waiting_reason(need: int, live: int, idle: int) -> str:
+    """Why a job needing ``need`` workers cannot start with ``live`` alive, ``idle`` of them free."""
+    workers = "worker" if need == 1 else "workers"
+    if need > live:
+        alive = "none is alive" if live == 0 else f"{live} {'is' if live == 1 else 'are'} alive"
+        return f"needs {need} {workers}, {alive}"
+    return f"needs {need} {workers}, {idle} of the {live} alive {'is' if idle == 1 else 'are'} free"
+
+
 class Scheduler:
     """Registers workers and matches them with jobs."""
 
@@ -89,6 +98,7 @@ class Scheduler:
                     state.log_applied(job)
         for worker_id in lost:
             logger.warning("[ps] worker %s missed its heartbeats: it leaves the barrier", worker_id)
+        self.schedule()  # live workers changed, or a pending job's wait passed reserve_after_s
         return lost
 
     def heartbeat(self, worker_id: str, job_id: str,
@@ -122,19 +132,39 @@ class Scheduler:
     # --- jobs ---------------------------------------------------------------------
 
     def schedule(self) -> None:
-        """Start pending jobs, oldest first, on idle live workers."""
+        """Start pending jobs on idle live workers, oldest first, with backfill.
+
+        A job that does not fit now does not hold up the younger ones that do:
+        they start on the idle workers meanwhile. Once it has waited
+        ``reserve_after_s`` and the live workers could hold it, it reserves them:
+        no younger job starts until it has, so a stream of small jobs cannot
+        starve a big one. A job asking for more workers than are alive never
+        reserves (it could wait forever); each pending job says why it waits.
+        """
         state = self.state
         with state.lock:
             now = state.clock()
+            live = [w for w in state.workers.values() if state.alive(w, now)]
+            idle = [w for w in live if w.job_id is None]
+            reserved: Job | None = None
             for job_id in list(state.pending):
                 job = state.jobs[job_id]
                 if job.state is not JobState.PENDING:
                     state.pending.remove(job_id)
                     continue
-                idle = [w for w in state.workers.values() if w.job_id is None and state.alive(w, now)]
-                if len(idle) < job.spec.num_workers:
-                    break
-                chosen = idle[: job.spec.num_workers]
+                need = job.spec.num_workers
+                if reserved is not None:
+                    with job.cond:
+                        job.set_waiting(f"waits behind {reserved.job_id}, older, which has the next "
+                                        f"{reserved.spec.num_workers} free worker(s)")
+                    continue
+                if len(idle) < need:
+                    with job.cond:
+                        job.set_waiting(waiting_reason(need, len(live), len(idle)))
+                    if need <= len(live) and now - job.created >= state.config.reserve_after_s:
+                        reserved = job
+                    continue
+                chosen, idle = idle[:need], idle[need:]
                 for w in chosen:
                     w.job_id = job_id
                 state.pending.remove(job_id)

@@ -457,7 +457,8 @@ def test_a_version_whose_model_is_outside_the_allow_list_is_refused(serve, versi
     outsider = SPEC.replace(model="helpers.models:slow_mlp", model_kwargs={"in_features": 8, "hidden": 16})
     versions.publish(2, params=make_params(2), spec=outsider)
     wait_until(lambda: client.status().refusals, timeout=30, message="the refusal")
-    assert "allow-list" in client.status().refusals[-1].reason
+    reason = client.status().refusals[-1].reason
+    assert "allow-list" in reason and "--allow-modules helpers" in reason  # names the flag that fixes it
     assert client.predict(torch.randn(2, 8)).version == 1
 
 
