@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from psgrid.cli.flags import _security, _serve_metrics, _supervisor_address
+from psgrid.cli.flags import SUPERVISOR_FLAG, _security, _serve_metrics, _supervisor_address
 from psgrid.cli.jobs import _print_result
 
 # --- psgrid demo ----------------------------------------------------------------------------
@@ -88,6 +88,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     from psgrid.supervisor.supervisor_client import SupervisorClient
 
     with SupervisorClient(_supervisor_address(args), security=_security(args)) as client:
+        client.check_connection(flag=SUPERVISOR_FLAG)
         nodes = client.nodes()
     if args.json:
         print(json.dumps([n.to_json() for n in nodes], indent=2))
@@ -106,6 +107,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
     from psgrid.supervisor.supervisor_client import SupervisorClient
 
     with SupervisorClient(_supervisor_address(args), security=_security(args)) as client:
+        client.check_connection(flag=SUPERVISOR_FLAG)
         node = client.restart(args.node)
     was = f" (was pid {node.pid})" if node.pid else ""
     print(f"{node.name}: restart requested{was}; `psgrid nodes` shows the new pid")

@@ -28,6 +28,9 @@ def _supervisor_address(args: argparse.Namespace) -> str:
     return address
 
 
+SUPERVISOR_FLAG = "--supervisor / PSGRID_SUPERVISOR"
+
+
 def _security(args: argparse.Namespace):
     """Token (--token-file, else PSGRID_TOKEN) and TLS files; never logged."""
     from psgrid.security import Security

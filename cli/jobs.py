@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 
-from psgrid.cli.flags import _security, _server_address, _supervisor_address
+from psgrid.cli.flags import SUPERVISOR_FLAG, _security, _server_address, _supervisor_address
 
 # --- psgrid submit / jobs / job / cancel ----------------------------------------------
 
@@ -72,12 +72,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with Client(_server_address(args), security=_security(args)) as client:
         job = client.submit(spec)
         print(job.job_id)
+        _warn_if_too_big(client, job.job_id, spec.num_workers)
         if args.wait:
             info = job.wait()
             if args.tensorboard:
                 print(f"{job.write_tensorboard(args.tensorboard)} points written to {args.tensorboard}")
             _print_result(info)
     return 0
+
+
+def _warn_if_too_big(client, job_id: str, need: int) -> None:
+    """Say at once when the cluster has fewer live workers than the job asks for."""
+    import sys
+
+    alive = sum(1 for w in client.workers() if not w.lost)
+    if need > alive:
+        print(f"psgrid: warning: {job_id} needs {need} workers and {alive} "
+              f"{'is' if alive == 1 else 'are'} alive: it waits (PENDING) until more join "
+              f"(start workers, or raise [workers] count), or `psgrid cancel {job_id}`", file=sys.stderr)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -105,10 +117,14 @@ def _info_json(info) -> dict:
 
 def cmd_job(args: argparse.Namespace) -> int:
     from psgrid.client import Client
+    from psgrid.client.status import job_lines
 
     with Client(_server_address(args), security=_security(args)) as client:
         info = client.job(args.job_id).status()
-    print(json.dumps(_info_json(info), indent=2, default=str))
+    if args.json:
+        print(json.dumps(_info_json(info), indent=2, default=str))
+    else:
+        print("\n".join(job_lines(info)))
     return 0
 
 
@@ -116,7 +132,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from psgrid.client import Client
 
     with Client(_server_address(args), security=_security(args)) as client:
-        _print_result(client.job(args.job_id).cancel())
+        job = client.job(args.job_id)
+        before = job.status()
+        if before.state.terminal:  # nothing to cancel; not an error (cancel is idempotent)
+            print(f"{before.job_id}: had already finished ({before.state.value.lower()}); nothing to cancel")
+            return 0
+        _print_result(job.cancel())
     return 0
 
 
@@ -131,6 +152,7 @@ def _status(args: argparse.Namespace, client) -> dict:
         from psgrid.supervisor.supervisor_client import SupervisorClient
 
         with SupervisorClient(_supervisor_address(args), security=_security(args)) as sup:
+            sup.check_connection(flag=SUPERVISOR_FLAG)
             nodes = sup.nodes()
     jobs = client.list_jobs()
     histories = {j.job_id: client.job(j.job_id).history() for j in jobs if not j.state.terminal}

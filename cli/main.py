@@ -43,7 +43,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints, heartbeat_timeout_s=args.heartbeat_timeout,
         allowed_modules=args.allow_modules, shards=args.shards, advertise=args.advertise,
         shard_name=args.shard_name, keep_finished_jobs=args.keep_finished_jobs,
-        finished_job_ttl_s=args.finished_job_ttl,
+        finished_job_ttl_s=args.finished_job_ttl, reserve_after_s=args.reserve_after,
     )
     if config.advertise:
         logger.info("[ps] advertised as %s: workers and clients dial that", config.advertise)
@@ -59,14 +59,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.liveness_file:
         # Now, before torch loads (seconds): a supervisor sees the process alive at once.
         pathlib.Path(args.liveness_file).touch()
-    from psgrid.device import default_threads, set_threads
+    from psgrid.device import default_threads, pick_device, set_threads
     from psgrid.worker.ps_client import ParameterServerClient
     from psgrid.spec import parse_allowed
     from psgrid.worker.runner import Worker
 
+    pick_device(args.device)  # a device this host lacks: one line naming the fix, before anything starts
     set_threads(args.threads or default_threads(args.local_workers))
     security = _security(args)
-    client = ParameterServerClient(_server_address(args), security=security)
+    client = ParameterServerClient(_server_address(args), security=security, wait_for_server=True)
     worker = Worker(client, device=args.device, name=args.name, liveness_file=args.liveness_file,
                     allowed_modules=parse_allowed(args.allow_modules), security=security)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,21 +99,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="job spec TOML file")
     p.add_argument("--example", help="a packaged example spec: digits, linear")
-    p.add_argument("--name")
+    p.add_argument("--name", help="a name for the job in listings (default: the spec file's, if any)")
     p.add_argument("--model", help="model factory, package.module:function")
     p.add_argument("--model-kwargs", help="JSON object of model factory arguments")
     p.add_argument("--dataset", help="dataset factory, package.module:function")
     p.add_argument("--dataset-kwargs", help="JSON object of dataset factory arguments")
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                   help="the server-side optimizer, matching torch.optim (default sgd)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.01)")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="weight decay (L2 for sgd/adam, decoupled for adamw)")
     p.add_argument("--batch-size", type=int, help="per-worker mini-batch")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="passes over each worker's data shard (instead of --steps)")
     p.add_argument("--steps", type=int, help="gradient pushes per worker")
     p.add_argument("--staleness", help="0 = synchronous, N = SSP bound, inf = asynchronous")
     p.add_argument("--workers", type=int, help="number of workers")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds the initial weights and every worker's data order (default 0)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (a metric curve)")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
@@ -120,7 +122,9 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psgrid", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="psgrid", description="psgrid: a parameter-server training cluster for PyTorch. "
+        "One command, a subcommand per role or action; `psgrid SUBCOMMAND --help` for each.")
     parser.add_argument("--version", action="version", version=f"psgrid {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
@@ -141,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sharded synchronous jobs: checkpoint every N steps, the same steps on "
                    "every shard, instead of by time (default 100)")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept per job (default 3)")
+    p.add_argument("--reserve-after", type=float, metavar="SECONDS",
+                   help="a pending job that waited this long reserves the next free workers: younger "
+                   "jobs stop backfilling around it (default 60)")
     p.add_argument("--keep-finished-jobs", type=int,
                    help="finished jobs kept in memory, the newest (default 20); older ones are "
                    "released and their weights read from their last checkpoint")
@@ -163,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: cores / --local-workers)")
     p.add_argument("--local-workers", type=int, default=1, help="workers sharing this machine")
-    p.add_argument("--name", default="", help="a name for logs (default host-pid)")
+    p.add_argument("--name", default="", help="this worker's name (default host-pid): a restarted worker "
+                   "that gives the same name takes its rank in a running job back")
     p.add_argument("--liveness-file", help="touch this file every heartbeat (for a supervisor)")
     p.add_argument("--allow-modules", help="comma-separated module prefixes this worker imports "
                    "for jobs (default psgrid.examples; '*' allows any)")
@@ -181,16 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("cancel", cmd_cancel, "cancel a job")]:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
-        if name == "jobs":
-            p.add_argument("--json", action="store_true")
-        else:
-            p.add_argument("job_id")
+        if name != "jobs":
+            p.add_argument("job_id", help="the id `psgrid submit` printed (`psgrid jobs` lists them)")
+        if name != "cancel":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
         _add_security_flags(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="start a local cluster and train an example end to end")
-    p.add_argument("--example", default="digits")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--example", default="digits", help="the packaged example to train: digits, linear "
+                   "(default digits)")
+    p.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
     p.add_argument("--run-dir", default=".psgrid/demo", help="where the processes' logs go")
     p.set_defaults(func=cmd_demo)
 
@@ -213,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("nodes", help="list the nodes of a `psgrid up` cluster")
     p.add_argument("--supervisor", help="HOST:PORT of the supervisor (env PSGRID_SUPERVISOR)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_security_flags(p)
     p.set_defaults(func=cmd_nodes)
 
@@ -235,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="every node and job of the cluster in one table")
     p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
-    p.add_argument("--supervisor", help="HOST:PORT of a `psgrid up` supervisor, for restarts and uptime")
+    p.add_argument("--supervisor", help="HOST:PORT of a `psgrid up` supervisor, for restarts and uptime "
+                   "(env PSGRID_SUPERVISOR)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
@@ -243,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("plot", help="draw a job's loss and metric curves to a PNG")
-    p.add_argument("job_id")
-    p.add_argument("-o", "--output", default="curve.png")
+    p.add_argument("job_id", help="the id `psgrid submit` printed")
+    p.add_argument("-o", "--output", default="curve.png", help="PNG file to write (default curve.png)")
     p.add_argument("--width", type=int, default=1200, help="pixels")
     p.add_argument("--height", type=int, default=500, help="pixels")
     p.add_argument("--server", help="HOST:PORT of the job service (env PSGRID_SERVER)")
@@ -256,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="node", help="file name of the node certificate (default node)")
     p.add_argument("--hosts", required=True, help="comma-separated host names and IPs the node answers on")
     p.set_defaults(func=cmd_certs)
+
+    from psgrid.cli.k8s import add_k8s_parser
+
+    add_k8s_parser(sub)
     return parser
 
 
@@ -268,10 +282,13 @@ def _node_name(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, node=_node_name(args), as_json=args.log_json)
-    from psgrid.errors import PsgridError
+    from psgrid.errors import ConnectionMistake, PsgridError
 
     try:
         code = args.func(args)
+    except ConnectionMistake as exc:  # its message says it all: cause and fix
+        print(f"psgrid: {exc}", file=sys.stderr)
+        code = 1
     except PsgridError as exc:
         print(f"psgrid: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1

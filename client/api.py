@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TextIO
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, TextIO
 
 from psgrid.client.job_client import JobServiceClient
 from psgrid.client.progress import Progress
 from psgrid.errors import JobCancelled, JobFailed
-from psgrid.partition import assemble
 from psgrid.security import Security
 from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState, WorkerStatus
+
+if TYPE_CHECKING:  # torch loads when parameters are fetched: `psgrid jobs` answers in a blink
+    import torch
+    from torch import nn
 
 
 class Job:
@@ -77,6 +77,8 @@ class Job:
         For a sharded job every shard's part is fetched and the whole tensors
         are put back together.
         """
+        from psgrid.partition import assemble
+
         parts = []
         for rpc in self._client._shard_clients(self.status().shards):
             pulled = rpc.fetch(self.job_id)
@@ -101,12 +103,16 @@ class Client:
 
     ``security`` carries the cluster token and TLS files
     (``Security.from_files(token_file=..., ca=..., cert=..., key=...)``).
+    A server that cannot be reached at the first call is a mistake, raised at
+    once with its cause and fix (``ServerNotRunning``, ``TlsMismatch``,
+    ``CertificateProblem``, all ``psgrid.errors.Unavailable``); once connected,
+    calls ride through a server restart.
     """
 
     def __init__(self, address: str, timeout: float = 30.0, security: Security | None = None):
         self.address = address
         self._security = security
-        self._rpc = JobServiceClient(address, timeout_s=timeout, security=security)
+        self._rpc = JobServiceClient(address, timeout_s=timeout, security=security, check_first=True)
         self._shards: dict[str, JobServiceClient] = {}
 
     def __enter__(self) -> "Client":
@@ -125,7 +131,7 @@ class Client:
         for address in shards:
             if address not in self._shards:
                 self._shards[address] = JobServiceClient(address, timeout_s=self._rpc.timeout_s,
-                                                         security=self._security)
+                                                         security=self._security, check_first=True)
         return [self._rpc, *(self._shards[a] for a in shards)]
 
     def submit(self, spec: JobSpec) -> Job:

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 
-from psgrid import codec, messages, rpc
+from psgrid import messages, rpc
 from psgrid.backoff import Backoff
-from psgrid.codec import Pulled
 from psgrid.security import Security
 from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, WorkerStatus
 from psgrid.v1 import job_pb2
 from psgrid.v1 import job_service_pb2 as js
 
+if TYPE_CHECKING:  # torch loads on the first fetch: `psgrid jobs` need not wait for it
+    from psgrid.codec import Pulled
 
 
 class JobServiceClient(rpc.ServiceClient):
@@ -23,8 +24,11 @@ class JobServiceClient(rpc.ServiceClient):
     service = "psgrid.v1.JobService"
 
     def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 120.0,
-                 security: Security | None = None):
+                 security: Security | None = None, check_first: bool = False):
         super().__init__(address, timeout_s, retry_for_s, security)
+        #: Interactive use: before the first call, fail at once with what is wrong
+        #: when the server cannot be reached (:meth:`check_connection`).
+        self.check_first = check_first
         unary = self._unary
         self._submit = unary("SubmitJob", js.SubmitJobRequest, js.SubmitJobResponse)
         self._get = unary("GetJob", js.GetJobRequest, js.GetJobResponse)
@@ -39,13 +43,19 @@ class JobServiceClient(rpc.ServiceClient):
             self._method("FetchParameters"), request_serializer=js.FetchParametersRequest.SerializeToString,
             response_deserializer=rpc.identity)
 
+    def _first(self) -> None:
+        if self.check_first:
+            self.check_connection()
+
     def _call(self, fn, request, retry: bool = True):
+        self._first()
         return rpc.call(fn, request, timeout=self.timeout_s,
                         retry_for=self.retry_for_s if retry else 0.0)
 
     def submit(self, spec: JobSpec) -> JobInfo:
         # Not retried: a lost reply would submit the job twice. Waiting for the
         # channel to connect first is safe: nothing is sent until it does.
+        self._first()
         reply = rpc.call(self._submit, js.SubmitJobRequest(spec=messages.spec_to_proto(spec)),
                          timeout=self.timeout_s, wait_for_ready=True)
         return messages.info_from_proto(reply.job)
@@ -73,6 +83,7 @@ class JobServiceClient(rpc.ServiceClient):
         capped, jittered back-off (for up to ``retry_for_s`` of outage) and
         resumes after the last event it yielded.
         """
+        self._first()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         backoff = Backoff(initial=0.1, maximum=2.0)
         outage_since = None
@@ -96,9 +107,14 @@ class JobServiceClient(rpc.ServiceClient):
                 stream.cancel()
 
     def fetch(self, job_id: str) -> Pulled:
+        import torch
+
+        from psgrid import codec
+
         def once(request, timeout):
             return codec.decode_pull(self._fetch(request, timeout=timeout),
                                      lambda n: torch.empty(n, dtype=torch.uint8))
 
+        self._first()
         return rpc.call(once, js.FetchParametersRequest(job_id=job_id),
                         timeout=self.timeout_s + 300.0, retry_for=self.retry_for_s)

@@ -12,6 +12,8 @@ from psgrid.spec import JobInfo
 def describe(info: JobInfo) -> str:
     """One line: state, step, loss, throughput."""
     parts = [info.state.value.lower()]
+    if info.waiting:  # why a PENDING job has not started
+        parts.append(f"waiting: {info.waiting}")
     if info.total_steps:
         parts.append(f"step {info.step}/{info.total_steps}")
     if not math.isnan(info.loss):
@@ -31,10 +33,14 @@ class Progress:
         self.every_s = every_s
         self._bar = None
         self._last_line = 0.0
+        self._waiting = ""
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def update(self, info: JobInfo) -> None:
         if self._tty:
+            if info.waiting and info.waiting != self._waiting:  # no bar yet: say why
+                print(f"[{self.job_id}] {describe(info)}", file=self.stream, flush=True)
+            self._waiting = info.waiting
             self._update_bar(info)
         elif info.state.terminal or time.monotonic() - self._last_line >= self.every_s:
             print(f"[{self.job_id}] {describe(info)}", file=self.stream, flush=True)

@@ -65,8 +65,34 @@ def job_rows(jobs: Iterable[JobInfo], histories: dict[str, list[HistoryRow]]) ->
             "total_steps": j.total_steps, "progress": round(j.progress, 4),
             "loss": None if math.isnan(j.loss) else j.loss, "samples_per_sec": round(j.samples_per_sec, 1),
             "eta_s": None if eta is None else round(eta, 1), "metrics": j.metrics, "workers": len(j.worker_ids),
+            "waiting": j.waiting,
         })
     return rows
+
+
+def job_lines(info: JobInfo) -> list[str]:
+    """One job for people (`psgrid job`): a heading, then a line per thing known."""
+    import datetime
+
+    def when(unix: float) -> str:
+        return datetime.datetime.fromtimestamp(unix).isoformat(sep=" ", timespec="seconds") if unix else ""
+
+    spec = info.spec
+    progress = f"step {info.step}/{info.total_steps} ({info.progress:.0%})" if info.total_steps else f"step {info.step}"
+    fields = [
+        ("state", info.state.value), ("waiting", info.waiting), ("error", info.error), ("progress", progress),
+        ("loss", "" if math.isnan(info.loss) else f"{info.loss:.4f}"),
+        ("samples/s", f"{info.samples_per_sec:,.0f}" if info.samples_per_sec else ""),
+        ("metrics", ", ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items()))),
+        ("model", spec.model), ("dataset", spec.dataset),
+        ("training", f"{spec.num_workers} workers, batch {spec.batch_size}, {spec.optimizer.name} "
+                     f"lr {spec.optimizer.lr:g}, " + ("async" if spec.staleness is None else
+                                                        f"staleness {spec.staleness}")),
+        ("workers", ", ".join(info.worker_ids)), ("shards", ", ".join(info.shards)),
+        ("created", when(info.created_unix)), ("updated", when(info.updated_unix)),
+    ]
+    heading = f"{info.job_id} ({spec.name})" if spec.name else info.job_id
+    return [heading, *(f"  {name + ':':<10} {value}" for name, value in fields if value)]
 
 
 def _cell(value, fmt: str = "{}") -> str:
@@ -86,6 +112,8 @@ def render(nodes: list[dict], jobs: list[dict]) -> str:
     for j in jobs:
         progress = f"{j['step']}/{j['total_steps']} {j['progress']:.0%}" if j["total_steps"] else "-"
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(j["metrics"].items()))
+        if j.get("waiting"):  # a PENDING job: why it has not started says more than empty columns
+            metrics = f"waiting: {j['waiting']}"
         lines.append(f"{j['job_id']:<16} {j['name'][:18]:<18} {j['state']:<11} {progress:>15} "
                      f"{_cell(j['loss'], '{:.4f}'):>8} {_cell(j['samples_per_sec'], '{:,.0f}'):>10} "
                      f"{_cell(j['eta_s'], '{:.0f}s'):>7}  {metrics or '-'}")

@@ -5,14 +5,28 @@ import os
 
 import torch
 
+from psgrid.errors import DeviceUnavailable
+
 
 def pick_device(preference: str = "auto") -> torch.device:
-    """CUDA when available, else CPU; ``preference`` ("cpu", "cuda:1", ...) overrides."""
+    """CUDA when available, else CPU; ``preference`` ("cpu", "cuda:1", ...) overrides.
+
+    Raises DeviceUnavailable for a device this host lacks or a name torch does not know.
+    """
     if preference in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise DeviceUnavailable(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {preference!r} was asked for but CUDA is not available")
+        why = "a CPU-only build" if torch.version.cuda is None else "it sees no GPU"
+        raise DeviceUnavailable(
+            f"device {preference!r} was asked for but CUDA is not available here (torch {torch.__version__}: "
+            f"{why}): use --device cpu (or auto), or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {preference!r} was asked for but this host has "
+                                f"{torch.cuda.device_count()} GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -132,6 +132,30 @@ class Unavailable(PsgridError):
     code = "UNAVAILABLE"
 
 
+class ConnectionMistake(Unavailable):
+    """A client could not reach its server because of how it was set up, found by
+    :mod:`psgrid.diagnose`: ``cause`` says what is wrong, ``fix`` which flag or
+    setting mends it. Retrying without the fix will not help (a server that is not
+    running aside)."""
+
+    def __init__(self, cause: str, fix: str = ""):
+        super().__init__(f"{cause}: {fix}" if fix else cause)
+        self.cause, self.fix = cause, fix
+
+
+class ServerNotRunning(ConnectionMistake):
+    """Nothing accepts connections at the address (refused, no route, unknown host)."""
+
+
+class TlsMismatch(ConnectionMistake):
+    """One side speaks TLS and the other plaintext."""
+
+
+class CertificateProblem(ConnectionMistake):
+    """TLS failed on a certificate: the server's is for another host name or from
+    another CA, or the server wants a client certificate it was not given."""
+
+
 class DeadlineExceeded(PsgridError):
     code = "DEADLINE_EXCEEDED"
 
@@ -146,6 +170,10 @@ class Stopping(Cancelled):
 
 class Internal(PsgridError):
     code = "INTERNAL"
+
+
+class DeviceUnavailable(InvalidArgument):
+    """A worker was asked for a device this host does not have (CUDA without a GPU)."""
 
 
 class JobFailed(PsgridError):

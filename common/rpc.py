@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from psgrid.backoff import Backoff
 from psgrid.limits import MAX_ERROR_CHARS
+from psgrid.diagnose import SERVER_FLAG, diagnose
 from psgrid.security import Security
 from psgrid.errors import (
     ERROR_BY_CODE,
@@ -24,6 +25,7 @@ from psgrid.errors import (
     MalformedRequest,
     PsgridError,
     Stopping,
+    Unauthenticated,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,10 +39,18 @@ ERROR_KEY = "psgrid-error"
 #: protocol makes the retry harmless (pushes are deduplicated by seq).
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
+#: Seconds an interactive client gives its first connection before looking for why it fails.
+FIRST_CONNECT_S = 3.0
+#: What to do about a refused token, appended to every Unauthenticated a client raises.
+TOKEN_FIX = "give the cluster's token (--token-file or PSGRID_TOKEN; Security(token=...) in the SDK)"
+
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC's own reconnect back-off grows to 120 s: a worker that waited long for its
+    # server would then notice it back only minutes later. Our retry loops back off.
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 
@@ -171,9 +181,30 @@ def to_psgrid_error(error: grpc.RpcError) -> PsgridError:
             cls = ERRORS_BY_NAME.get(value)
     if cls is None or cls.code != code.name:
         cls = ERROR_BY_CODE.get(code.name, PsgridError)
+    if issubclass(cls, Unauthenticated):
+        details = f"{details or 'unauthenticated'}: {TOKEN_FIX}"
     exc = cls(details or code.name)
     exc.grpc_code = code
     return exc
+
+
+def first_connection(channel: grpc.Channel, within_s: float) -> grpc.ChannelConnectivity | None:
+    """Try to connect ``channel``: READY, TRANSIENT_FAILURE (the first attempt failed),
+    or None when neither came within ``within_s``."""
+    settled = threading.Event()
+    seen: list[grpc.ChannelConnectivity] = []
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            seen.append(state)
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        settled.wait(within_s)
+    finally:
+        channel.unsubscribe(watch)
+    return seen[0] if seen else None
 
 
 def make_channel(address: str, options: list | None = None, security: Security | None = None) -> grpc.Channel:
@@ -195,7 +226,33 @@ class ServiceClient:
         self.address = address
         self.timeout_s = timeout_s
         self.retry_for_s = retry_for_s
+        self.security = security or Security()
         self.channel = make_channel(address, options, security=security)
+        self._checked = False
+
+    def check_connection(self, within_s: float = FIRST_CONNECT_S, flag: str = SERVER_FLAG) -> None:
+        """Connect now, and when that fails raise what is wrong, with the fix, at once.
+
+        For interactive callers, before their first call: gRPC alone would retry a
+        server that is not running, or one that speaks TLS to a plaintext client,
+        for minutes and then report "Socket closed". Raises a
+        :class:`~psgrid.errors.ConnectionMistake` when :func:`psgrid.diagnose.diagnose`
+        names one; otherwise (a slow server, say) the calls' own deadlines and
+        retries decide. Checks once per client, until a check passes. ``flag`` names
+        where the address came from, for the message.
+        """
+        if self._checked:
+            return
+        if first_connection(self.channel, within_s) is not grpc.ChannelConnectivity.READY:
+            mistake = diagnose(self.address, self.security, flag=flag)
+            if mistake is not None:
+                raise mistake
+        self._checked = True
+
+    def connection_problem(self) -> str:
+        """What keeps this client from its server, or "" when a probe sees nothing wrong."""
+        mistake = diagnose(self.address, self.security)
+        return "" if mistake is None else str(mistake)
 
     def _method(self, name: str) -> str:
         return f"/{self.service}/{name}"

@@ -6,9 +6,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TextIO
 
+from psgrid.diagnose import REMIND_EVERY_S, Reminder, diagnose
 from psgrid.portfile import write_port_file
 from psgrid.security import Security
 from psgrid.supervisor.cluster import SERVER_NAME, ChildSecurity, ClusterConfig, format_address
@@ -41,6 +43,7 @@ def run_cluster(config: ClusterConfig, run_dir: str | os.PathLike, stop: threadi
     if on_start is not None:
         on_start(supervisor)
     interval = config.supervisor.check_interval_s
+    ended = threading.Event()
     try:
         if port_file:
             write_port_file(port_file, service.port)
@@ -52,12 +55,18 @@ def run_cluster(config: ClusterConfig, run_dir: str | os.PathLike, stop: threadi
             logger.error("[supervisor] the cluster could not start: %s", exc)
             return 1
         _print_addresses(supervisor, out)
+        if supervisor.server_address and not any(n.name == SERVER_NAME for n in supervisor.server_nodes()):
+            probe = (child_security or ChildSecurity())
+            threading.Thread(target=announce_server_wait, name="up-server-wait", daemon=True,
+                             args=(supervisor.server_address, Security.from_files(
+                                 ca=probe.tls_ca, cert=probe.tls_cert, key=probe.tls_key), ended, out)).start()
         # The base class's run() loop, with the addresses printed once the children are up.
         while True:
             supervisor.tick(supervisor.clock())
             if supervisor.gave_up or stop.wait(interval):
                 break
     finally:
+        ended.set()
         supervisor.shutdown()
         service.stop()
     if supervisor.gave_up:
@@ -65,6 +74,23 @@ def run_cluster(config: ClusterConfig, run_dir: str | os.PathLike, stop: threadi
         return 1
     logger.info("[supervisor] stopped every node")
     return 0
+
+
+def announce_server_wait(address: str, security: Security, stop: threading.Event, out: TextIO,
+                         every_s: float = REMIND_EVERY_S, poll_s: float = 1.0) -> None:
+    """On a host whose workers dial a server elsewhere: until it answers, say what they
+    wait for and why (at once, then every ``every_s``), and say when it answers."""
+    reminder, said = Reminder(every_s), False
+    while not stop.is_set():
+        mistake = diagnose(address, security)
+        if mistake is None:
+            if said:
+                print(f"the parameter server at {address} answers", file=out, flush=True)
+            return
+        if reminder.due(time.monotonic()):
+            said = True
+            print(f"workers wait for the parameter server at {address}: {mistake}", file=out, flush=True)
+        stop.wait(poll_s)
 
 
 def _print_addresses(supervisor: ProcessSupervisor, out: TextIO) -> None:

@@ -5,14 +5,17 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 import grpc
 import torch
 
 from psgrid import codec, messages, rpc, shm, stepframes
+from psgrid.backoff import Backoff
 from psgrid.codec import Layout, Pulled
-from psgrid.errors import DeadlineExceeded, NotFound, NotReady, PsgridError
+from psgrid.diagnose import REMIND_EVERY_S, Reminder
+from psgrid.errors import DeadlineExceeded, NotFound, NotReady, PsgridError, Stopping, Unavailable
 from psgrid.guard import Watchdog
 from psgrid.security import Security
 from psgrid.spec import Assignment, JobSpec, JobState, RestorePoints
@@ -136,9 +139,14 @@ class ParameterServerClient(rpc.ServiceClient):
 
     def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0,
                  security: Security | None = None, stop: threading.Event | None = None,
-                 shared_memory: bool = True):
+                 shared_memory: bool = True, wait_for_server: bool = False):
         super().__init__(address, timeout_s, retry_for_s, security)
         self.stop = stop or threading.Event()
+        #: A worker process's own server: registration waits for it however long it
+        #: takes (it may start after the worker, or be restarting), and says what it
+        #: waits for, with the likely cause and fix, at once and every ``remind_every_s``.
+        self.wait_for_server = wait_for_server
+        self.remind_every_s = REMIND_EVERY_S
         #: Try the shared-memory path of the step stream: only when the server's address is
         #: one of this host's (the nonce check in psgrid.shm then confirms it).
         self.shared_memory = shared_memory and shm.is_local(address)
@@ -191,8 +199,25 @@ class ParameterServerClient(rpc.ServiceClient):
                         retry_for=kw.pop("retry_for", self.retry_for_s), stop=self.stop, **kw)
 
     def register(self, name: str, host: str, pid: int, device: str) -> tuple[str, float]:
-        reply = self._call(self._register, ps.RegisterWorkerRequest(name=name, host=host, pid=pid, device=device))
-        return reply.worker_id, reply.heartbeat_interval_s
+        """(worker id, heartbeat interval). Retries UNAVAILABLE for ``retry_for_s``, or,
+        with ``wait_for_server``, until the server answers or stopping (Stopping)."""
+        request = ps.RegisterWorkerRequest(name=name, host=host, pid=pid, device=device)
+        if not self.wait_for_server:
+            reply = self._call(self._register, request)
+            return reply.worker_id, reply.heartbeat_interval_s
+        reminder, backoff = Reminder(self.remind_every_s), Backoff(initial=0.2, maximum=5.0)
+        while True:
+            try:
+                reply = self._call(self._register, request, retry_for=0.0)
+                return reply.worker_id, reply.heartbeat_interval_s
+            except (Unavailable, DeadlineExceeded) as exc:
+                if reminder.due(time.monotonic()):
+                    logger.warning("[worker %s] waiting for the parameter server at %s: %s", name, self.address,
+                                   self.connection_problem() or exc)
+                delay = backoff.next_delay()
+                logger.debug("retrying RegisterWorker after %s in %.2fs", type(exc).__name__, delay)
+            if self.stop.wait(delay):
+                raise Stopping("stopping: registration given up")
 
     def heartbeat(self, worker_id: str, job_id: str,
                   wait_s: float = 0.0) -> tuple[Assignment | None, JobState | None]:

@@ -20,7 +20,7 @@ def test_submit_wait_jobs_job(cluster):
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.splitlines()[0]
     assert "succeeded" in out.stdout and "weight_error" in out.stdout
-    shown = json.loads(psgrid("job", job_id, "--server", cluster.address).stdout)
+    shown = json.loads(psgrid("job", job_id, "--json", "--server", cluster.address).stdout)
     assert shown["state"] == "SUCCEEDED" and shown["metrics"]["weight_error"] < 0.05
     listed = json.loads(psgrid("jobs", "--json", "--server", cluster.address).stdout)
     assert job_id in [j["job_id"] for j in listed]
@@ -31,6 +31,9 @@ def test_submit_wait_jobs_job(cluster):
 def test_cancel_a_pending_job_and_unknown_ids(cluster):
     out = psgrid("submit", "--example", "linear", "--workers", "9", "--server", cluster.address)
     job_id = out.stdout.strip()
+    assert f"{job_id} needs 9 workers and 2 are alive" in out.stderr  # warned at once
+    shown = psgrid("job", job_id, "--server", cluster.address).stdout
+    assert "PENDING" in shown and "needs 9 workers, 2 are alive" in shown  # and `psgrid job` says why
     cancelled = psgrid("cancel", job_id, "--server", cluster.address)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     missing = psgrid("job", "job-doesnotexist", "--server", cluster.address)

@@ -334,3 +334,24 @@ def test_a_server_exposes_the_address_it_advertises():
     finally:
         told.server.stop(0)
         default.server.stop(0)
+
+
+def test_up_says_what_its_workers_wait_for_until_the_server_answers(tmp_path):
+    """A host of workers whose server (on another host) is not up yet: `psgrid up` says so
+    in its own output, with the cause, and says when the server answers."""
+    port = consecutive_free_ports(1)
+    cluster = (f'[hosts.ps]\naddress = "127.0.0.1"\nservers = 1\nserver_port = {port}\n'
+               f'[hosts.gpu1]\naddress = "127.0.0.1"\nworkers = 1\n[workers]\nargs = ["--threads", "1"]\n')
+    server = None
+    with Up(tmp_path / "gpu1", "--host", "gpu1", cluster=cluster) as up:
+        try:
+            wait_until(lambda: f"workers wait for the parameter server at 127.0.0.1:{port}: no psgrid server "
+                       "answers" in up.out.read_text(), 30, message="psgrid up names what its workers wait for")
+            server = subprocess.Popen([sys.executable, "-m", "psgrid", "server", "--port", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_until(lambda: f"the parameter server at 127.0.0.1:{port} answers" in up.out.read_text(), 30,
+                       message="and that it answers")
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(10)
