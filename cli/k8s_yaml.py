@@ -53,7 +53,12 @@ def _lines(value, indent: int) -> list[str]:
             return [pad + "{}"]
         out = []
         for key, item in value.items():
-            head = f"{pad}{scalar(key)}:"
+            written = scalar(key)
+            if len(written) > 1000:  # YAML's implicit keys end at 1024 characters: "? KEY" then ":"
+                out.append(f"{pad}? {written}")
+                head = f"{pad}:"
+            else:
+                head = f"{pad}{written}:"
             if isinstance(item, (dict, list)) and item:
                 out += [head, *_lines(item, indent + (2 if isinstance(item, dict) else 0))]
             else:

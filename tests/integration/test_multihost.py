@@ -90,7 +90,7 @@ def psgrid(net: Network, *args: str, timeout: float = 180) -> subprocess.Complet
 
 
 def job_info(net: Network, job_id: str) -> dict:
-    out = psgrid(net, "job", job_id, timeout=30)
+    out = psgrid(net, "job", job_id, "--json", timeout=30)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 

@@ -20,7 +20,7 @@ import time
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from psgrid import __version__
@@ -80,6 +80,8 @@ def test_the_yaml_reads_back_as_the_objects(gpu, shards, workers):
 
 
 @settings(max_examples=150, deadline=None)
+@example({"k" * 1100: {"a": [1, {"b": None}]}})  # past YAML's 1024-character implicit key
+@example([{"k" * 1100: [1, 2]}])
 @given(st.recursive(st.text() | st.integers() | st.booleans() | st.none(),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
                     max_leaves=8))
