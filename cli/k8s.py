@@ -4,9 +4,10 @@
   a GPU overlay (``DIR/overlays/gpu``) for the cluster file; no ``kubectl`` needed
   (:mod:`psgrid.cli.k8s_manifests` builds the objects, :mod:`psgrid.cli.k8s_yaml`
   writes them).
-* ``psgrid k8s probe`` is what the rendered pods' probes run: a grpc.health.v1
-  check on the pod's own port, over its TLS, or the age of a worker's liveness
-  file. Kubernetes' built-in gRPC probe cannot speak TLS.
+* ``psgrid k8s probe --file`` is what the worker pods' probes run: the age of
+  their liveness file (workers serve no port). Servers and ``psgrid serve`` are
+  probed natively, on their plaintext ``--health-port``. ``probe --port`` asks a
+  pod's main port over its TLS, for checking by hand (``kubectl exec``).
 
 docs/kubernetes.md walks through a deployment.
 """

@@ -23,9 +23,13 @@ The objects, in apply order (``NAME`` is :attr:`K8sOptions.name`):
 Every pod runs as a non-root user on a read-only root filesystem (``/tmp`` an
 emptyDir), mounts the Secrets ``NAME-token`` and ``NAME-tls`` (see
 :func:`secrets`) read-only and passes them as ``--token-file``/``--tls-*``.
-Probes are exec probes running ``psgrid k8s probe``: Kubernetes' own gRPC
-probe speaks plaintext only, and psgrid's ports speak TLS (a token never
-crosses a network in plaintext). docs/kubernetes.md explains the rest.
+Servers and ``psgrid serve`` are probed with Kubernetes' native gRPC probe on
+their ``--health-port``: grpc.health.v1 alone, in plaintext (the kubelet's
+probe speaks no TLS and sends no token; psgrid's own ports want both). Service
+``psgrid.liveness`` answers the startup and liveness probes (the process is
+alive), service "" the readiness probe (restored, or a model loaded). Workers
+serve no port: an exec probe (``psgrid k8s probe --file``) checks that their
+liveness file is fresh, as ``psgrid up`` does. docs/kubernetes.md explains the rest.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import json
 import math
 import re
 
+from psgrid.guard import LIVENESS
 from psgrid.supervisor.cluster import ClusterConfig
 
 TOKEN_DIR = "/etc/psgrid/token"
@@ -47,7 +52,7 @@ SECRET_KEYS = {"token": ("token",), "tls": ("ca.pem", "tls.pem", "tls.key")}
 SECURITY_ARGS = ("--token-file", f"{TOKEN_DIR}/token", "--tls-ca", f"{TLS_DIR}/ca.pem",
                  "--tls-cert", f"{TLS_DIR}/tls.pem", "--tls-key", f"{TLS_DIR}/tls.key")
 #: Flags the rendered pods set themselves; the cluster file's ``args`` may not.
-RESERVED = ("--config", "--shards", "--token-file", "--tls-ca", "--tls-cert", "--tls-key")
+RESERVED = ("--config", "--shards", "--token-file", "--tls-ca", "--tls-cert", "--tls-key", "--health-port")
 USER_ID = 10001
 PROBE_PERIOD_S = 10
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?\Z")
@@ -64,6 +69,8 @@ class K8sOptions:
     workers: int = 2
     port: int = 7070
     serve_port: int = 7072
+    #: The plaintext grpc.health.v1 port of the servers and serve pods (native gRPC probes).
+    health_port: int = 7079
     #: Each shard's checkpoint volume.
     storage: str = "10Gi"
     #: The job ``psgrid serve`` follows; "" renders the Deployment with 0 replicas.
@@ -81,9 +88,11 @@ class K8sOptions:
             raise ValueError(f"shards must be an int >= 1, got {self.shards!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
-        for field in ("port", "serve_port"):
+        for field in ("port", "serve_port", "health_port"):
             if not isinstance(getattr(self, field), int) or not 0 < getattr(self, field) < 65536:
                 raise ValueError(f"{field} must be a port in 1..65535, got {getattr(self, field)!r}")
+        if self.health_port in (self.port, self.serve_port):
+            raise ValueError(f"health_port {self.health_port} must differ from port and serve_port")
         if not self.image or any(c.isspace() for c in self.image):
             raise ValueError(f"image must be a non-empty image reference, got {self.image!r}")
 
@@ -142,10 +151,17 @@ def _probe(command: list[str], period: int, failures: int) -> dict:
             "failureThreshold": failures}
 
 
-def grpc_probe(port: int, serving: bool) -> list[str]:
-    """``psgrid k8s probe``: grpc.health.v1 over the pod's own TLS; ``serving``: SERVING only."""
-    tls = [a for a in SECURITY_ARGS if a != "--token-file" and a != f"{TOKEN_DIR}/token"]
-    return ["psgrid", "k8s", "probe", "--port", str(port), *(["--serving"] if serving else []), *tls]
+def grpc_probe(port: int, ready: bool, period: int, failures: int) -> dict:
+    """Kubernetes' native gRPC probe of the health port: SERVING of "" (``ready``) or of
+    psgrid.liveness (alive)."""
+    grpc = {"port": port} if ready else {"port": port, "service": LIVENESS}
+    return {"grpc": grpc, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
+
+
+def health_probes(port: int, start_failures: int, live_failures: int) -> dict:
+    return {"startupProbe": grpc_probe(port, False, 5, start_failures),
+            "readinessProbe": grpc_probe(port, True, PROBE_PERIOD_S, 3),
+            "livenessProbe": grpc_probe(port, False, PROBE_PERIOD_S, live_failures)}
 
 
 def file_probe(max_age_s: float | None) -> list[str]:
@@ -163,11 +179,13 @@ def _env(name: str, value: str | None = None, field: str | None = None, resource
 
 
 def _container(name: str, image: str, args: list[str], env: list[dict], port: int | None,
-               resources: dict, probes: dict, mounts: list[dict]) -> dict:
+               resources: dict, probes: dict, mounts: list[dict], health_port: int | None = None) -> dict:
     container = {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "command": ["psgrid"],
                  "args": args, "env": [_env("POD_NAME", field="metadata.name"), _env("HOME", TMP_DIR), *env]}
     if port:
         container["ports"] = [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+        if health_port:
+            container["ports"].append({"name": "health", "containerPort": health_port, "protocol": "TCP"})
     container.update(resources=resources, **probes)
     container["volumeMounts"] = [*mounts, {"name": "tmp", "mountPath": TMP_DIR},
                                  {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
@@ -226,16 +244,16 @@ def parameter_servers(config: ClusterConfig, options: K8sOptions) -> list[dict]:
     name, server = f"{options.name}-ps", config.server
     args = ["server", "--config", f"{SHARDS_DIR}/$(POD_NAME).toml", "--host", "0.0.0.0",
             "--port", str(options.port), "--advertise", f"$(POD_NAME).{name}.{options.namespace}.svc:{options.port}",
-            "--checkpoint-dir", f"{DATA_DIR}/checkpoints", *SECURITY_ARGS, *_args("server", server.args)]
-    start_failures = max(3, math.ceil(server.start_timeout_s / 5))
-    probes = {"startupProbe": _probe(grpc_probe(options.port, False), 5, start_failures),
-              "readinessProbe": _probe(grpc_probe(options.port, True), PROBE_PERIOD_S, 3),
-              "livenessProbe": _probe(grpc_probe(options.port, False), PROBE_PERIOD_S,
-                                      max(3, math.ceil(server.liveness_timeout_s / PROBE_PERIOD_S)))}
+            "--checkpoint-dir", f"{DATA_DIR}/checkpoints", "--health-port", str(options.health_port),
+            *SECURITY_ARGS, *_args("server", server.args)]
+    # Alive at once (the health port opens before the restore); ready once restored and serving.
+    probes = health_probes(options.health_port, max(3, math.ceil(server.start_timeout_s / 5)),
+                           max(3, math.ceil(server.liveness_timeout_s / PROBE_PERIOD_S)))
     resources = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
     mounts = [{"name": "checkpoints", "mountPath": DATA_DIR},
               {"name": "shards", "mountPath": SHARDS_DIR, "readOnly": True}]
-    container = _container("server", options.image, args, [], options.port, resources, probes, mounts)
+    container = _container("server", options.image, args, [], options.port, resources, probes, mounts,
+                           options.health_port)
     container["workingDir"] = DATA_DIR  # relative paths in [server] args land on the volume
     # The final checkpoint is written after SIGTERM: at least 30 s however short the file's grace.
     pod = _pod(options, "parameter-server", container, max(30.0, server.shutdown_s),
@@ -318,13 +336,12 @@ def serve(options: K8sOptions) -> list[dict]:
     name = f"{options.name}-serve"
     args = ["serve", "--follow-job", "$(PSGRID_JOB)", "--server", f"{options.client_host}:{options.port}",
             "--host", "0.0.0.0", "--port", str(options.serve_port), "--threads", "$(PSGRID_THREADS)",
-            *SECURITY_ARGS]
-    probes = {"startupProbe": _probe(grpc_probe(options.serve_port, False), 5, 12),
-              "readinessProbe": _probe(grpc_probe(options.serve_port, True), PROBE_PERIOD_S, 3),
-              "livenessProbe": _probe(grpc_probe(options.serve_port, False), PROBE_PERIOD_S, 3)}
+            "--health-port", str(options.health_port), *SECURITY_ARGS]
+    probes = health_probes(options.health_port, 12, 3)  # ready once a model version is loaded
     env = [_env("PSGRID_JOB", options.serve_job), _env("PSGRID_THREADS", resource="limits.cpu")]
     resources = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
-    container = _container("serve", options.image, args, env, options.serve_port, resources, probes, [])
+    container = _container("serve", options.image, args, env, options.serve_port, resources, probes, [],
+                           options.health_port)
     container["workingDir"] = TMP_DIR
     return [
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(options, name, "serve"), "spec": {

@@ -37,7 +37,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from psgrid.server.config import ServerConfig
 
     config = ServerConfig.load(
-        args.config, host=args.host, port=args.port, port_file=args.port_file,
+        args.config, host=args.host, port=args.port, port_file=args.port_file, health_port=args.health_port,
         update_log=args.update_log, max_payload_bytes=args.max_payload_bytes,
         checkpoint_dir=args.checkpoint_dir, checkpoint_interval_s=args.checkpoint_interval,
         checkpoint_every_steps=args.checkpoint_every_steps, keep_checkpoints=args.keep_checkpoints, heartbeat_timeout_s=args.heartbeat_timeout,
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help=f"port to bind (default 0 = any free port; try {DEFAULT_PORT})")
     p.add_argument("--port-file", help="write the bound port to this file")
+    p.add_argument("--health-port", type=int, metavar="PORT",
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port, for Kubernetes' native "
+                   "gRPC probes: service \"\" is ready, \"psgrid.liveness\" alive (default: none)")
     p.add_argument("--update-log", help="append a JSON line per accepted gradient push")
     p.add_argument("--shard-name", help="this server's name on update-log lines (default server; "
                    "psgrid up names the other shards shard-1, shard-2, ...)")

@@ -91,6 +91,34 @@ class Admission:
         return self.calls_per_service * len(services) + self.health_calls + 4
 
 
+#: The health service name that is SERVING while the process runs and answers calls at all:
+#: Kubernetes' liveness and startup probes ask it. "" and each service's own name say "ready".
+LIVENESS = "psgrid.liveness"
+
+
+class HealthPort:
+    """grpc.health.v1 alone, in plaintext, on a port of its own, started at once.
+
+    For Kubernetes' native gRPC probe, which sends no token and speaks no TLS:
+    psgrid's own ports want both. It shares ``servicer`` with the main port, so
+    both answer the same, and health reveals nothing but SERVING or not.
+    """
+
+    def __init__(self, servicer, host: str, port: int):
+        from grpc_health.v1 import health_pb2_grpc
+
+        self.server = make_server("health", (), Security(), Admission(health_calls=8))
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, self.server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind the health port {address}")
+        self.server.start()
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait()
+
+
 def make_server(name: str, services: Sequence[str], security: Security | None = None,
                 admission: Admission | None = None, options: Sequence[tuple] = ()) -> grpc.Server:
     """A gRPC server for ``services`` behind the token check and ``admission``'s rules.

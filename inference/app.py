@@ -18,14 +18,14 @@ import gc
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from psgrid.inference import arrays
-from psgrid.guard import Admission, make_server
+from psgrid.guard import LIVENESS, Admission, HealthPort, make_server
 from psgrid.security import Security
 from psgrid.inference.config import ServeConfig, resolve
 from psgrid.inference.models import ModelRegistry
@@ -75,11 +75,16 @@ class InferenceApp:
         self.source = source or make_source(config, security)
         self.follower = Follower(self.source, self.registry, config.poll_interval_s, on_swap=self._serving)
         self.health = health.HealthServicer()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self.server = self._grpc_server(security)
         address = f"{config.host}:{config.port}"
         self.port = security.add_port(self.server, address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        self.health_port = None
+        if config.health_port is not None:
+            self.health_port = HealthPort(self.health, config.host, config.health_port)
+            logger.info("[serve] health (grpc.health.v1 alone, plaintext) on port %d", self.health_port.port)
 
     def _grpc_server(self, security: Security) -> grpc.Server:
         threads = self.config.max_rpc_threads
@@ -119,6 +124,8 @@ class InferenceApp:
         self.follower.stop()
         self.server.stop(self.config.grace_s if grace is None else grace).wait()
         self.pipeline.close()
+        if self.health_port is not None:
+            self.health_port.stop()
         logger.info("[serve] stopped")
 
 

@@ -48,7 +48,7 @@ def _config(args: argparse.Namespace):
         server = args.server or os.environ.get("PSGRID_SERVER") or DEFAULT_PS
     timeout_s = None if args.batch_timeout_ms is None else args.batch_timeout_ms / 1000.0
     return ServeConfig.load(
-        args.config, host=args.host, port=args.port, port_file=args.port_file,
+        args.config, host=args.host, port=args.port, port_file=args.port_file, health_port=args.health_port,
         follow_job=args.follow_job, server=server, checkpoint_dir=args.checkpoint_dir,
         job_id=args.job, poll_interval_s=args.poll_interval, device=args.device,
         threads=args.threads, preprocess=args.preprocess, features=args.features,
@@ -75,6 +75,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="port to bind (default 0 = any free port)")
     p.add_argument("--port-file", help="write the bound port to this file")
+    p.add_argument("--health-port", type=int, metavar="PORT",
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port, for Kubernetes' native "
+                   "gRPC probes: service \"\" is ready, \"psgrid.liveness\" alive (default: none)")
     p.add_argument("--poll-interval", type=float, help="seconds between checks for a new version (default 2)")
     p.add_argument("--device", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: this machine's cores)")

@@ -61,6 +61,9 @@ class ServeConfig:
     #: One example's shape (and its dtype); None = both inferred from the model's first Linear layer.
     input_shape: tuple[int, ...] | None = None
     input_dtype: str = "float32"
+    #: Also serve grpc.health.v1 alone, in plaintext, on this port (0: any free):
+    #: Kubernetes' native gRPC probes (psgrid.guard.HealthPort).
+    health_port: int | None = None
     #: gRPC handler threads; every waiting unary call and every stream holds one.
     max_rpc_threads: int = 256
     #: Seconds in-flight calls get to finish at shutdown.
@@ -75,6 +78,8 @@ class ServeConfig:
             raise ValueError("follow_job needs server, the parameter server's HOST:PORT")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in 0..65535, got {self.health_port}")
         for name in ("preprocess", "features"):
             value = getattr(self, name)
             if value and not _IMPORT_PATH.fullmatch(value):

@@ -8,7 +8,7 @@ import threading
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from psgrid import shm
-from psgrid.guard import make_server
+from psgrid.guard import LIVENESS, HealthPort, make_server
 from psgrid.portfile import write_port_file
 from psgrid.security import Security
 from psgrid.server.checkpoint import CheckpointStore
@@ -27,6 +27,23 @@ class ParameterServerApp:
     def __init__(self, config: ServerConfig, security: Security | None = None):
         self.config = config
         security = security or Security()
+        # Health first: with a health port, probes see "alive, not ready" while checkpoints restore.
+        self.health = health.HealthServicer()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        for name in ("", *SERVICES):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health_port = None
+        if config.health_port is not None:
+            self.health_port = HealthPort(self.health, config.host, config.health_port)
+            logger.info("[ps] health (grpc.health.v1 alone, plaintext) on port %d", self.health_port.port)
+        try:
+            self._build(config, security)
+        except BaseException:
+            if self.health_port is not None:
+                self.health_port.stop(0)
+            raise
+
+    def _build(self, config: ServerConfig, security: Security) -> None:
         self.checkpoints = None
         if config.checkpoint_dir:
             self.checkpoints = CheckpointStore(config.checkpoint_dir, keep=config.keep_checkpoints)
@@ -36,7 +53,6 @@ class ParameterServerApp:
         if self.checkpoints:
             self.core.restore()
             self.core.retire()
-        self.health = health.HealthServicer()
         self.server = make_server("ps-rpc", SERVICES, security, config.admission())
         self.server.add_generic_rpc_handlers(handlers(self.core))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -98,6 +114,8 @@ class ParameterServerApp:
             saved = self.core.checkpoint()
             logger.info("[ps] final checkpoint: %d job(s) saved", saved)
         self.core.close()
+        if self.health_port is not None:
+            self.health_port.stop()
         logger.info("[ps] stopped")
 
 

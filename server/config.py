@@ -47,6 +47,9 @@ class ServerConfig:
     connection_idle_s: float = 300.0
     #: Write the bound port here once serving (atomically).
     port_file: str | None = None
+    #: Also serve grpc.health.v1 alone, in plaintext, on this port (0: any free), from
+    #: before restoring checkpoints: Kubernetes' native gRPC probes (psgrid.guard.HealthPort).
+    health_port: int | None = None
     #: Append one JSON line per accepted gradient push here (docs/operations.md, "The update log").
     update_log: str | None = None
     #: Offer workers on this host the shared-memory path of the step stream (psgrid.shm).
@@ -87,6 +90,8 @@ class ServerConfig:
         self.admission()  # checks its limits
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in 0..65535, got {self.health_port}")
         if self.max_payload_bytes <= 0:
             raise ValueError(f"max_payload_bytes must be > 0, got {self.max_payload_bytes}")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:

@@ -141,9 +141,14 @@ class Pod:
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def probe(self, net: Network, kind: str) -> subprocess.CompletedProcess:
-        command = [self.path(a) for a in self.container[kind]["exec"]["command"]]
+        spec = self.container[kind]
+        if "grpc" in spec:  # as the kubelet asks: a plaintext grpc.health.v1 Check of the service
+            target = [f"127.0.0.1:{spec['grpc']['port']}", spec["grpc"].get("service", "")]
+            return net.run(self.name, [sys.executable, "-c", GRPC_PROBE, *target], capture_output=True, text=True,
+                           timeout=spec["timeoutSeconds"] * 4)
+        command = [self.path(a) for a in spec["exec"]["command"]]
         return net.run(self.name, command, env=self.env, cwd=self.cwd, capture_output=True, text=True,
-                       timeout=self.container[kind]["timeoutSeconds"] * 4)
+                       timeout=spec["timeoutSeconds"] * 4)
 
     def ready(self, net: Network, logged: str) -> bool:
         """Whether the readiness probe passes, asked once the log says ``logged`` (a probe is a
@@ -241,11 +246,22 @@ def remove_empty(folder: pathlib.Path) -> None:
         pass
 
 
+GRPC_PROBE = """
+import sys, grpc
+from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g
+reply = g.HealthStub(grpc.insecure_channel(sys.argv[1])).Check(h.HealthCheckRequest(service=sys.argv[2]), timeout=5)
+name = h.HealthCheckResponse.ServingStatus.Name(reply.status)
+print(name)
+sys.exit(0 if name == "SERVING" else 1)
+"""
+
+
 def probe_kinds(pod: Pod) -> list[str]:
-    """The pod's probes, one of each distinct command (startup and liveness often ask the same)."""
-    kinds: dict[tuple, str] = {}
+    """The pod's probes, one of each distinct target (startup and liveness often ask the same)."""
+    kinds: dict[str, str] = {}
     for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-        kinds.setdefault(tuple(pod.container[kind]["exec"]["command"]), kind)
+        spec = pod.container[kind]
+        kinds.setdefault(json.dumps(spec.get("grpc") or spec["exec"]["command"], sort_keys=True), kind)
     return list(kinds.values())
 
 
@@ -317,7 +333,7 @@ def test_the_rendered_cluster_trains_survives_a_worker_pod_kill_and_stops_cleanl
         for kind in probe_kinds(pod):
             out = pod.probe(net, kind)
             assert out.returncode == 0, f"{pod.name} {kind}: {out.stderr}"
-            assert "--port" not in pod.container[kind]["exec"]["command"] or out.stdout.strip() == "SERVING"
+            assert "grpc" not in pod.container[kind] or out.stdout.strip() == "SERVING"
 
     # Deletion: SIGTERM to every pod at once; each ends within its grace period, the servers
     # after a final checkpoint.

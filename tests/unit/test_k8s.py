@@ -29,6 +29,7 @@ from psgrid.cli.k8s import cmd_probe
 from psgrid.cli.k8s_manifests import (SECRET_KEYS, K8sOptions, files, options_for, render, secret_commands,
                                       secrets)
 from psgrid.cli.k8s_yaml import dump, dump_all
+from psgrid.guard import LIVENESS
 from psgrid.spec import tomllib
 from psgrid.supervisor.cluster import ClusterConfig
 
@@ -179,17 +180,18 @@ def check_container(options: K8sOptions, objs: list[dict], pod: str, container: 
                     if mounts[m]["name"] == suffix}
     for flag in ("--token-file", "--tls-ca", "--tls-cert", "--tls-key"):
         assert container["args"][container["args"].index(flag) + 1] in secret_files
-    ports = [p["containerPort"] for p in container.get("ports", [])]
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    args = container["args"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command[:3] == ["psgrid", "k8s", "probe"]
-        if "--port" in command:
-            assert int(command[command.index("--port") + 1]) in ports, f"{pod}: {probe} asks no container port"
-            for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
-                assert command[command.index(flag) + 1] in secret_files
-        else:
-            args = container["args"]
+        if "grpc" in container[probe]:  # native: the plaintext health port the container opens
+            grpc = container[probe]["grpc"]
+            assert grpc["port"] == ports["health"] == int(args[args.index("--health-port") + 1]), pod
+            assert grpc.get("service", "") == ("" if probe == "readinessProbe" else LIVENESS), (pod, probe)
+        else:  # a worker: its liveness file
+            command = container[probe]["exec"]["command"]
+            assert command[:4] == ["psgrid", "k8s", "probe", "--file"]
             assert command[command.index("--file") + 1] == args[args.index("--liveness-file") + 1]
+    assert ("grpc" in ports) == ("health" in ports) == ("--health-port" in args), f"{pod}: a port, a health port"
 
 
 @pytest.mark.parametrize("shards", [1, 2, 4])
