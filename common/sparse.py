@@ -1,0 +1,149 @@
+"""Embedding tables that live on the parameter servers: what worker and server share.
+
+A table is declared in a model by :class:`TableSpec` (name, rows, width, how
+rows start, how they are updated). Its rows are never held whole anywhere:
+
+* **Placement** (:func:`shard_of`): row ``id`` of a table lives on shard
+  ``mix(id, table) % shards``. A hash, not ranges: ids are often assigned by
+  popularity or time (id 0..999 the most clicked items), and ranges would put
+  every hot row on one shard. Rows of one table are all the same size, so an
+  even spread of ids is an even spread of bytes.
+* **Lazy, deterministic rows** (:func:`initial_rows`): a row that was never
+  written is a pure function of (job seed, table name, row id): the same on
+  every shard, in every run and after every restore, so a 100M-row table costs
+  nothing until touched and a pull of an untouched row needs no write.
+* **Ids** (:func:`check_ids`): int64, ``0 <= id < num_rows`` (``num_rows`` 0:
+  any non-negative id), checked where they enter.
+
+No gRPC and no torch.nn here: :mod:`psgrid.server.tables` keeps the rows and
+applies the sparse optimizers; the worker's modules build on this.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+from psgrid.errors import InvalidArgument
+
+#: Sparse optimizers a table may name (applied on the servers to the touched rows only).
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "sparse_adam")
+INITS = ("normal", "uniform", "zeros")
+
+_MASK = (1 << 64) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """One embedding table: ``num_rows`` x ``dim`` float32, its initial rows and optimizer.
+
+    ``init``: "normal" (N(0, ``init_scale``^2), as ``nn.Embedding``'s N(0, 1) when
+    the scale is 1), "uniform" (U(-scale, scale)) or "zeros". ``num_rows`` 0 leaves
+    ids unbounded (hashed feature ids). The optimizer mirrors its torch counterpart
+    on ``nn.Embedding(sparse=True)``: "sgd" (SGD), "adagrad" (Adagrad), "sparse_adam"
+    (SparseAdam); "rowwise_adagrad" keeps one accumulator per row (the mean of the
+    row's squared gradient), as production recommenders do.
+    """
+
+    name: str
+    num_rows: int
+    dim: int
+    init: str = "normal"
+    init_scale: float = 1.0
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    eps: float = 1e-10
+    betas: tuple[float, float] = (0.9, 0.999)
+    initial_accumulator_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"table name must be letters, digits, '_' and '.', got {self.name!r}")
+        if isinstance(self.num_rows, bool) or not isinstance(self.num_rows, int) or self.num_rows < 0:
+            raise ValueError(f"num_rows must be an int >= 0 (0: unbounded), got {self.num_rows!r}")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
+            raise ValueError(f"dim must be an int in 1..65536, got {self.dim!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for field in ("init_scale", "lr", "eps", "initial_accumulator_value"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{field} must be a finite number >= 0, got {value!r}")
+        if self.eps <= 0 and self.optimizer != "sgd":
+            raise ValueError(f"eps must be > 0 for {self.optimizer}")
+        b1, b2 = self.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * 4
+
+    @property
+    def key(self) -> int:
+        """A 64-bit number standing for the table's name in hashes (stable across runs)."""
+        return int.from_bytes(hashlib.blake2b(self.name.encode(), digest_size=8).digest(), "little")
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser over uint64 (wrapping arithmetic): a bijection that scatters bits."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64, copy=True)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def shard_of(ids: torch.Tensor, table: TableSpec, shards: int) -> torch.Tensor:
+    """The shard (0..shards-1) holding each row of ``ids`` (int64)."""
+    if shards == 1:
+        return torch.zeros(ids.shape, dtype=torch.int64)
+    with np.errstate(over="ignore"):
+        h = _mix(ids.numpy().astype(np.uint64) ^ np.uint64(table.key))
+    return torch.from_numpy((h % np.uint64(shards)).astype(np.int64))
+
+
+def initial_rows(ids: torch.Tensor, table: TableSpec, seed: int) -> torch.Tensor:
+    """The rows ``ids`` hold before any update: float32 [len(ids), dim], a pure function
+    of (seed, table, id). Normal rows by Box-Muller from two counter-based uniforms."""
+    n, dim = ids.numel(), table.dim
+    if table.init == "zeros" or n == 0:
+        return torch.zeros(n, dim, dtype=torch.float32)
+    with np.errstate(over="ignore"):
+        base = _mix(ids.numpy().astype(np.uint64) ^ np.uint64(table.key)) ^ np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK)
+        counter = np.arange(dim, dtype=np.uint64) * np.uint64(2)
+        a = _mix(base[:, None] + counter[None, :])
+        b = _mix(base[:, None] + counter[None, :] + np.uint64(1))
+    # 53 random bits -> a double in (0, 1): never 0, so log() is finite.
+    u1 = ((a >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    u2 = ((b >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    if table.init == "uniform":
+        rows = (u1 * 2.0 - 1.0) * table.init_scale
+    else:
+        rows = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2) * table.init_scale
+    return torch.from_numpy(rows.astype(np.float32))
+
+
+def check_ids(ids: torch.Tensor, table: TableSpec, unique: bool = False) -> None:
+    """InvalidArgument unless ``ids`` is a 1-D int64 tensor of valid row ids (``unique``:
+    and without repeats, as a push of row gradients must be)."""
+    if ids.dtype != torch.int64 or ids.dim() != 1:
+        raise InvalidArgument(f"table {table.name}: ids must be a 1-D int64 tensor, got "
+                              f"{str(ids.dtype).removeprefix('torch.')}{list(ids.shape)}")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        raise InvalidArgument(f"table {table.name}: negative row id {lo}")
+    if table.num_rows and hi >= table.num_rows:
+        raise InvalidArgument(f"table {table.name}: row id {hi} out of range (num_rows {table.num_rows})")
+    if unique and torch.unique(ids).numel() != ids.numel():
+        raise InvalidArgument(f"table {table.name}: duplicate row ids in one push (sum them first)")

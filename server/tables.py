@@ -1,0 +1,174 @@
+"""The rows of one shard's part of an embedding table, and the sparse optimizers.
+
+:class:`Table` holds only the rows that were ever updated (and their optimizer
+state), in tensors that grow by doubling; a row never written is computed by
+:func:`psgrid.sparse.initial_rows` when it is read. Nothing here allocates
+``num_rows x dim``.
+
+Each optimizer updates the touched rows only and mirrors its torch counterpart
+on ``nn.Embedding(sparse=True)`` (same operations in the same order): "sgd" is
+``torch.optim.SGD``, "adagrad" ``torch.optim.Adagrad`` (its sparse path),
+"sparse_adam" ``torch.optim.SparseAdam`` (lazy: a row's moments move only when
+the row is touched; the bias correction counts every step of the table).
+"rowwise_adagrad" keeps one accumulator per row, the running sum of the row's
+mean squared gradient. ``apply`` takes unique ids and their summed gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from psgrid.errors import InvalidArgument, NonFiniteGradient
+from psgrid.sparse import TableSpec, check_ids, initial_rows
+
+#: State rows each optimizer keeps, with their width ("dim" or 1) and start value.
+_STATE = {"sgd": {}, "adagrad": {"sum": "dim"}, "rowwise_adagrad": {"sum": 1},
+          "sparse_adam": {"exp_avg": "dim", "exp_avg_sq": "dim"}}
+
+
+class Table:
+    """One shard's rows of a table: touched rows, their optimizer state, the step count."""
+
+    def __init__(self, spec: TableSpec, seed: int):
+        self.spec, self.seed = spec, seed
+        self.slots: dict[int, int] = {}
+        self.ids = torch.empty(0, dtype=torch.int64)  # slot -> id
+        self.rows = torch.empty(0, spec.dim)
+        self.state = {name: torch.empty(0, spec.dim if width == "dim" else 1)
+                      for name, width in _STATE[spec.optimizer].items()}
+        #: Optimizer steps applied to this table (SparseAdam's bias correction counts them).
+        self.steps = 0
+
+    @property
+    def touched(self) -> int:
+        """Rows held (ever updated)."""
+        return len(self.slots)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.rows.numel() + sum(s.numel() for s in self.state.values())) * 4 + self.ids.numel() * 8
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _slots_of(self, ids: torch.Tensor) -> torch.Tensor:
+        get = self.slots.get
+        return torch.tensor([get(i, -1) for i in ids.tolist()], dtype=torch.int64)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The current rows of ``ids`` (float32 [n, dim]); writes nothing."""
+        check_ids(ids, self.spec)
+        slots = self._slots_of(ids)
+        held = slots >= 0
+        out = torch.empty(ids.numel(), self.spec.dim)
+        out[held] = self.rows[slots[held]]
+        fresh = ~held
+        if fresh.any():
+            out[fresh] = initial_rows(ids[fresh], self.spec, self.seed)
+        return out
+
+    # --- updating --------------------------------------------------------------------------
+
+    def _materialise(self, ids: torch.Tensor) -> torch.Tensor:
+        """Slots of ``ids`` (unique), creating the missing rows at their initial values."""
+        slots = self._slots_of(ids)
+        missing = slots < 0
+        if missing.any():
+            new_ids = ids[missing]
+            first = len(self.slots)
+            self._reserve(first + new_ids.numel())
+            new_slots = torch.arange(first, first + new_ids.numel())
+            self.ids[new_slots] = new_ids
+            self.rows[new_slots] = initial_rows(new_ids, self.spec, self.seed)
+            start = self.spec.initial_accumulator_value if self.spec.optimizer == "adagrad" else 0.0
+            for name, tensor in self.state.items():
+                tensor[new_slots] = start if name == "sum" else 0.0
+            self.slots.update(zip(new_ids.tolist(), new_slots.tolist()))
+            slots[missing] = new_slots
+        return slots
+
+    def _reserve(self, size: int) -> None:
+        capacity = self.rows.shape[0]
+        if size <= capacity:
+            return
+        grown = max(size, 2 * capacity, 1024)
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty((grown, *t.shape[1:]), dtype=t.dtype)
+            out[:capacity] = t
+            return out
+
+        self.ids, self.rows = grow(self.ids), grow(self.rows)
+        self.state = {name: grow(t) for name, t in self.state.items()}
+
+    def check_update(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """InvalidArgument (nothing changed) unless ``ids`` are valid unique row ids and
+        ``grads`` their finite float32 [len(ids), dim] gradients."""
+        check_ids(ids, self.spec, unique=True)
+        if grads.dtype != torch.float32 or tuple(grads.shape) != (ids.numel(), self.spec.dim):
+            raise InvalidArgument(f"table {self.spec.name}: {ids.numel()} ids need float32 gradient rows "
+                                  f"[{ids.numel()}, {self.spec.dim}], got {str(grads.dtype).removeprefix('torch.')}"
+                                  f"{list(grads.shape)}")
+        if not torch.isfinite(grads).all():
+            raise NonFiniteGradient(f"table {self.spec.name}: gradient rows hold NaN or Inf")
+
+    def apply(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """One optimizer step on the rows ``ids`` (unique) with their gradients."""
+        self.check_update(ids, grads)
+        self.steps += 1
+        if ids.numel() == 0:
+            return
+        slots = self._materialise(ids)
+        w = self.rows[slots]
+        spec, kind = self.spec, self.spec.optimizer
+        if kind == "sgd":
+            w.add_(grads, alpha=-spec.lr)
+        elif kind == "adagrad":
+            total = self.state["sum"][slots].add_(grads.pow(2))
+            self.state["sum"][slots] = total
+            w.add_(grads / total.sqrt().add_(spec.eps), alpha=-spec.lr)
+        elif kind == "rowwise_adagrad":
+            total = self.state["sum"][slots].add_(grads.pow(2).mean(dim=1, keepdim=True))
+            self.state["sum"][slots] = total
+            w.add_(grads / total.sqrt().add_(spec.eps), alpha=-spec.lr)
+        else:  # sparse_adam, as torch.optim.SparseAdam computes it
+            b1, b2 = spec.betas
+            old_avg, old_sq = self.state["exp_avg"][slots], self.state["exp_avg_sq"][slots]
+            avg_update = grads.sub(old_avg).mul_(1 - b1)
+            sq_update = grads.pow(2).sub_(old_sq).mul_(1 - b2)
+            numer = avg_update.add(old_avg)
+            sq = sq_update.add(old_sq)
+            self.state["exp_avg"][slots] = numer
+            self.state["exp_avg_sq"][slots] = sq
+            denom = sq.sqrt().add_(spec.eps)
+            step_size = spec.lr * math.sqrt(1 - b2 ** self.steps) / (1 - b1 ** self.steps)
+            w.add_(-step_size * numer.div(denom))
+        self.rows[slots] = w
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the held ids, their rows and state (copies, trimmed)."""
+        n = len(self.slots)
+        out = {"ids": self.ids[:n].clone(), "rows": self.rows[:n].clone()}
+        out.update({f"state.{name}": t[:n].clone() for name, t in self.state.items()})
+        out["steps"] = torch.tensor([self.steps], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, spec: TableSpec, seed: int, tensors: dict[str, torch.Tensor]) -> "Table":
+        """The table a checkpoint's :meth:`tensors` describe; InvalidArgument when they do not fit ``spec``."""
+        table = cls(spec, seed)
+        ids, rows = tensors["ids"], tensors["rows"]
+        n = ids.numel()
+        check_ids(ids, spec, unique=True)
+        if tuple(rows.shape) != (n, spec.dim) or set(tensors) != {"ids", "rows", "steps",
+                                                                  *(f"state.{s}" for s in table.state)}:
+            raise InvalidArgument(f"table {spec.name}: checkpoint tensors do not fit the table")
+        table._reserve(n)
+        table.ids[:n], table.rows[:n] = ids, rows
+        for name, t in table.state.items():
+            t[:n] = tensors[f"state.{name}"]
+        table.slots = dict(zip(ids.tolist(), range(n)))
+        table.steps = int(tensors["steps"][0])
+        return table

@@ -1,0 +1,144 @@
+"""Embedding tables on the servers: deterministic lazy rows, placement, and sparse
+optimizers equal to torch's on nn.Embedding(sparse=True) (to 1e-6)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from psgrid.errors import InvalidArgument, NonFiniteGradient
+from psgrid.server.tables import Table
+from psgrid.sparse import TableSpec, initial_rows, shard_of
+
+ROWS, DIM = 40, 6
+
+
+def torch_optimizer(spec: TableSpec, params):
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr)
+    if spec.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=spec.lr, eps=spec.eps,
+                                   initial_accumulator_value=spec.initial_accumulator_value)
+    return torch.optim.SparseAdam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def rowwise_adagrad_reference(weight: torch.Tensor, acc: torch.Tensor, ids, grad_rows, lr, eps):
+    """The row-wise Adagrad step, written out: one accumulator per row."""
+    for i, g in zip(ids.tolist(), grad_rows):
+        acc[i] += (g * g).mean()
+        weight[i] -= lr * g / (acc[i].sqrt() + eps)
+
+
+SPECS = [
+    TableSpec("t", ROWS, DIM, optimizer="sgd", lr=0.1),
+    TableSpec("t", ROWS, DIM, optimizer="adagrad", lr=0.05),
+    TableSpec("t", ROWS, DIM, optimizer="adagrad", lr=0.05, initial_accumulator_value=0.1, eps=1e-8),
+    TableSpec("t", ROWS, DIM, optimizer="sparse_adam", lr=0.01),
+    TableSpec("t", ROWS, DIM, optimizer="sparse_adam", lr=0.02, betas=(0.8, 0.99), eps=1e-6),
+    TableSpec("t", ROWS, DIM, optimizer="rowwise_adagrad", lr=0.05, eps=1e-8),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.optimizer}-lr{s.lr}")
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 25))
+def test_a_table_matches_torch_on_a_sparse_embedding(spec, seed, steps):
+    g = torch.Generator().manual_seed(seed)
+    ours = Table(spec, seed=3)
+    ref = torch.nn.Embedding(ROWS, DIM, sparse=True)
+    with torch.no_grad():
+        ref.weight.copy_(initial_rows(torch.arange(ROWS), spec, seed=3))
+    acc = torch.zeros(ROWS)
+    opt = None if spec.optimizer == "rowwise_adagrad" else torch_optimizer(spec, ref.parameters())
+    for _ in range(steps):
+        ids = torch.randint(0, ROWS, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)  # repeats
+        target = torch.randn(ids.numel(), DIM, generator=g)
+        ref.zero_grad()
+        (ref(ids) * target).sum().backward()
+        grad = ref.weight.grad.coalesce()  # duplicates summed, as a worker pushes them
+        unique, rows = grad.indices()[0], grad.values()
+        ours.apply(unique, rows.clone())
+        if opt is None:
+            with torch.no_grad():
+                rowwise_adagrad_reference(ref.weight, acc, unique, rows, spec.lr, spec.eps)
+        else:
+            opt.step()
+    torch.testing.assert_close(ours.lookup(torch.arange(ROWS)), ref.weight.detach(), rtol=1e-6, atol=1e-6)
+    assert ours.touched <= ROWS
+
+
+def test_untouched_rows_are_a_pure_function_of_seed_table_and_id():
+    spec = TableSpec("users", 0, 16)
+    ids = torch.tensor([5, 10**12, 0, 5])
+    rows = initial_rows(ids, spec, seed=1)
+    assert torch.equal(rows[0], rows[3]) and not torch.equal(rows[0], rows[2])
+    assert torch.equal(rows, initial_rows(ids, spec, seed=1))
+    assert not torch.equal(rows, initial_rows(ids, spec, seed=2))
+    assert not torch.equal(rows, initial_rows(ids, TableSpec("items", 0, 16), seed=1))
+    big = initial_rows(torch.arange(20000), spec, seed=0)
+    assert abs(float(big.mean())) < 0.01 and abs(float(big.std()) - 1.0) < 0.01  # N(0, 1) as nn.Embedding
+    uniform = initial_rows(torch.arange(20000), TableSpec("u", 0, 4, init="uniform", init_scale=0.5), seed=0)
+    assert float(uniform.abs().max()) <= 0.5 and abs(float(uniform.mean())) < 0.01
+
+
+def test_a_lookup_writes_nothing_and_a_huge_table_costs_only_its_touched_rows():
+    spec = TableSpec("big", 50_000_000, 64, optimizer="adagrad", lr=0.1)
+    table = Table(spec, seed=0)
+    ids = torch.tensor([49_999_999, 7, 123_456])
+    before = table.lookup(ids)
+    assert table.touched == 0 and table.nbytes == 0
+    table.apply(ids, torch.ones(3, 64))
+    assert table.touched == 3 and table.nbytes < 1 << 20  # not 50M x 64 floats
+    assert not torch.equal(table.lookup(ids), before)
+
+
+def test_placement_spreads_rows_evenly_and_is_stable():
+    spec = TableSpec("items", 0, 8)
+    ids = torch.arange(100_000)
+    shards = shard_of(ids, spec, 4)
+    counts = torch.bincount(shards, minlength=4)
+    assert counts.min() > 0.97 * 25_000 and torch.equal(shards, shard_of(ids, spec, 4))
+    hot = shard_of(torch.arange(1000), spec, 4)  # the most popular ids are often the smallest
+    assert torch.bincount(hot, minlength=4).min() > 200
+
+
+@pytest.mark.parametrize("ids, grads, error", [
+    (torch.tensor([-1]), torch.zeros(1, DIM), "negative row id"),
+    (torch.tensor([ROWS]), torch.zeros(1, DIM), "out of range"),
+    (torch.tensor([1, 1]), torch.zeros(2, DIM), "duplicate"),
+    (torch.tensor([1, 2]), torch.zeros(3, DIM), "gradient rows"),
+    (torch.tensor([1.0]), torch.zeros(1, DIM), "int64"),
+    (torch.tensor([1]), torch.zeros(1, DIM, dtype=torch.float64), "float32"),
+])
+def test_bad_updates_are_refused_and_change_nothing(ids, grads, error):
+    table = Table(SPECS[1], seed=0)
+    table.apply(torch.tensor([3]), torch.ones(1, DIM))
+    before = table.tensors()
+    with pytest.raises(InvalidArgument, match=error):
+        table.apply(ids, grads)
+    after = table.tensors()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nan_rows_are_refused():
+    table = Table(SPECS[0], seed=0)
+    with pytest.raises(NonFiniteGradient):
+        table.apply(torch.tensor([1]), torch.full((1, DIM), float("nan")))
+    assert table.touched == 0 and table.steps == 0
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.optimizer)
+def test_checkpoint_tensors_round_trip_bit_exact(spec):
+    table = Table(spec, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.unique(torch.randint(0, ROWS, (12,), generator=g))
+        table.apply(ids, torch.randn(ids.numel(), DIM, generator=g))
+    copy = Table.from_tensors(spec, 5, table.tensors())
+    assert torch.equal(copy.lookup(torch.arange(ROWS)), table.lookup(torch.arange(ROWS)))
+    ids = torch.tensor([1, 2, 39])
+    grads = torch.randn(3, DIM, generator=g)
+    table.apply(ids, grads)
+    copy.apply(ids, grads.clone())
+    assert torch.equal(copy.lookup(torch.arange(ROWS)), table.lookup(torch.arange(ROWS)))
