@@ -99,6 +99,11 @@ def start(tmp_path):
         proc.kill()
 
 
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP): state T in /proc."""
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def digits(workers: int, epochs: int = 500) -> JobSpec:
     return JobSpec.from_toml(spec_path("digits")).replace(epochs=epochs, num_workers=workers, seed=3)
 
@@ -138,11 +143,13 @@ def test_sigterm_while_blocked_at_the_barrier(start):
 
 def test_sigterm_while_the_server_is_gone(start):
     server, address = start.server()
-    worker = start.worker(address, "worker-0")
+    worker = start.worker(address, "worker-0", log_level="DEBUG")
     with Client(address) as client:
         wait_step(client.submit(digits(1)), 0.01)
+    before = worker.text().count("retrying")
     server.kill()
-    time.sleep(1.0)  # the worker's pulls and heartbeats fail: it retries
+    wait_until(lambda: worker.text().count("retrying") > before, 30, interval=0.05,
+               message="the worker's calls to fail and be retried")
     assert_stops_in_time(worker)
 
 
@@ -152,8 +159,8 @@ def test_sigterm_while_the_server_is_frozen(start):
     with Client(address) as client:
         wait_step(client.submit(digits(1)), 0.01)
     server.signal(signal.SIGSTOP)
-    time.sleep(1.0)  # a call in flight that nothing answers, not even its slice's end
-    assert_stops_in_time(worker)
+    wait_until(lambda: stopped(server.pid), 10, interval=0.05, message="the server to freeze")
+    assert_stops_in_time(worker)  # its call in flight is answered by nothing, not even the slice's end
 
 
 def test_sigterm_while_blocked_at_the_barrier_of_a_sharded_job(start):
@@ -173,11 +180,13 @@ def test_sigterm_while_blocked_at_the_barrier_of_a_sharded_job(start):
 def test_sigterm_while_the_coordinator_of_a_sharded_job_is_gone(start):
     _, shard = start.server()
     coordinator, address = start.server("--shards", shard)
-    worker = start.worker(address, "worker-0")
+    worker = start.worker(address, "worker-0", log_level="DEBUG")
     with Client(address) as client:
         wait_step(client.submit(digits(1)), 0.01)
+    before = worker.text().count("retrying")
     coordinator.kill()
-    time.sleep(1.0)  # the coordinator's pull is retried; the other shard's is answered
+    wait_until(lambda: worker.text().count("retrying") > before, 30, interval=0.05,
+               message="the coordinator's calls to be retried (the other shard's are answered)")
     assert_stops_in_time(worker)
 
 
@@ -185,15 +194,14 @@ def test_sigterm_while_registering_with_no_server(start):
     server, address = start.server()
     server.kill()  # a real address (the child reported it), nothing listening any more
     worker = start.worker(address, "worker-0", registered=False, log_level="DEBUG")
-    wait_until(lambda: "retrying" in worker.text(), 60, message="the worker to retry its registration")
-    time.sleep(1.0)  # well into the back-off
+    wait_until(lambda: worker.text().count("retrying") >= 3, 60, interval=0.05,
+               message="the worker to retry its registration a few times: well into the back-off")
     assert_stops_in_time(worker)
 
 
 def test_sigterm_while_idle(start):
     _, address = start.server()
-    worker = start.worker(address, "worker-0")
-    time.sleep(1.0)
+    worker = start.worker(address, "worker-0")  # registered: from now on its beats wait for a job
     assert_stops_in_time(worker)
 
 
@@ -208,8 +216,7 @@ def test_sigterm_while_waiting_for_the_end_of_training(start):
     with Client(address) as client:
         client.submit(spec)
         wait_until(lambda: "pushed all" in worker.text(), 60, message="worker-0 to finish its steps")
-    time.sleep(0.5)
-    assert_stops_in_time(worker)
+    assert_stops_in_time(worker)  # it logs "pushed all", then waits for the end of training
 
 
 def test_a_stopped_worker_told_to_stop_does_not_rejoin_the_barrier(start):
