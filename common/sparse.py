@@ -15,17 +15,27 @@ rows start, how they are updated). Its rows are never held whole anywhere:
 * **Ids** (:func:`check_ids`): int64, ``0 <= id < num_rows`` (``num_rows`` 0:
   any non-negative id), checked where they enter.
 
-No gRPC and no torch.nn here: :mod:`psgrid.server.tables` keeps the rows and
-applies the sparse optimizers; the worker's modules build on this.
+A model uses a table through :class:`Embedding` or :class:`EmbeddingBag`, as it
+would ``nn.Embedding``: the module holds no rows. In a forward pass it asks the
+:class:`RowSource` bound around the step (:func:`rows_from`) for the rows of the
+unique ids it was given, and after the backward pass the source's
+:meth:`Step.gradients` are each table's (unique ids, summed row gradients):
+what a worker pushes. No gRPC here: :mod:`psgrid.server.tables` keeps the rows
+and applies the sparse optimizers; the worker binds a source that pulls rows.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import math
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from psgrid.errors import InvalidArgument
 
@@ -147,3 +157,126 @@ def check_ids(ids: torch.Tensor, table: TableSpec, unique: bool = False) -> None
         raise InvalidArgument(f"table {table.name}: row id {hi} out of range (num_rows {table.num_rows})")
     if unique and torch.unique(ids).numel() != ids.numel():
         raise InvalidArgument(f"table {table.name}: duplicate row ids in one push (sum them first)")
+
+
+# --- the modules a model uses ------------------------------------------------------------------
+
+
+class RowSource(Protocol):
+    """Where a step's rows come from: the servers (a worker), or a table in memory."""
+
+    def rows(self, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [len(ids), dim]: the current rows of the unique ``ids``."""
+
+
+class Step:
+    """The rows one step used, per table, and (after backward) their gradients."""
+
+    def __init__(self, source: RowSource):
+        self.source = source
+        self._used: dict[str, list[tuple[TableSpec, torch.Tensor, torch.Tensor]]] = {}
+
+    def rows(self, table: TableSpec, ids: torch.Tensor, grad: bool) -> torch.Tensor:
+        rows = self.source.rows(table, ids).detach().requires_grad_(grad)
+        self._used.setdefault(table.name, []).append((table, ids, rows))
+        return rows
+
+    def gradients(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per table: (unique ids, their gradient rows summed over every use in the step).
+        Rows a loss did not reach get zero gradients; a table no backward reached is left out."""
+        out = {}
+        for name, uses in self._used.items():
+            grads = [(ids, rows.grad) for _, ids, rows in uses if rows.grad is not None]
+            if not grads:
+                continue
+            ids = torch.cat([i for i, _ in grads])
+            values = torch.cat([g for _, g in grads])
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            summed = torch.zeros(unique.numel(), values.shape[1]).index_add_(0, inverse, values)
+            out[name] = (unique, summed)
+        return out
+
+    def ids(self) -> dict[str, torch.Tensor]:
+        """Per table, the unique ids the step read."""
+        return {name: torch.unique(torch.cat([ids for _, ids, _ in uses])) for name, uses in self._used.items()}
+
+
+_STEP: contextvars.ContextVar[Step | None] = contextvars.ContextVar("psgrid_sparse_step", default=None)
+
+
+@contextlib.contextmanager
+def rows_from(source: RowSource) -> Iterator[Step]:
+    """Bind ``source`` for the forward and backward passes of one step."""
+    step = Step(source)
+    token = _STEP.set(step)
+    try:
+        yield step
+    finally:
+        _STEP.reset(token)
+
+
+class Embedding(nn.Module):
+    """``nn.Embedding(num_rows, dim)`` whose table lives on the parameter servers.
+
+    It holds no rows and no parameters: each forward pass fetches the rows of
+    the unique ids it is given from the step's :class:`RowSource`. ``optimizer``,
+    ``lr`` and the rest describe the table (:class:`TableSpec`); its name is the
+    module's path in the model (:func:`tables`).
+    """
+
+    def __init__(self, num_rows: int, dim: int, **table: object):
+        super().__init__()
+        self.table = TableSpec("unnamed", num_rows, dim, **table)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids`` (any shape) -> [*ids.shape, dim], differentiable in the rows."""
+        step = _STEP.get()
+        if step is None:
+            raise RuntimeError(f"table {self.table.name}: a psgrid.sparse table needs its rows bound "
+                               "(psgrid.sparse.rows_from); a worker binds them around each step")
+        ids = ids.to(torch.int64)
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        check_ids(unique, self.table)
+        rows = step.rows(self.table, unique, grad=torch.is_grad_enabled())
+        return rows[inverse].reshape(*ids.shape, self.table.dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.table.name}: {self.table.num_rows or 'unbounded'} x {self.table.dim}, {self.table.optimizer}"
+
+
+class EmbeddingBag(Embedding):
+    """``nn.EmbeddingBag`` (mode "sum" or "mean") on a server-side table: ``ids`` is 2-D
+    [bags, ids per bag], or 1-D with ``offsets`` (each bag's start), as in torch."""
+
+    def __init__(self, num_rows: int, dim: int, mode: str = "mean", **table: object):
+        super().__init__(num_rows, dim, **table)
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        self.mode = mode
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        if ids.dim() == 2:
+            rows = self.lookup(ids)
+            return rows.sum(1) if self.mode == "sum" else rows.mean(1)
+        if offsets is None:
+            raise ValueError("1-D ids need offsets")
+        rows = self.lookup(ids)
+        bags = torch.bucketize(torch.arange(ids.numel()), offsets[1:], right=True)
+        out = torch.zeros(offsets.numel(), self.table.dim).index_add_(0, bags, rows)
+        if self.mode == "mean":
+            counts = torch.bincount(bags, minlength=offsets.numel()).clamp_(min=1)
+            out = out / counts.unsqueeze(1)
+        return out
+
+
+def tables(model: nn.Module) -> dict[str, TableSpec]:
+    """Name each server-side table of ``model`` by its module path; return them by name."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, Embedding):
+            module.table = dataclasses.replace(module.table, name=path or "table")
+            found[module.table.name] = module.table
+    return found

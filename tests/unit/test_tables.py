@@ -6,10 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from psgrid.errors import InvalidArgument, NonFiniteGradient
 from psgrid.server.tables import Table
-from psgrid.sparse import TableSpec, initial_rows, shard_of
+from psgrid.sparse import Embedding, EmbeddingBag, TableSpec, initial_rows, rows_from, shard_of, tables
 
 ROWS, DIM = 40, 6
 
@@ -142,3 +143,83 @@ def test_checkpoint_tensors_round_trip_bit_exact(spec):
     table.apply(ids, grads)
     copy.apply(ids, grads.clone())
     assert torch.equal(copy.lookup(torch.arange(ROWS)), table.lookup(torch.arange(ROWS)))
+
+
+# --- the modules a model uses, trained against a table in memory ------------------------------------
+
+
+class InMemory:
+    """A RowSource over server-side Tables in this process (what a worker's pulls return)."""
+
+    def __init__(self, specs: dict[str, TableSpec], seed: int):
+        self.tables = {name: Table(spec, seed) for name, spec in specs.items()}
+
+    def rows(self, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
+        return self.tables[table.name].lookup(ids)
+
+
+class Tower(nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.users = table
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, ids):
+        return self.head(self.users(ids).mean(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "sparse_adam"])
+def test_a_model_with_a_server_table_trains_as_torch_with_a_sparse_embedding(optimizer):
+    seed, lr = 7, 0.05
+    ours = Tower(Embedding(ROWS, DIM, optimizer=optimizer, lr=lr))
+    specs = tables(ours)
+    assert list(specs) == ["users"] and not any("users" in n for n, _ in ours.named_parameters())
+    source = InMemory(specs, seed)
+    ref = Tower(nn.Embedding(ROWS, DIM, sparse=True))
+    with torch.no_grad():
+        ref.users.weight.copy_(initial_rows(torch.arange(ROWS), specs["users"], seed))
+        ref.head.load_state_dict(ours.head.state_dict())
+    ref_opts = [torch_optimizer(specs["users"], [ref.users.weight]), torch.optim.SGD(ref.head.parameters(), lr=lr)]
+    head_opt = torch.optim.SGD(ours.head.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, ROWS, (8, 3), generator=g)
+        y = torch.randn(8, generator=g)
+        for opt in ref_opts:
+            opt.zero_grad()
+        nn.functional.mse_loss(ref(ids), y).backward()
+        for opt in ref_opts:
+            opt.step()
+        head_opt.zero_grad()
+        with rows_from(source) as step:
+            nn.functional.mse_loss(ours(ids), y).backward()
+        for name, (unique, grads) in step.gradients().items():
+            assert torch.equal(unique, torch.unique(ids))
+            source.tables[name].apply(unique, grads)
+        head_opt.step()
+    torch.testing.assert_close(source.tables["users"].lookup(torch.arange(ROWS)), ref.users.weight.detach(),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.head.weight, ref.head.weight, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_an_embedding_bag_pools_as_torchs(mode):
+    bag = EmbeddingBag(ROWS, DIM, mode=mode)
+    specs = tables(bag)
+    source = InMemory(specs, 1)
+    ref = nn.EmbeddingBag(ROWS, DIM, mode=mode)
+    with torch.no_grad():
+        ref.weight.copy_(initial_rows(torch.arange(ROWS), specs["table"], 1))
+    ids, offsets = torch.tensor([3, 3, 9, 1, 0, 7]), torch.tensor([0, 2, 5])
+    with rows_from(source):
+        torch.testing.assert_close(bag(ids, offsets), ref(ids, offsets))
+        torch.testing.assert_close(bag(ids.view(2, 3)), ref(ids.view(2, 3)))
+
+
+def test_a_table_outside_a_bound_step_says_what_is_missing():
+    table = Embedding(10, 2)
+    source = InMemory(tables(table), 0)
+    with pytest.raises(RuntimeError, match="rows_from"):
+        table(torch.tensor([1]))
+    with rows_from(source), pytest.raises(InvalidArgument, match="out of range"):
+        table(torch.tensor([10]))
