@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gRPC probes: service \"\" is ready, \"psgrid.liveness\" alive (default: none)")
     p.add_argument("--update-log", help="append a JSON line per accepted gradient push")
     p.add_argument("--shard-name", help="this server's name on update-log lines (default server; "
-                   "psgrid up names the other shards shard-1, shard-2, ...)")
+                   "psgrid up names the other shards shard-1, shard-2, ...: a server so named is not "
+                   "the coordinator and refuses jobs submitted to it)")
     p.add_argument("--max-payload-bytes", type=int, help="largest parameter set one job may hold")
     p.add_argument("--checkpoint-dir", help="checkpoint jobs here, and restore them from here at start")
     p.add_argument("--checkpoint-interval", type=float, help="seconds between checkpoints (default 5)")

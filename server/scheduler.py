@@ -14,7 +14,7 @@ import logging
 import threading
 import uuid
 
-from psgrid.errors import InvalidArgument
+from psgrid.errors import FailedPrecondition, InvalidArgument
 from psgrid.server import retention
 from psgrid.server.jobs import Job
 from psgrid.server.state import ServerState, WorkerRecord
@@ -224,10 +224,15 @@ class Scheduler:
                 w.job_id = None
 
     def submit(self, spec: JobSpec) -> JobInfo:
-        """Queue a job; PermissionDenied when it names modules outside the allow-list."""
+        """Queue a job; PermissionDenied when it names modules outside the allow-list,
+        FailedPrecondition on a shard that is not its cluster's coordinator."""
         state = self.state
-        spec.check_modules(state.config.allowed_modules)
-        job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=state.clock, shards=state.config.shards)
+        config = state.config
+        if config.shard_name.startswith("shard-") and not config.shards:  # psgrid up's name for a non-coordinator
+            raise FailedPrecondition(f"this server is {config.shard_name}, one shard of a sharded cluster: "
+                                     "submit jobs to its coordinator (the server started with --shards)")
+        spec.check_modules(config.allowed_modules)
+        job = Job(f"job-{uuid.uuid4().hex[:10]}", spec, clock=state.clock, shards=config.shards)
         state.snapshots.align(job)
         with state.lock:
             state.jobs[job.job_id] = job

@@ -57,15 +57,15 @@ def test_pushes_leave_no_per_push_record_on_the_job(server_factory, tmp_path):
 
 
 def test_update_log_lines_name_the_shard_that_wrote_them(server_factory, tmp_path):
-    log = tmp_path / "updates.shard-1.jsonl"
-    app = server_factory(update_log=str(log), shard_name="shard-1")
+    log = tmp_path / "updates.ps-b.jsonl"
+    app = server_factory(update_log=str(log), shard_name="ps-b")
     rig = make_rig(app.port, spec(num_workers=2, staleness=None))
     for seq in range(3):
         rig.push(0, seq, grads(0.1), base_step=seq)
         rig.push(1, seq, grads(0.1), base_step=seq)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(lines) == 6 and all(set(line) == UPDATE_FIELDS for line in lines)
-    assert {line["shard"] for line in lines} == {"shard-1"}
+    assert {line["shard"] for line in lines} == {"ps-b"}
     assert [(line["worker_name"], line["seq"], line["version"]) for line in lines] == [
         (rig.names[w], seq, 2 * seq + w + 1) for seq in range(3) for w in (0, 1)]
 

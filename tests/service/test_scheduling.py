@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from psgrid.client.job_client import JobServiceClient
+from psgrid.errors import FailedPrecondition
 from psgrid.server.scheduler import waiting_reason
 from psgrid.spec import JobState
 from psgrid.worker.ps_client import ParameterServerClient
@@ -94,3 +95,11 @@ def test_a_job_bigger_than_the_cluster_never_reserves(server_factory):
     small = c.submit(1)
     wait_until(lambda: c.running(small), 10, message="a job that can never fit holds nothing up")
     assert c.info(huge).waiting == "needs 5 workers, 2 are alive"
+
+
+def test_a_shard_refuses_a_job_submitted_to_it_and_names_the_coordinator(server_factory):
+    shard = server_factory(shard_name="shard-1")
+    jobs = JobServiceClient(f"127.0.0.1:{shard.port}", timeout_s=10, retry_for_s=0)
+    with pytest.raises(FailedPrecondition, match="submit jobs to its coordinator"):
+        jobs.submit(spec())
+    assert jobs.list() == []
