@@ -172,3 +172,64 @@ class Table:
         table.slots = dict(zip(ids.tolist(), range(n)))
         table.steps = int(tensors["steps"][0])
         return table
+
+
+class JobTables:
+    """One shard's tables of a job, and the row gradients of the round being gathered.
+
+    Synchronous jobs stage each worker's row gradients of round ``seq``
+    (:meth:`stage`) and apply them all with the dense update of that round
+    (:meth:`apply_round`): every row update of round t lands before anyone
+    reads round t+1, and the combination is the dense one, the mean over
+    workers weighted by their examples. A worker's second push of a round
+    replaces its first (a retry), so nothing is counted twice. Asynchronous
+    jobs apply a push's rows on arrival (:meth:`apply_now`).
+    """
+
+    def __init__(self, specs: dict[str, TableSpec], seed: int):
+        self.tables = {name: Table(spec, seed) for name, spec in specs.items()}
+        #: worker -> (seq, samples, {table: (ids, grads)}) of the round being gathered.
+        self._staged: dict[str, tuple[int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def table(self, name: str) -> Table:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise InvalidArgument(f"no table {name!r} in this job (tables: {sorted(self.tables)})") from None
+
+    def check(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """InvalidArgument unless every (ids, grads) fits its table; nothing is changed."""
+        for name, (ids, grads) in rows.items():
+            self.table(name).check_update(ids, grads)
+
+    def stage(self, worker: str, seq: int, samples: int, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold ``worker``'s row gradients of round ``seq`` (computed on ``samples`` examples)."""
+        self.check(rows)
+        self._staged[worker] = (seq, samples, {n: (i.clone(), g.clone()) for n, (i, g) in rows.items()})
+
+    def staged(self, seq: int) -> set[str]:
+        return {w for w, (s, _, _) in self._staged.items() if s == seq}
+
+    def apply_round(self, seq: int) -> None:
+        """Apply round ``seq``: per table, the examples-weighted mean of the staged gradients."""
+        entries = [(samples, rows) for s, samples, rows in self._staged.values() if s == seq]
+        total = sum(samples for samples, _ in entries)
+        for name, table in self.tables.items():
+            parts = [(rows[name][0], rows[name][1] * (samples / total)) for samples, rows in entries if name in rows]
+            if not parts:  # no worker reached the table: torch skips a parameter without a gradient
+                continue
+            ids = torch.cat([i for i, _ in parts])
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            summed = torch.zeros(unique.numel(), table.spec.dim).index_add_(0, inverse, torch.cat([g for _, g in parts]))
+            table.apply(unique, summed)
+        self.drop_round(seq)
+
+    def drop_round(self, seq: int) -> None:
+        """Forget what was staged for ``seq`` and earlier (a round restarted or applied)."""
+        self._staged = {w: entry for w, entry in self._staged.items() if entry[0] > seq}
+
+    def apply_now(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Asynchronous jobs: apply one push's rows as they arrive."""
+        self.check(rows)
+        for name, (ids, grads) in rows.items():
+            self.tables[name].apply(ids, grads)

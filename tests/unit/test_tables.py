@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from psgrid.errors import InvalidArgument, NonFiniteGradient
-from psgrid.server.tables import Table
+from psgrid.server.tables import JobTables, Table
 from psgrid.sparse import Embedding, EmbeddingBag, TableSpec, initial_rows, rows_from, shard_of, tables
 
 ROWS, DIM = 40, 6
@@ -223,3 +223,53 @@ def test_a_table_outside_a_bound_step_says_what_is_missing():
         table(torch.tensor([1]))
     with rows_from(source), pytest.raises(InvalidArgument, match="out of range"):
         table(torch.tensor([10]))
+
+
+# --- a synchronous round over several workers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "sparse_adam", "rowwise_adagrad"])
+def test_a_round_of_two_workers_equals_one_process_on_the_union_of_their_batches(optimizer):
+    spec = TableSpec("users", ROWS, DIM, optimizer=optimizer, lr=0.05)
+    shard = JobTables({"users": spec}, seed=2)
+    ref = nn.Embedding(ROWS, DIM, sparse=True)
+    with torch.no_grad():
+        ref.weight.copy_(initial_rows(torch.arange(ROWS), spec, 2))
+    acc = torch.zeros(ROWS)
+    opt = None if optimizer == "rowwise_adagrad" else torch_optimizer(spec, [ref.weight])
+    g = torch.Generator().manual_seed(1)
+    for seq in range(15):
+        batches = [torch.randint(0, ROWS, (n,), generator=g) for n in (5, 9)]  # unequal batches
+        targets = [torch.randn(len(b), DIM, generator=g) for b in batches]
+        pushed = {}
+        for w, (ids, target) in enumerate(zip(batches, targets)):  # each worker: the mean loss of its batch
+            local = nn.Embedding(ROWS, DIM, sparse=True)
+            with torch.no_grad():
+                local.weight.copy_(shard.table("users").lookup(torch.arange(ROWS)))
+            ((local(ids) - target) ** 2).mean().backward()
+            grad = local.weight.grad.coalesce()
+            pushed[f"w{w}"] = {"users": (grad.indices()[0], grad.values())}
+            shard.stage(f"w{w}", seq, len(ids), pushed[f"w{w}"])
+        if seq == 3:  # a retried push replaces the first: nothing counted twice
+            shard.stage("w0", seq, len(batches[0]), pushed["w0"])
+        assert shard.staged(seq) == {"w0", "w1"}
+        shard.apply_round(seq)
+        ref.zero_grad()
+        ((ref(torch.cat(batches)) - torch.cat(targets)) ** 2).mean().backward()
+        if opt is None:
+            union = ref.weight.grad.coalesce()
+            with torch.no_grad():
+                rowwise_adagrad_reference(ref.weight, acc, union.indices()[0], union.values(), spec.lr, spec.eps)
+        else:
+            opt.step()
+    torch.testing.assert_close(shard.table("users").lookup(torch.arange(ROWS)), ref.weight.detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_round_refuses_a_bad_table_or_rows_before_staging_anything():
+    shard = JobTables({"users": TableSpec("users", ROWS, DIM)}, seed=0)
+    with pytest.raises(InvalidArgument, match="no table 'items'"):
+        shard.stage("w0", 0, 4, {"items": (torch.tensor([1]), torch.zeros(1, DIM))})
+    with pytest.raises(InvalidArgument, match="duplicate"):
+        shard.stage("w0", 0, 4, {"users": (torch.tensor([1, 1]), torch.zeros(2, DIM))})
+    assert shard.staged(0) == set()
