@@ -49,7 +49,28 @@ def _spec_from_args(args: argparse.Namespace):
     if args.optimizer:
         opt["name"] = args.optimizer
     data["optimizer"] = opt
+    _slow_link_flags(args, data)
     return JobSpec.from_dict(data)
+
+
+def _slow_link_flags(args: argparse.Namespace, data: dict) -> None:
+    """--sync-every, --local-optimizer/--local-lr, --compression, --no-error-feedback,
+    --pull-dtype and --scale-stale over the spec file's values."""
+    for key in ("sync_every", "compression", "pull_dtype"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if args.no_error_feedback:
+        data["error_feedback"] = False
+    if args.scale_stale:
+        data["scale_stale"] = True
+    if args.local_optimizer or args.local_lr is not None:
+        local = data.get("local_optimizer") or {}
+        local = {"name": local} if isinstance(local, str) else dict(local)
+        if args.local_optimizer:
+            local["name"] = args.local_optimizer
+        if args.local_lr is not None:
+            local["lr"] = args.local_lr
+        data["local_optimizer"] = local
 
 
 def _toml(path) -> dict:
@@ -81,15 +102,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_too_big(client, job_id: str, need: int) -> None:
-    """Say at once when the cluster has fewer live workers than the job asks for."""
+def _warn_if_too_big(client, job_id: str, need: int, grace_s: float = 3.0) -> None:
+    """Say at once when the cluster has fewer live workers than the job asks for (after
+    ``grace_s`` for the job to start: workers starting beside the server may register late)."""
     import sys
+    import time
 
-    alive = sum(1 for w in client.workers() if not w.lost)
-    if need > alive:
-        print(f"psgrid: warning: {job_id} needs {need} workers and {alive} "
-              f"{'is' if alive == 1 else 'are'} alive: it waits (PENDING) until more join "
-              f"(start workers, or raise [workers] count), or `psgrid cancel {job_id}`", file=sys.stderr)
+    from psgrid.spec import JobState
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = sum(1 for w in client.workers() if not w.lost)
+        if need <= alive or client.job(job_id).status().state is not JobState.PENDING:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)  # polling the server: nothing here to wait on
+    print(f"psgrid: warning: {job_id} needs {need} workers and {alive} "
+          f"{'is' if alive == 1 else 'are'} alive: it waits (PENDING) until more join "
+          f"(start workers, or raise [workers] count), or `psgrid cancel {job_id}`", file=sys.stderr)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

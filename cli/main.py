@@ -117,6 +117,20 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seeds the initial weights and every worker's data order (default 0)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (a metric curve)")
+    p.add_argument("--sync-every", type=int, metavar="H",
+                   help="local SGD: each worker takes H local steps, then pushes its model delta; --optimizer "
+                   "is then the outer one (default 1: a gradient every step)")
+    p.add_argument("--local-optimizer", choices=["sgd", "adam", "adamw"],
+                   help="with --sync-every: the workers' optimizer of their local steps (torch.optim)")
+    p.add_argument("--local-lr", type=float, help="with --sync-every: the local optimizer's learning rate")
+    p.add_argument("--compression", metavar="ENCODING",
+                   help="what a push carries: none, fp16, bf16, int8, topk:RATIO (default none)")
+    p.add_argument("--no-error-feedback", action="store_true",
+                   help="lossy compression without carrying what a push left out into the next")
+    p.add_argument("--pull-dtype", choices=["full", "fp16", "bf16"],
+                   help="send training pulls in 16 bits; the server keeps full precision (default full)")
+    p.add_argument("--scale-stale", action="store_true",
+                   help="SSP and async: apply a push computed s steps ago scaled by 1/(1+s)")
     p.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     p.add_argument("--tensorboard", metavar="DIR", help="with --wait: write the job's curves as TensorBoard events")
 

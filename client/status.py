@@ -65,9 +65,37 @@ def job_rows(jobs: Iterable[JobInfo], histories: dict[str, list[HistoryRow]]) ->
             "total_steps": j.total_steps, "progress": round(j.progress, 4),
             "loss": None if math.isnan(j.loss) else j.loss, "samples_per_sec": round(j.samples_per_sec, 1),
             "eta_s": None if eta is None else round(eta, 1), "metrics": j.metrics, "workers": len(j.worker_ids),
-            "waiting": j.waiting,
+            "waiting": j.waiting, "push_bytes_per_step": round(j.push_bytes_per_step),
+            "pull_bytes_per_step": round(j.pull_bytes_per_step), "bytes_pushed": j.bytes_pushed,
+            "bytes_pulled": j.bytes_pulled, "compression_ratio": round(j.compression_ratio, 2),
         })
     return rows
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in B, kB, MB or GB (powers of 1000)."""
+    for unit in ("B", "kB", "MB"):
+        if n < 999.5:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def traffic_line(info: JobInfo) -> str:
+    """What one worker's push and pull cost per step (per round under local SGD), and the
+    compression ratio its pushes achieved; "" before any traffic."""
+    if not info.pushes and not info.pulls:
+        return ""
+    spec = info.spec
+    per = "round" if spec.sync_every > 1 else "step"
+    push = f"push {human_bytes(info.push_bytes_per_step)}/{per}/worker"
+    if spec.compression != "none":
+        feedback = "" if spec.error_feedback else ", no error feedback"
+        push += f" ({spec.compression}{feedback}, compression ratio {info.compression_ratio:.1f}x)"
+    pull = f"pull {human_bytes(info.pull_bytes_per_step)}/{per}/worker"
+    if spec.pull_dtype != "full":
+        pull += f" ({spec.pull_dtype})"
+    return f"{push}, {pull}"
 
 
 def job_lines(info: JobInfo) -> list[str]:
@@ -88,6 +116,9 @@ def job_lines(info: JobInfo) -> list[str]:
         ("training", f"{spec.num_workers} workers, batch {spec.batch_size}, {spec.optimizer.name} "
                      f"lr {spec.optimizer.lr:g}, " + ("async" if spec.staleness is None else
                                                         f"staleness {spec.staleness}")),
+        ("local SGD", f"{spec.local_optimizer.name} lr {spec.local_optimizer.lr:g} on the workers, a push every "
+                      f"{spec.sync_every} local steps" if spec.local_optimizer else ""),
+        ("traffic", traffic_line(info)),
         ("workers", ", ".join(info.worker_ids)), ("shards", ", ".join(info.shards)),
         ("created", when(info.created_unix)), ("updated", when(info.updated_unix)),
     ]
@@ -108,13 +139,16 @@ def render(nodes: list[dict], jobs: list[dict]) -> str:
                      f"{n['state']:<9} {_cell(n['restarts']):>8} {_cell(n['uptime_s'], '{:.0f}s'):>8}  "
                      f"{_cell(n['job_id']):<16} {_cell(n['step']):>6} {_cell(n['samples_per_sec'], '{:,.0f}'):>10}")
     lines += ["", f"{'JOB':<16} {'NAME':<18} {'STATE':<11} {'PROGRESS':>15} {'LOSS':>8} "
-                  f"{'SAMPLES/S':>10} {'ETA':>7}  METRICS"]
+                  f"{'SAMPLES/S':>10} {'ETA':>7} {'NET/STEP':>9}  METRICS"]
     for j in jobs:
         progress = f"{j['step']}/{j['total_steps']} {j['progress']:.0%}" if j["total_steps"] else "-"
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(j["metrics"].items()))
         if j.get("waiting"):  # a PENDING job: why it has not started says more than empty columns
             metrics = f"waiting: {j['waiting']}"
+        # one worker's push and pull, per step
+        per_step = j.get("push_bytes_per_step", 0) + j.get("pull_bytes_per_step", 0)
+        net = human_bytes(per_step) if per_step else "-"
         lines.append(f"{j['job_id']:<16} {j['name'][:18]:<18} {j['state']:<11} {progress:>15} "
                      f"{_cell(j['loss'], '{:.4f}'):>8} {_cell(j['samples_per_sec'], '{:,.0f}'):>10} "
-                     f"{_cell(j['eta_s'], '{:.0f}s'):>7}  {metrics or '-'}")
+                     f"{_cell(j['eta_s'], '{:.0f}s'):>7} {net:>9}  {metrics or '-'}")
     return "\n".join(lines)

@@ -23,13 +23,14 @@ from google.protobuf.message import DecodeError
 
 from psgrid.errors import (
     DtypeMismatch,
+    InvalidArgument,
     MalformedPayload,
     PayloadTooLarge,
     ShapeMismatch,
 )
 from psgrid.limits import quote
 from psgrid.messages import state_from_proto, state_to_proto
-from psgrid.spec import JobState
+from psgrid.spec import Encoding, JobState
 from psgrid.v1 import parameter_server_pb2, tensor_pb2
 
 if sys.byteorder != "little":  # pragma: no cover
@@ -124,8 +125,9 @@ class Layout:
             view.copy_(named[name])
         return out
 
-    def check_matches(self, other: "Layout") -> None:
-        """Raise unless ``other`` names the same tensors, dtypes and shapes in order."""
+    def check_matches(self, other: "Layout", cast: bool = False) -> None:
+        """Raise unless ``other`` names the same tensors, dtypes and shapes in order
+        (``cast``: a floating dtype may be another floating one, as a 16-bit pull's)."""
         if len(other.tensors) != len(self.tensors):
             raise ShapeMismatch(
                 f"expected {len(self.tensors)} tensors, got {len(other.tensors)}"
@@ -133,7 +135,8 @@ class Layout:
         for mine, theirs in zip(self.tensors, other.tensors):
             if mine.name != theirs.name:
                 raise ShapeMismatch(f"expected tensor {mine.name!r}, got {quote(theirs.name)}")
-            if mine.dtype != theirs.dtype:
+            if mine.dtype != theirs.dtype and not (
+                    cast and mine.dtype.is_floating_point and theirs.dtype.is_floating_point):
                 raise DtypeMismatch(
                     f"tensor {mine.name!r}: expected {mine.dtype}, got {theirs.dtype}"
                 )
@@ -235,6 +238,27 @@ def _layout_from_proto(msg: tensor_pb2.TensorSetHeader, max_bytes: int) -> Layou
     if msg.total_bytes < end:
         raise MalformedPayload(f"total_bytes {msg.total_bytes} is shorter than the tensors ({end})")
     return Layout(tuple(metas), msg.total_bytes)
+
+
+_ENCODINGS = {"none": parameter_server_pb2.ENCODING_NONE, "fp16": parameter_server_pb2.ENCODING_FP16,
+              "bf16": parameter_server_pb2.ENCODING_BF16, "int8": parameter_server_pb2.ENCODING_INT8,
+              "topk": parameter_server_pb2.ENCODING_TOPK}
+_ENCODING_KINDS = {v: k for k, v in _ENCODINGS.items()}
+
+
+def encoding_to_proto(encoding: Encoding, header: parameter_server_pb2.PushHeader) -> None:
+    """Say in ``header`` how its payload is encoded."""
+    header.encoding = _ENCODINGS[encoding.kind]
+    header.topk_ratio = encoding.ratio
+
+
+def encoding_from_proto(header: parameter_server_pb2.PushHeader) -> Encoding:
+    """How a push header says its payload is encoded; InvalidArgument for an encoding
+    psgrid does not know or a top-k ratio out of range."""
+    kind = _ENCODING_KINDS.get(header.encoding)
+    if kind is None:
+        raise InvalidArgument(f"unknown payload encoding {header.encoding}")
+    return Encoding(kind, header.topk_ratio)
 
 
 # --- stream frames --------------------------------------------------------------
@@ -449,7 +473,7 @@ def encode_push(header: parameter_server_pb2.PushHeader, payload: torch.Tensor,
                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Frames of a push stream: ``header`` (with its tensors set) and the payload: inside
     the header's frame when it fits in one (INLINE_BYTES), else in chunk frames after it."""
-    sent = payload[: header.tensors.total_bytes]
+    sent = payload[: header.payload_bytes or header.tensors.total_bytes]
     inline = sent.numel() <= min(chunk_bytes, INLINE_BYTES)
     yield header_frame(header.SerializeToString(), sent if inline else None)
     if not inline:

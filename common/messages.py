@@ -26,21 +26,39 @@ def state_from_proto(value: int) -> JobState | None:
     return _STATE_FROM_PROTO.get(value)
 
 
+def _optimizer_to_proto(opt: OptimizerSpec) -> job_pb2.OptimizerSpec:
+    return job_pb2.OptimizerSpec(
+        name=opt.name, lr=opt.lr, momentum=opt.momentum, dampening=opt.dampening,
+        nesterov=opt.nesterov, weight_decay=opt.weight_decay,
+        beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps,
+    )
+
+
+def _optimizer_from_proto(o: job_pb2.OptimizerSpec) -> OptimizerSpec:
+    defaults = OptimizerSpec()
+    return OptimizerSpec(
+        name=o.name or defaults.name, lr=o.lr or defaults.lr, momentum=o.momentum,
+        dampening=o.dampening, nesterov=o.nesterov, weight_decay=o.weight_decay,
+        betas=(o.beta1 or defaults.betas[0], o.beta2 or defaults.betas[1]),
+        eps=o.eps or defaults.eps,
+    )
+
+
 def spec_to_proto(spec: JobSpec) -> job_pb2.JobSpec:
-    opt = spec.optimizer
     msg = job_pb2.JobSpec(
         name=spec.name, model=spec.model, model_kwargs_json=json.dumps(spec.model_kwargs),
         dataset=spec.dataset, dataset_kwargs_json=json.dumps(spec.dataset_kwargs),
-        optimizer=job_pb2.OptimizerSpec(
-            name=opt.name, lr=opt.lr, momentum=opt.momentum, dampening=opt.dampening,
-            nesterov=opt.nesterov, weight_decay=opt.weight_decay,
-            beta1=opt.betas[0], beta2=opt.betas[1], eps=opt.eps,
-        ),
+        optimizer=_optimizer_to_proto(spec.optimizer),
         batch_size=spec.batch_size, epochs=spec.epochs, steps=spec.steps,
         num_workers=spec.num_workers, seed=spec.seed, device=spec.device, eval_every=spec.eval_every,
+        sync_every=spec.sync_every, compression="" if spec.compression == "none" else spec.compression,
+        no_error_feedback=not spec.error_feedback, pull_dtype="" if spec.pull_dtype == "full" else spec.pull_dtype,
+        scale_stale=spec.scale_stale,
     )
     if spec.staleness is not None:
         msg.staleness = spec.staleness
+    if spec.local_optimizer is not None:
+        msg.local_optimizer.CopyFrom(_optimizer_to_proto(spec.local_optimizer))
     return msg
 
 
@@ -60,14 +78,7 @@ def _kwargs(text: str, field: str) -> dict:
 
 def spec_from_proto(msg: job_pb2.JobSpec) -> JobSpec:
     """Raises InvalidSpec for any value out of range."""
-    o = msg.optimizer
-    defaults = OptimizerSpec()
-    optimizer = OptimizerSpec(
-        name=o.name or defaults.name, lr=o.lr or defaults.lr, momentum=o.momentum,
-        dampening=o.dampening, nesterov=o.nesterov, weight_decay=o.weight_decay,
-        betas=(o.beta1 or defaults.betas[0], o.beta2 or defaults.betas[1]),
-        eps=o.eps or defaults.eps,
-    )
+    optimizer = _optimizer_from_proto(msg.optimizer)
     return JobSpec(
         name=msg.name, model=msg.model, dataset=msg.dataset,
         model_kwargs=_kwargs(msg.model_kwargs_json, "model_kwargs"),
@@ -75,7 +86,15 @@ def spec_from_proto(msg: job_pb2.JobSpec) -> JobSpec:
         optimizer=optimizer, batch_size=msg.batch_size, epochs=msg.epochs, steps=msg.steps,
         staleness=msg.staleness if msg.HasField("staleness") else None,
         num_workers=msg.num_workers, seed=msg.seed, device=msg.device, eval_every=msg.eval_every,
+        sync_every=msg.sync_every or 1,
+        local_optimizer=_optimizer_from_proto(msg.local_optimizer) if msg.HasField("local_optimizer") else None,
+        compression=msg.compression or "none", error_feedback=not msg.no_error_feedback,
+        pull_dtype=msg.pull_dtype or "full", scale_stale=msg.scale_stale,
     )
+
+
+#: JobInfo's traffic counters, the same names on both sides.
+_TRAFFIC = ("pushes", "bytes_pushed", "dense_bytes_pushed", "pulls", "bytes_pulled")
 
 
 def info_to_proto(info: JobInfo) -> job_pb2.JobInfo:
@@ -85,7 +104,7 @@ def info_to_proto(info: JobInfo) -> job_pb2.JobInfo:
         loss=info.loss, samples_per_sec=info.samples_per_sec, metrics=info.metrics,
         error=info.error, worker_ids=info.worker_ids,
         created_unix=info.created_unix, updated_unix=info.updated_unix, shards=info.shards,
-        waiting=info.waiting,
+        waiting=info.waiting, **{k: getattr(info, k) for k in _TRAFFIC},
     )
 
 
@@ -97,6 +116,7 @@ def info_from_proto(msg: job_pb2.JobInfo) -> JobInfo:
         samples_per_sec=msg.samples_per_sec, metrics=dict(msg.metrics), error=msg.error,
         worker_ids=tuple(msg.worker_ids), created_unix=msg.created_unix,
         updated_unix=msg.updated_unix, shards=tuple(msg.shards), waiting=msg.waiting,
+        **{k: getattr(msg, k) for k in _TRAFFIC},
     )
 
 
@@ -112,11 +132,13 @@ def event_from_proto(msg: job_pb2.JobEvent) -> JobEvent:
 
 def history_to_proto(row: HistoryRow) -> job_pb2.HistoryRow:
     return job_pb2.HistoryRow(step=row.step, time_unix=row.time_unix, loss=row.loss,
-                              samples_per_sec=row.samples_per_sec, metrics=row.metrics)
+                              samples_per_sec=row.samples_per_sec, metrics=row.metrics,
+                              bytes_pushed=row.bytes_pushed, bytes_pulled=row.bytes_pulled)
 
 
 def history_from_proto(msg: job_pb2.HistoryRow) -> HistoryRow:
-    return HistoryRow(msg.step, msg.time_unix, msg.loss, msg.samples_per_sec, dict(msg.metrics))
+    return HistoryRow(msg.step, msg.time_unix, msg.loss, msg.samples_per_sec, dict(msg.metrics),
+                      msg.bytes_pushed, msg.bytes_pulled)
 
 
 def worker_to_proto(w: WorkerStatus) -> job_pb2.WorkerStatus:

@@ -22,6 +22,12 @@ from psgrid.errors import InvalidSpec, PermissionDenied
 from psgrid.limits import MAX_COUNT, MAX_IMPORT_PATH_CHARS, MAX_JOB_NAME_CHARS, MAX_KWARGS_JSON_BYTES, quote
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+#: What a push may carry (JobSpec.compression); "topk" takes a ratio: "topk:0.01".
+ENCODINGS = ("none", "fp16", "bf16", "int8", "topk")
+#: The largest top-k ratio: above it (index, value) pairs are no smaller than the tensor.
+MAX_TOPK_RATIO = 0.5
+#: Dtypes a job's training pulls may be sent in (JobSpec.pull_dtype); "full": the parameters' own.
+PULL_DTYPES = ("full", "fp16", "bf16")
 #: Module prefixes a cluster runs by default: psgrid's own examples.
 DEFAULT_ALLOWED_MODULES = ("psgrid.examples",)
 # Dotted identifiers (no empty part: "a..b" and "a." are no module), a colon, an identifier.
@@ -99,6 +105,51 @@ class OptimizerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Encoding:
+    """How a worker encodes what it pushes: one of ENCODINGS; ``ratio`` is top-k's
+    fraction of each tensor's values sent. ``str()`` is the spelling :meth:`parse` reads."""
+
+    kind: str = "none"
+    ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENCODINGS:
+            raise InvalidSpec(f"compression must be none, fp16, bf16, int8 or topk:RATIO, got {quote(self.kind)}")
+        if self.kind == "topk":
+            if (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
+                    or not 0 < self.ratio <= MAX_TOPK_RATIO):
+                raise InvalidSpec(f"the top-k ratio must be in (0, {MAX_TOPK_RATIO}], got {quote(self.ratio)}")
+            object.__setattr__(self, "ratio", float(self.ratio))
+        elif self.ratio:
+            raise InvalidSpec(f"only topk takes a ratio, not {self.kind}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Encoding":
+        """``none`` (or empty), ``fp16``, ``bf16``, ``int8`` or ``topk:RATIO``; InvalidSpec otherwise."""
+        if not isinstance(text, str):
+            raise InvalidSpec(f"compression must be a string, got {quote(text)}")
+        kind, colon, ratio = (text or "none").strip().lower().partition(":")
+        if kind != "topk":
+            if colon:
+                raise InvalidSpec(f"only topk takes a ratio, as in topk:0.01; got {quote(text)}")
+            return cls(kind)
+        try:
+            value = float(ratio)
+        except ValueError:
+            raise InvalidSpec(f"topk needs a ratio, as in topk:0.01; got {quote(text)}") from None
+        if not math.isfinite(value):
+            raise InvalidSpec(f"the top-k ratio must be finite, got {quote(text)}")
+        return cls("topk", value)
+
+    def __str__(self) -> str:
+        return f"topk:{self.ratio!r}" if self.kind == "topk" else self.kind
+
+    @property
+    def lossy(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpec:
     """A training job. Model and dataset are ``package.module:factory`` import paths.
 
@@ -106,6 +157,13 @@ class JobSpec:
     ``steps`` counts each worker's pushes, ``epochs`` passes over its shard.
     ``staleness``: 0 synchronous (BSP), n > 0 stale-synchronous (SSP), None
     asynchronous.
+
+    Slow links (docs/design.md, "Training over slow links"): ``sync_every`` H > 1
+    is local SGD (each worker takes H steps of ``local_optimizer``, then pushes
+    its model delta, which the server applies with ``optimizer``, the outer one);
+    ``steps`` and ``epochs`` then count local steps, and the job's step counts
+    rounds. ``compression`` encodes every push (with ``error_feedback`` for the
+    lossy ones); ``pull_dtype`` sends training pulls in 16 bits.
     """
 
     model: str
@@ -123,6 +181,19 @@ class JobSpec:
     device: str = ""
     #: Rank 0 evaluates every this many steps (0: only at the end).
     eval_every: int = 0
+    #: Local SGD: local steps each worker takes between two pushes of its model delta (1: a
+    #: gradient every step).
+    sync_every: int = 1
+    #: The workers' optimizer of their local steps (torch.optim); set exactly when sync_every > 1.
+    local_optimizer: OptimizerSpec | None = None
+    #: What a push carries: "none", "fp16", "bf16", "int8" or "topk:RATIO".
+    compression: str = "none"
+    #: Lossy compression: what a push leaves out is added to the worker's next push.
+    error_feedback: bool = True
+    #: Training pulls in "fp16" or "bf16" ("full": the parameters' own dtype).
+    pull_dtype: str = "full"
+    #: SSP and asynchronous: a push computed on weights s steps old is applied scaled by 1/(1+s).
+    scale_stale: bool = False
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -164,8 +235,22 @@ class JobSpec:
             raise InvalidSpec(f"seed must be in [0, 2**63), got {self.seed}")
         if not _DEVICE.fullmatch(self.device):
             raise InvalidSpec(f"device must be auto, cpu, cuda or cuda:N, got {quote(self.device)}")
+        self._check_slow_link_knobs()
 
-    _INT_FIELDS = ("batch_size", "epochs", "steps", "num_workers", "seed", "eval_every")
+    def _check_slow_link_knobs(self) -> None:
+        if not 1 <= self.sync_every < MAX_COUNT:
+            raise InvalidSpec(f"sync_every must be in [1, 2**62), got {self.sync_every}")
+        if (self.sync_every > 1) != (self.local_optimizer is not None):
+            raise InvalidSpec("local SGD needs both sync_every > 1 and a local_optimizer (the workers' "
+                              f"optimizer of their local steps); got sync_every={self.sync_every} and "
+                              f"local_optimizer={'set' if self.local_optimizer else 'none'}")
+        object.__setattr__(self, "compression", str(Encoding.parse(self.compression)))
+        if self.pull_dtype not in PULL_DTYPES:
+            raise InvalidSpec(f"pull_dtype must be one of {PULL_DTYPES}, got {quote(self.pull_dtype)}")
+        if self.scale_stale and self.synchronous:
+            raise InvalidSpec("scale_stale is for staleness > 0 or 'inf': BSP pushes are never stale")
+
+    _INT_FIELDS = ("batch_size", "epochs", "steps", "num_workers", "seed", "eval_every", "sync_every")
 
     def _coerce(self) -> None:
         """The same spellings on every path (constructor, :meth:`replace`, :meth:`from_dict`).
@@ -188,7 +273,12 @@ class JobSpec:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidSpec(f"{field} must be an integer, got {quote(value)}")
-        for field in ("name", "device"):
+        for field in ("error_feedback", "scale_stale"):
+            if not isinstance(getattr(self, field), bool):
+                raise InvalidSpec(f"{field} must be true or false, got {quote(getattr(self, field))}")
+        if self.local_optimizer is not None and not isinstance(self.local_optimizer, OptimizerSpec):
+            raise InvalidSpec(f"local_optimizer must be an OptimizerSpec, got {type(self.local_optimizer).__name__}")
+        for field in ("name", "device", "compression", "pull_dtype"):
             if not isinstance(getattr(self, field), str):
                 raise InvalidSpec(f"{field} must be a string, got {quote(getattr(self, field))}")
         if not isinstance(self.optimizer, OptimizerSpec):
@@ -197,6 +287,11 @@ class JobSpec:
     @property
     def synchronous(self) -> bool:
         return self.staleness == 0
+
+    @property
+    def encoding(self) -> Encoding:
+        """How every push of the job is encoded (``compression``)."""
+        return Encoding.parse(self.compression)
 
     def check_modules(self, allowed: tuple[str, ...]) -> None:
         """Raise PermissionDenied unless model and dataset live under an allowed prefix."""
@@ -221,21 +316,32 @@ class JobSpec:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise InvalidSpec(f"unknown job spec keys: {sorted(unknown)}")
-        opt = data.pop("optimizer", {})
-        if isinstance(opt, str):
-            opt = {"name": opt}
-        opt = dict(opt)
-        if "betas" in opt:
-            opt["betas"] = tuple(opt["betas"])
-        unknown = set(opt) - {f.name for f in dataclasses.fields(OptimizerSpec)}
-        if unknown:
-            raise InvalidSpec(f"unknown optimizer keys: {sorted(unknown)}")
-        return cls(optimizer=OptimizerSpec(**opt), **data)
+        optimizer = _optimizer_from_dict(data.pop("optimizer", {}), "optimizer")
+        if data.get("local_optimizer") is not None:
+            data["local_optimizer"] = _optimizer_from_dict(data["local_optimizer"], "local_optimizer")
+        return cls(optimizer=optimizer, **data)
 
     @classmethod
     def from_toml(cls, path: str | pathlib.Path) -> "JobSpec":
         with open(path, "rb") as f:
             return cls.from_dict(tomllib.load(f))
+
+
+def _optimizer_from_dict(opt: Any, what: str) -> OptimizerSpec:
+    """An OptimizerSpec from a TOML table (or just its name)."""
+    if isinstance(opt, OptimizerSpec):
+        return opt
+    if isinstance(opt, str):
+        opt = {"name": opt}
+    if not isinstance(opt, dict):
+        raise InvalidSpec(f"{what} must be a table or a name, got {quote(opt)}")
+    opt = dict(opt)
+    if "betas" in opt:
+        opt["betas"] = tuple(opt["betas"])
+    unknown = set(opt) - {f.name for f in dataclasses.fields(OptimizerSpec)}
+    if unknown:
+        raise InvalidSpec(f"unknown {what} keys: {sorted(unknown)}")
+    return OptimizerSpec(**opt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +365,28 @@ class JobInfo:
     shards: tuple[str, ...] = ()
     #: Why a PENDING job has not started yet; empty once it runs.
     waiting: str = ""
+    #: Training traffic on this server since the job started here: pushes accepted and their
+    #: payload bytes as sent (and uncompressed), pulls served with weights and their bytes.
+    pushes: int = 0
+    bytes_pushed: int = 0
+    dense_bytes_pushed: int = 0
+    pulls: int = 0
+    bytes_pulled: int = 0
+
+    @property
+    def push_bytes_per_step(self) -> float:
+        """Payload bytes of one worker's push (per step; per round under local SGD)."""
+        return self.bytes_pushed / self.pushes if self.pushes else 0.0
+
+    @property
+    def pull_bytes_per_step(self) -> float:
+        """Payload bytes of one worker's pull (per step; per round under local SGD)."""
+        return self.bytes_pulled / self.pulls if self.pulls else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Uncompressed push bytes over the bytes sent (1.0: none; 0.0: nothing pushed yet)."""
+        return self.dense_bytes_pushed / self.bytes_pushed if self.bytes_pushed else 0.0
 
     @property
     def progress(self) -> float:
@@ -287,6 +415,9 @@ class HistoryRow:
     loss: float = float("nan")
     samples_per_sec: float = 0.0
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: The job's push and pull payload bytes so far (JobInfo.bytes_pushed, bytes_pulled).
+    bytes_pushed: int = 0
+    bytes_pulled: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

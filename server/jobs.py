@@ -40,6 +40,18 @@ class _Receiver:
 
 
 @dataclasses.dataclass
+class Traffic:
+    """A job's training traffic on this server (JobInfo's counters): pushes accepted and
+    their payload bytes as sent and uncompressed, pulls served with weights and their bytes."""
+
+    pushes: int = 0
+    bytes_pushed: int = 0
+    dense_bytes_pushed: int = 0
+    pulls: int = 0
+    bytes_pulled: int = 0
+
+
+@dataclasses.dataclass
 class WorkerProgress:
     step: int = 0
     loss: float = math.nan
@@ -107,6 +119,10 @@ class Job(GradientRounds):
         self._receivers: dict[str, _Receiver] = {}
         self.staging: dict[str, torch.Tensor] = {}
         self.snapshots: dict[str, torch.Tensor] = {}
+        #: Per worker: where its encoded pushes land (wire_buffer), its 16-bit pulls are built.
+        self.wire: dict[str, torch.Tensor] = {}
+        self.pulls16: dict[str, torch.Tensor] = {}
+        self.traffic = Traffic()
         if next_event == 0:
             with self.cond:
                 self.emit("submitted")
@@ -125,6 +141,7 @@ class Job(GradientRounds):
             metrics=dict(self.metrics), error=self.error, worker_ids=tuple(self.workers),
             created_unix=self.created, updated_unix=self.updated, shards=self.shards,
             waiting=self.waiting if self.state is JobState.PENDING else "",
+            **dataclasses.asdict(self.traffic),
         )
 
     def set_waiting(self, reason: str) -> None:
@@ -185,8 +202,8 @@ class Job(GradientRounds):
         self.lost.discard(old)
         self.steps.rejoin(new, replaces=old)
         self.progress[new] = self.progress.pop(old)
-        self.staging.pop(old, None)
-        self.snapshots.pop(old, None)
+        for buffers in (self.staging, self.snapshots, self.wire, self.pulls16):
+            buffers.pop(old, None)
         if self.evaluator in (old, None):
             self._designate_evaluator()
         self.emit("worker")
@@ -343,6 +360,23 @@ class Job(GradientRounds):
     def is_receiving(self, worker_id: str) -> bool:
         return worker_id in self._receivers
 
+    def wire_buffer(self, worker_id: str, nbytes: int) -> torch.Tensor:
+        """This worker's buffer for an encoded push, ``nbytes`` long; used only inside
+        :meth:`receiving` (one push of a worker at a time), like its staging buffer."""
+        with self.cond:
+            buf = self.wire.get(worker_id)
+            if buf is None or buf.numel() != nbytes:
+                buf = self.wire[worker_id] = torch.empty(nbytes, dtype=torch.uint8)
+            return buf
+
+    def pull_buffer(self, worker_id: str, nbytes: int) -> torch.Tensor:
+        """This worker's buffer for a 16-bit pull (caller holds ``cond``): rewritten only by
+        its next pull, which it sends once it has read this one."""
+        buf = self.pulls16.get(worker_id)
+        if buf is None or buf.numel() != nbytes:
+            buf = self.pulls16[worker_id] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
     # --- progress ---------------------------------------------------------------
 
     def report(self, worker_id: str, step: int, total_steps: int, loss: float,
@@ -357,7 +391,7 @@ class Job(GradientRounds):
         self.emit("progress")
         info = self.events[-1].job
         self.history.append(HistoryRow(info.step, self.updated, info.loss, info.samples_per_sec,
-                                       dict(metrics or {})))
+                                       dict(metrics or {}), self.traffic.bytes_pushed, self.traffic.bytes_pulled))
 
     def worker_finished(self, worker_id: str) -> None:
         """The worker pushed its last step; ignored when that step was undone since (a reset or

@@ -79,6 +79,11 @@ class GradientRounds:
                 steps.accept(worker_id, seq)
             version = store.version if not steps.arrived else store.version + 1
         else:
+            if self.spec.scale_stale and seq > base_step:  # computed on weights seq - base_step steps old
+                scale = 1.0 / (1 + seq - base_step)
+                for g in grads.values():
+                    g.mul_(scale)
+                grad_max = None if grad_max is None else grad_max * scale
             store.apply(grads, grad_max)
             steps.accept(worker_id, seq)
             version = store.version

@@ -16,7 +16,8 @@ import grpc
 import torch
 
 from psgrid import codec, messages, shm, stepframes
-from psgrid.errors import FailedPrecondition, InvalidArgument, MalformedPayload, MalformedRequest, PsgridError
+from psgrid.errors import (FailedPrecondition, InvalidArgument, MalformedPayload, MalformedRequest, PayloadTooLarge,
+                           PsgridError)
 from psgrid.rpc import stream_handler, translate_errors, unary_handler, unary_stream_handler
 from psgrid.server.core import ParameterServerCore
 from psgrid.server.steps import PullResult, PushHeader
@@ -35,12 +36,13 @@ def _push_payload(shm: bool, header: PushHeader, inline: memoryview | None, fram
                   segments: list) -> tuple[object, stepframes.Payload]:
     """Where a step-stream push's payload is (what core.push takes), and the chunk frames
     still to come on the stream for it (none when inline or in shared memory)."""
-    payload = stepframes.Payload(frames, 0 if shm or inline is not None else header.layout.total_bytes)
+    nbytes = header.wire_bytes
+    payload = stepframes.Payload(frames, 0 if shm or inline is not None else nbytes)
     if not shm:
         return ([inline] if inline is not None else payload), payload
-    if not segments or header.layout.total_bytes != segments[0].data.numel():
-        raise MalformedRequest("a push from shared memory on a stream without it, or of another size")
-    return segments[0].data, payload  # the push segment; copied once, then checked (StepPath.push)
+    if not segments or nbytes > segments[0].data.numel():
+        raise MalformedRequest("a push from shared memory on a stream without it, or larger than it")
+    return segments[0].data[:nbytes], payload  # the push segment; copied once, then checked (StepPath.push)
 
 
 class ParameterServerService:
@@ -92,10 +94,14 @@ class ParameterServerService:
         return ps.PushResponse(version=version, duplicate=duplicate)
 
     def _push_header(self, h: ps.PushHeader) -> PushHeader:
+        limit = self.core.config.max_payload_bytes
+        if h.payload_bytes > limit:
+            raise PayloadTooLarge(f"payload of {h.payload_bytes} bytes declared, limit {limit}")
         return PushHeader(
             job_id=h.job_id, worker_id=h.worker_id, seq=h.seq, base_version=h.base_version,
             base_step=h.base_step, init=h.init, samples=h.samples, ranks=tuple(h.ranks),
-            layout=codec.layout_from_proto(h.tensors, self.core.config.max_payload_bytes),
+            layout=codec.layout_from_proto(h.tensors, limit), encoding=codec.encoding_from_proto(h),
+            payload_bytes=h.payload_bytes,
         )
 
     @translate_errors

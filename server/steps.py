@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterable
 import torch
 
 from psgrid.codec import Layout, PayloadAssembler
+from psgrid.compression import PULL_DTYPES, cast_layout, decode, wire_layout
 from psgrid.errors import InvalidArgument, MalformedPayload, NotReady, PsgridError, PushAhead
 from psgrid.limits import check_count, quote
 from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState
 from psgrid.server.store import check_finite
-from psgrid.spec import JobState
+from psgrid.spec import Encoding, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,19 @@ class PushHeader:
     samples: int = 1
     #: The ranks whose data it was computed on; empty: the worker's own.
     ranks: tuple[int, ...] = ()
+    #: How the payload is encoded (the job's compression; initial weights never are).
+    encoding: Encoding = Encoding()
+    #: Bytes of the payload as sent; 0: ``layout.total_bytes``.
+    payload_bytes: int = 0
 
     def __post_init__(self) -> None:
-        for field in ("seq", "base_version", "base_step", "samples"):
+        for field in ("seq", "base_version", "base_step", "samples", "payload_bytes"):
             check_count(getattr(self, field), field)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes of the payload as it travels."""
+        return self.payload_bytes or self.layout.total_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +101,16 @@ class StepPath:
                 # Over, evaluated by another worker, or (final while RUNNING) this
                 # worker has steps to compute again: no weights in this reply.
                 return PullResult(job.state, job.store.version if job.store else 0, step, None, None, clock)
-            store = job.store
-            if job.spec.synchronous or final:
+            store, layout = job.store, job.store.layout
+            if job.spec.pull_dtype != "full" and not final:
+                # Training pulls in 16 bits, converted under the lock (a consistent copy); the
+                # evaluator's final pull and every fetch get the full-precision master copy.
+                layout = cast_layout(store.layout, PULL_DTYPES[job.spec.pull_dtype])
+                payload = job.pull_buffer(worker_id, layout.total_bytes)
+                views = layout.views(payload)
+                for name, value in store.params.items():
+                    views[name].copy_(value)
+            elif job.spec.synchronous or final:
                 # Nothing writes the parameters until this worker pushes again.
                 payload = store.flat
             else:
@@ -101,8 +119,11 @@ class StepPath:
                 else:
                     payload = job.snapshots[worker_id] = store.snapshot_into(job.snapshots.get(worker_id))
             self.state.metrics.pulls.labels(job_id).inc()
-            self.state.metrics.bytes_out.inc(store.layout.total_bytes)
-            return PullResult(job.state, store.version, step, store.layout, payload, clock,
+            self.state.metrics.bytes_out.inc(layout.total_bytes)
+            if not final:
+                job.traffic.pulls += 1
+                job.traffic.bytes_pulled += layout.total_bytes
+            return PullResult(job.state, store.version, step, layout, payload, clock,
                               tuple(job.coverage(worker_id)), job.lineage)
 
     def push(self, header: PushHeader, payload: Iterable[memoryview] | torch.Tensor,
@@ -126,7 +147,7 @@ class StepPath:
         except PsgridError as exc:
             metrics.rejected.labels(type(exc).__name__).inc()
             raise
-        metrics.bytes_in.inc(header.layout.total_bytes)
+        metrics.bytes_in.inc(header.wire_bytes)
         if not header.init:
             (metrics.duplicates if duplicate else metrics.pushes).labels(header.job_id).inc()
         return version, duplicate
@@ -135,6 +156,10 @@ class StepPath:
               cancel: Callable[[], object] | None) -> tuple[int, bool]:
         job, worker = self.state.member(header.job_id, header.worker_id)
         _check_against_spec(job, header)
+        wire = wire_layout(header.layout, header.encoding)
+        if header.wire_bytes != wire.total_bytes:
+            raise InvalidArgument(f"payload_bytes {header.wire_bytes} is not the {wire.total_bytes} bytes of the "
+                                  f"declared tensors encoded as {header.encoding}")
         # A worker dropped from the barrier rejoins before its push counts: a late
         # gradient for a round applied without it is then a duplicate, not a
         # contribution to the next round.
@@ -149,18 +174,21 @@ class StepPath:
             job.require_store().layout.check_identical(header.layout)  # before a byte is allocated
             self._check_order(job, header)
         with job.receiving(header.worker_id, cancel) as buffer:
+            # An encoded payload lands in a buffer of its own and is decoded into the staging one.
+            received = job.wire_buffer(header.worker_id, wire.total_bytes) if header.encoding.lossy else buffer
             if isinstance(payload, torch.Tensor):  # in memory the sender can still write to
-                if payload.numel() != header.layout.total_bytes:
-                    raise MalformedPayload(f"{payload.numel()} bytes in memory for a payload of "
-                                           f"{header.layout.total_bytes}")
-                buffer[: payload.numel()].copy_(payload)
+                if payload.numel() != wire.total_bytes:
+                    raise MalformedPayload(f"{payload.numel()} bytes in memory for a payload of {wire.total_bytes}")
+                received[: payload.numel()].copy_(payload)
             else:
-                _receive(header.layout, buffer, payload)
+                _receive(wire, received, payload)
             with job.cond:
                 job.require_running()
                 if job.steps.is_duplicate(header.worker_id, header.seq):
                     return job.store.version, True
                 self._check_order(job, header)  # again: the job may have moved while the bytes came
+            if header.encoding.lossy:  # InvalidArgument for scales or indices a decoder must not trust
+                decode(header.layout, header.encoding, received, buffer)
             grads = header.layout.views(buffer)
             grad_max = check_finite(grads)
             started = time.perf_counter()
@@ -172,6 +200,9 @@ class StepPath:
                     header.worker_id, header.seq, header.base_version, header.base_step, grads,
                     header.samples, grad_max, header.ranks,
                 )
+                job.traffic.pushes += 1
+                job.traffic.bytes_pushed += header.wire_bytes
+                job.traffic.dense_bytes_pushed += header.layout.total_bytes
                 self.state.log_applied(job)
         self.state.metrics.apply_seconds.observe(time.perf_counter() - started)
         self.state.metrics.staleness.observe(record.staleness)
@@ -247,6 +278,11 @@ def _check_against_spec(job: Job, header: PushHeader) -> None:
     if len(header.ranks) > spec.num_workers or any(r >= spec.num_workers for r in header.ranks):
         raise InvalidArgument(f"ranks must be at most {spec.num_workers} ranks of the job's "
                               f"{spec.num_workers}, got {quote(list(header.ranks))}")
+    if header.init and header.encoding.lossy:
+        raise InvalidArgument(f"initial parameters are sent as they are, not encoded as {header.encoding}")
+    if not header.init and header.encoding != spec.encoding:
+        raise InvalidArgument(f"the push is encoded as {header.encoding}; job {job.job_id}'s pushes are "
+                              f"{spec.compression} (its compression)")
 
 
 def _receive(layout: Layout, buffer: torch.Tensor, payload: Iterable[memoryview]) -> None:

@@ -18,7 +18,7 @@ from psgrid.diagnose import REMIND_EVERY_S, Reminder
 from psgrid.errors import DeadlineExceeded, NotFound, NotReady, PsgridError, Stopping, Unavailable
 from psgrid.guard import Watchdog
 from psgrid.security import Security
-from psgrid.spec import Assignment, JobSpec, JobState, RestorePoints
+from psgrid.spec import Assignment, Encoding, JobSpec, JobState, RestorePoints
 from psgrid.v1 import parameter_server_pb2 as ps
 
 logger = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class ParameterServerClient(rpc.ServiceClient):
         answer, so a step costs one exchange.
         """
         stream = self.stream(header.worker_id)
-        nbytes = header.tensors.total_bytes
+        nbytes = header.payload_bytes or header.tensors.total_bytes
 
         def once(frames_header, timeout):
             with stream.lock:
@@ -288,8 +288,8 @@ class ParameterServerClient(rpc.ServiceClient):
                 if stream.prefetched:
                     stream.reset()
                 segments = stream.shm if stream.shm_job == header.job_id else None
-                if segments is not None and segments[0].data.numel() == nbytes:
-                    segments[0].data.copy_(payload[:nbytes])
+                if segments is not None and nbytes <= segments[0].data.numel():
+                    segments[0].data[:nbytes].copy_(payload[:nbytes])
                     frames_header = ps.PushHeader()
                     frames_header.CopyFrom(header)
                     frames_header.shm = True
@@ -338,12 +338,18 @@ class ParameterServerClient(rpc.ServiceClient):
 
 
 def push_header(job_id: str, worker_id: str, seq: int, base_version: int, base_step: int,
-                layout: Layout, init: bool = False, ranks: tuple[int, ...] = ()) -> ps.PushHeader:
-    """The header of a push: a gradient for step ``seq`` on ``ranks``' data (empty: the worker's own)."""
-    return ps.PushHeader(
+                layout: Layout, init: bool = False, ranks: tuple[int, ...] = (),
+                encoding: Encoding | None = None, payload_bytes: int = 0) -> ps.PushHeader:
+    """The header of a push: a gradient for step ``seq`` on ``ranks``' data (empty: the worker's own),
+    its payload ``payload_bytes`` long when ``encoding`` (the job's compression) encodes it."""
+    header = ps.PushHeader(
         job_id=job_id, worker_id=worker_id, seq=seq, base_version=base_version,
         base_step=base_step, init=init, tensors=codec.layout_to_proto(layout), ranks=ranks,
     )
+    if encoding is not None and encoding.lossy:
+        codec.encoding_to_proto(encoding, header)
+        header.payload_bytes = payload_bytes
+    return header
 
 
 __all__ = ["Assignment", "ParameterServerClient", "push_header", "NotFound"]

@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 
+from prometheus_client import Counter
+
 from psgrid.errors import (JobNotRunning, NotAssigned, NotReady, PsgridError, PushAhead, ShardsDiverged,
                            Stopping, Unavailable, UnknownWorker)
 from psgrid.metrics import WorkerMetrics
@@ -16,6 +18,7 @@ from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
 from psgrid.dataset import ShardSampler
 from psgrid.device import pick_device
 from psgrid.build import build_dataset, build_model
+from psgrid.worker.outbox import Outbox
 from psgrid.worker.ps_client import PULL_SLICE_S, Assignment, ParameterServerClient
 from psgrid.worker.shards import ShardLinks, diverged
 from psgrid.worker.step import GradientStep
@@ -82,6 +85,10 @@ class Worker:
         #: Set to beat at once: a job ended (the idle long poll starts now) or stopping.
         self._beat = threading.Event()
         self.metrics = WorkerMetrics()
+        self.bytes_sent = Counter("psgrid_worker_bytes_sent_total", "Payload bytes pushed, as sent (compressed)",
+                                  registry=self.metrics.registry)
+        self.bytes_received = Counter("psgrid_worker_bytes_received_total", "Payload bytes pulled for training",
+                                      registry=self.metrics.registry)
         self.shards = ShardLinks(client, lambda: self.worker_id, self.name,
                                  (socket.gethostname(), os.getpid(), str(pick_device(device))), security)
 
@@ -205,7 +212,7 @@ class Worker:
         tag = f"[worker {a.rank}/{a.world_size} {a.job_id}]"
         logger.info("%s starting", tag)
         try:
-            step = self._prepare(a)
+            box = self._prepare(a)
         except (JobNotRunning, NotAssigned, UnknownWorker) as exc:
             # The assignment went stale (a server restarted, or the job moved on while this
             # worker registered again): not the job's fault. The next assignment says where to go.
@@ -221,8 +228,8 @@ class Worker:
             clock = a.start_step
             while True:
                 try:
-                    self._train(a, step, tag, clock)
-                    self._finish(a, step, tag)
+                    self._train(a, box, tag, clock)
+                    self._finish(a, box, tag)
                     break
                 except TrainAgain as again:
                     logger.info("%s the server went back to step %d: training again from there", tag, again.clock)
@@ -262,7 +269,7 @@ class Worker:
         except PsgridError as exc:
             logger.warning("could not report the failure: %s", exc)
 
-    def _prepare(self, a: Assignment) -> GradientStep:
+    def _prepare(self, a: Assignment) -> Outbox:
         spec = a.spec
         device = pick_device(spec.device or self.device_pref)
         model = build_model(spec, self.allowed_modules)
@@ -273,7 +280,7 @@ class Worker:
         if a.rank == 0:
             payloads = [step.initial_payload(k) for k in range(self.shards.count)]
             self.shards.push(a.job_id, 0, [], step.layouts, payloads, init=True)
-        return step
+        return Outbox(step, spec)
 
     def _check_running(self) -> None:
         if self.stop.is_set() or self._job_ended.is_set():
@@ -319,9 +326,10 @@ class Worker:
                     if first:  # the final wait: train again from there
                         raise TrainAgain(clock) from None
 
-    def _train(self, a: Assignment, step: GradientStep, tag: str, clock: int) -> None:
-        spec = a.spec
-        total = step.sampler.total_steps(spec.epochs, spec.steps)
+    def _train(self, a: Assignment, box: Outbox, tag: str, clock: int) -> None:
+        """Push every step (every round of ``sync_every`` local steps) from ``clock`` on."""
+        spec, step = a.spec, box.step
+        total = box.rounds
         losses, samples, window_start = [], 0, time.monotonic()
         while clock < total:
             self._check_running()
@@ -337,26 +345,31 @@ class Worker:
                     break
             if pulled[0].ranks and pulled[0].ranks != (a.rank,):
                 logger.debug("%s step %d also covers ranks %s", tag, clock, pulled[0].ranks[1:])
-            loss, rows = step.run(clock, pulled[0].ranks)
+            loss, rows, seen = box.compute(clock, pulled[0].ranks, pulled)
+            payloads = box.payloads()
+            evaluate = a.rank == 0 and box.evaluate_due(clock, spec.eval_every)
+            if evaluate and box.local is not None:  # evaluate the round's global weights, not this worker's
+                for shard, p in enumerate(pulled):
+                    step.load(shard, p.layout, p.buffer)
             computed_at = time.perf_counter()
             # The next step's pull rides right behind the push: one exchange a step.
             ahead = None if clock + 1 >= total else (
                 SPLIT_CHECK_S if self.shards.count > 1 and spec.synchronous else PULL_SLICE_S)
             try:
-                self.shards.push(a.job_id, clock, pulled, step.layouts, step.grad_buffers, samples=rows,
-                                 ranks=pulled[0].ranks, then_pull_s=ahead)
+                self.shards.push(a.job_id, clock, pulled, step.layouts, payloads, samples=rows,
+                                 ranks=pulled[0].ranks, then_pull_s=ahead, encoding=box.encoding)
             except PushAhead as exc:
                 # A shard went back after this pull (a restore, or put back in step):
                 # pull again; the reply says where to go on from.
                 logger.info("%s step %d not taken: %s", tag, clock, exc)
                 continue
-            self._count_step(rows, started, pulled_at, computed_at)
+            self._count_step(seen, started, pulled_at, computed_at)
+            self.bytes_sent.inc(sum(p.numel() for p in payloads))
+            self.bytes_received.inc(sum(p.layout.total_bytes for p in pulled))
             losses.append(loss)
-            samples += rows
+            samples += seen
             elapsed = time.monotonic() - window_start
-            metrics = None
-            if a.rank == 0 and spec.eval_every and (clock + 1) % spec.eval_every == 0:
-                metrics = step.dataset.metrics(step.model)  # on the weights of this step
+            metrics = step.dataset.metrics(step.model) if evaluate else None  # on the weights of this step
             if elapsed >= REPORT_EVERY_S or clock == total - 1 or metrics:
                 state = self.client.report(
                     self.worker_id, a.job_id, "TRAINING", step=clock + 1, total_steps=total,
@@ -376,11 +389,11 @@ class Worker:
         m.seconds.labels("compute").observe(computed_at - pulled_at)
         m.seconds.labels("push").observe(time.perf_counter() - computed_at)
 
-    def _finish(self, a: Assignment, step: GradientStep, tag: str) -> None:
+    def _finish(self, a: Assignment, box: Outbox, tag: str) -> None:
         """After training: evaluate when the server designates this worker, else stay
         on the job (so it is not handed out again) until it ends, asking again in
         case the evaluator is lost."""
-        total = step.sampler.total_steps(a.spec.epochs, a.spec.steps)
+        step, total = box.step, box.rounds
         while not (self.stop.is_set() or self._job_ended.is_set()):
             try:  # in short waits: a worker told to stop must not sit in a long pull
                 final = self.client.pull(a.job_id, self.worker_id, total, True, step.buffer_for(0),

@@ -16,7 +16,7 @@ import torch
 from psgrid.codec import Layout, Pulled
 from psgrid.errors import PsgridError, ShardsDiverged, UnknownCheckpoint, UnknownWorker
 from psgrid.security import Security
-from psgrid.spec import JobState
+from psgrid.spec import Encoding, JobState
 from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_header
 
 logger = logging.getLogger(__name__)
@@ -95,15 +95,17 @@ class ShardLinks:
 
     def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
              payloads: list[torch.Tensor], init: bool = False, samples: int = 0,
-             ranks: tuple[int, ...] = (), then_pull_s: float | None = None) -> None:
+             ranks: tuple[int, ...] = (), then_pull_s: float | None = None,
+             encoding: Encoding | None = None) -> None:
         """Push step ``seq``'s gradient (computed on ``ranks``' data) to every shard at once;
-        ``then_pull_s``: ask each for the next step's weights right behind it."""
+        ``then_pull_s``: ask each for the next step's weights right behind it. ``encoding``:
+        the payloads are encoded as the job's compression says."""
         def one(shard: int) -> object:
             base = pulled[shard] if pulled else None
             # Each shard's own clock: in SSP and async a restarted shard may be behind.
             header = push_header(job_id, self.worker_id(shard), base.clock if base else seq,
                                  base.version if base else 0, base.step if base else 0, layouts[shard], init=init,
-                                 ranks=ranks)
+                                 ranks=ranks, encoding=encoding, payload_bytes=payloads[shard].numel())
             header.samples = samples
             return self.client(shard).push(header, payloads[shard], then_pull_s)
         self._each(one)

@@ -57,8 +57,8 @@ class GradientStep:
 
     @torch.no_grad()
     def load(self, shard: int, layout: Layout, buffer: torch.Tensor) -> None:
-        """Copy one shard's pulled weights into the model."""
-        self.layouts[shard].check_matches(layout)
+        """Copy one shard's pulled weights into the model (converted when they came in 16 bits)."""
+        self.layouts[shard].check_matches(layout, cast=True)
         views = layout.views(buffer)
         for piece in self.partition.pieces[shard]:
             piece_view(self._by_name[piece.tensor], piece).copy_(views[piece.name], non_blocking=True)

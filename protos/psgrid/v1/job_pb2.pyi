@@ -47,7 +47,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "model", "model_kwargs_json", "dataset", "dataset_kwargs_json", "optimizer", "batch_size", "epochs", "steps", "staleness", "num_workers", "seed", "device", "eval_every")
+    __slots__ = ("name", "model", "model_kwargs_json", "dataset", "dataset_kwargs_json", "optimizer", "batch_size", "epochs", "steps", "staleness", "num_workers", "seed", "device", "eval_every", "sync_every", "local_optimizer", "compression", "no_error_feedback", "pull_dtype", "scale_stale")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,12 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SYNC_EVERY_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    NO_ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_STALE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     model_kwargs_json: str
@@ -76,10 +82,16 @@ class JobSpec(_message.Message):
     seed: int
     device: str
     eval_every: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_kwargs_json: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_kwargs_json: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., steps: _Optional[int] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., eval_every: _Optional[int] = ...) -> None: ...
+    sync_every: int
+    local_optimizer: OptimizerSpec
+    compression: str
+    no_error_feedback: bool
+    pull_dtype: str
+    scale_stale: bool
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_kwargs_json: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_kwargs_json: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., steps: _Optional[int] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., eval_every: _Optional[int] = ..., sync_every: _Optional[int] = ..., local_optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., compression: _Optional[str] = ..., no_error_feedback: _Optional[bool] = ..., pull_dtype: _Optional[str] = ..., scale_stale: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "step", "total_steps", "version", "loss", "samples_per_sec", "metrics", "error", "worker_ids", "created_unix", "updated_unix", "shards", "waiting")
+    __slots__ = ("job_id", "spec", "state", "step", "total_steps", "version", "loss", "samples_per_sec", "metrics", "error", "worker_ids", "created_unix", "updated_unix", "shards", "waiting", "pushes", "bytes_pushed", "dense_bytes_pushed", "pulls", "bytes_pulled")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +114,11 @@ class JobInfo(_message.Message):
     UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    DENSE_BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -117,7 +134,12 @@ class JobInfo(_message.Message):
     updated_unix: float
     shards: _containers.RepeatedScalarFieldContainer[str]
     waiting: str
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., shards: _Optional[_Iterable[str]] = ..., waiting: _Optional[str] = ...) -> None: ...
+    pushes: int
+    bytes_pushed: int
+    dense_bytes_pushed: int
+    pulls: int
+    bytes_pulled: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., shards: _Optional[_Iterable[str]] = ..., waiting: _Optional[str] = ..., pushes: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., dense_bytes_pushed: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_pulled: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("seq", "time_unix", "job", "kind")
@@ -132,7 +154,7 @@ class JobEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time_unix: _Optional[float] = ..., job: _Optional[_Union[JobInfo, _Mapping]] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class HistoryRow(_message.Message):
-    __slots__ = ("step", "time_unix", "loss", "samples_per_sec", "metrics")
+    __slots__ = ("step", "time_unix", "loss", "samples_per_sec", "metrics", "bytes_pushed", "bytes_pulled")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,12 +167,16 @@ class HistoryRow(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SEC_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
     step: int
     time_unix: float
     loss: float
     samples_per_sec: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, step: _Optional[int] = ..., time_unix: _Optional[float] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    bytes_pushed: int
+    bytes_pulled: int
+    def __init__(self, step: _Optional[int] = ..., time_unix: _Optional[float] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("worker_id", "name", "host", "pid", "device", "job_id", "rank", "step", "samples_per_sec", "last_seen_s", "lost")

@@ -26,7 +26,7 @@ from psgrid.v1 import job_pb2 as psgrid_dot_v1_dot_job__pb2
 from psgrid.v1 import tensor_pb2 as psgrid_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n psgrid/v1/parameter_server.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a\x16psgrid/v1/tensor.proto\"P\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"\x9a\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12 \n\x04spec\x18\x04 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x12\n\nstart_step\x18\x05 \x01(\x04\x12\x0e\n\x06shards\x18\x06 \x03(\t\x12\x14\n\x0cworker_names\x18\x07 \x03(\t\"E\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"f\n\x11HeartbeatResponse\x12)\n\nassignment\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.Assignment\x12&\n\tjob_state\x18\x02 \x01(\x0e\x32\x13.psgrid.v1.JobState\"o\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\x12\n\nmax_wait_s\x18\x05 \x01(\x01\x12\x0b\n\x03shm\x18\x06 \x01(\x08\"\xcd\x01\n\nPullHeader\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12+\n\x07tensors\x18\x04 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\r\n\x05\x63lock\x18\x05 \x01(\x04\x12\r\n\x05ranks\x18\x06 \x03(\r\x12\x0f\n\x07lineage\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x0b\n\x03shm\x18\x0b \x01(\x08\"Q\n\x0cPullResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\xde\x01\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x11\n\tbase_step\x18\x05 \x01(\x04\x12\x0c\n\x04init\x18\x06 \x01(\x08\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\x0f\n\x07samples\x18\x08 \x01(\x04\x12\r\n\x05ranks\x18\t \x03(\r\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x0b\n\x03shm\x18\x0b \x01(\x08\"P\n\x0bPushRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\x9e\x01\n\x0bStepRequest\x12%\n\x04push\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x04pull\x18\x03 \x01(\x0b\x32\x16.psgrid.v1.PullRequestH\x00\x12&\n\x08shm_open\x18\x04 \x01(\x0b\x32\x12.psgrid.v1.ShmOpenH\x00\x42\x07\n\x05\x66rame\"=\n\x07ShmOpen\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x63line\x18\x03 \x01(\x08\"h\n\x08ShmOffer\x12\x11\n\tpush_path\x18\x01 \x01(\t\x12\x12\n\npush_nonce\x18\x02 \x01(\x0c\x12\x11\n\tpull_path\x18\x03 \x01(\t\x12\x12\n\npull_nonce\x18\x04 \x01(\x0c\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\xcb\x01\n\x0cStepResponse\x12%\n\x04pull\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12)\n\x06pushed\x18\x03 \x01(\x0b\x32\x17.psgrid.v1.PushResponseH\x00\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.psgrid.v1.StepErrorH\x00\x12(\n\tshm_offer\x18\x05 \x01(\x0b\x32\x13.psgrid.v1.ShmOfferH\x00\x42\x07\n\x05\x66rame\"9\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xb1\x02\n\x14ReportMetricsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.psgrid.v1.WorkerPhase\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x04\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.psgrid.v1.ReportMetricsRequest.MetricsEntry\x12\r\n\x05\x65rror\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x15ReportMetricsResponse\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x88\x01\n\x14OpenPartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x14\n\x0cworker_names\x18\x03 \x03(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\"\x17\n\x15OpenPartitionResponse\"^\n\x15\x43losePartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x18\n\x16\x43losePartitionResponse\"=\n\x18ListRestorePointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"-\n\x0cRestorePoint\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x02 \x01(\t\"\x8a\x01\n\x19ListRestorePointsResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x05 \x01(\t\x12\x10\n\x08timeline\x18\x04 \x01(\x04\x12\'\n\x06points\x18\x03 \x03(\x0b\x32\x17.psgrid.v1.RestorePoint\x12\r\n\x05\x63lock\x18\x06 \x01(\x04J\x04\x08\x02\x10\x03\"r\n\x0fRollBackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0f\n\x07lineage\x18\x06 \x01(\t\x12\x17\n\x0f\x65xpect_timeline\x18\x05 \x01(\x04J\x04\x08\x04\x10\x05\"5\n\x10RollBackResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0brolled_back\x18\x02 \x01(\x08*\x96\x01\n\x0bWorkerPhase\x12\x1c\n\x18WORKER_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_PHASE_TRAINING\x10\x01\x12\x19\n\x15WORKER_PHASE_FINISHED\x10\x02\x12\x1a\n\x16WORKER_PHASE_EVALUATED\x10\x03\x12\x17\n\x13WORKER_PHASE_FAILED\x10\x04\x32\x87\x06\n\x0fParameterServer\x12U\n\x0eRegisterWorker\x12 .psgrid.v1.RegisterWorkerRequest\x1a!.psgrid.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.psgrid.v1.HeartbeatRequest\x1a\x1c.psgrid.v1.HeartbeatResponse\x12\x39\n\x04Pull\x12\x16.psgrid.v1.PullRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x12\x39\n\x04Push\x12\x16.psgrid.v1.PushRequest\x1a\x17.psgrid.v1.PushResponse(\x01\x12;\n\x04Step\x12\x16.psgrid.v1.StepRequest\x1a\x17.psgrid.v1.StepResponse(\x01\x30\x01\x12R\n\rReportMetrics\x12\x1f.psgrid.v1.ReportMetricsRequest\x1a .psgrid.v1.ReportMetricsResponse\x12R\n\rOpenPartition\x12\x1f.psgrid.v1.OpenPartitionRequest\x1a .psgrid.v1.OpenPartitionResponse\x12U\n\x0e\x43losePartition\x12 .psgrid.v1.ClosePartitionRequest\x1a!.psgrid.v1.ClosePartitionResponse\x12^\n\x11ListRestorePoints\x12#.psgrid.v1.ListRestorePointsRequest\x1a$.psgrid.v1.ListRestorePointsResponse\x12\x43\n\x08RollBack\x12\x1a.psgrid.v1.RollBackRequest\x1a\x1b.psgrid.v1.RollBackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n psgrid/v1/parameter_server.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a\x16psgrid/v1/tensor.proto\"P\n\x15RegisterWorkerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"I\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"\x9a\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\nworld_size\x18\x03 \x01(\r\x12 \n\x04spec\x18\x04 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x12\n\nstart_step\x18\x05 \x01(\x04\x12\x0e\n\x06shards\x18\x06 \x03(\t\x12\x14\n\x0cworker_names\x18\x07 \x03(\t\"E\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"f\n\x11HeartbeatResponse\x12)\n\nassignment\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.Assignment\x12&\n\tjob_state\x18\x02 \x01(\x0e\x32\x13.psgrid.v1.JobState\"o\n\x0bPullRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12\x12\n\nmax_wait_s\x18\x05 \x01(\x01\x12\x0b\n\x03shm\x18\x06 \x01(\x08\"\xcd\x01\n\nPullHeader\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12+\n\x07tensors\x18\x04 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\r\n\x05\x63lock\x18\x05 \x01(\x04\x12\r\n\x05ranks\x18\x06 \x03(\r\x12\x0f\n\x07lineage\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x0b\n\x03shm\x18\x0b \x01(\x08\"Q\n\x0cPullResponse\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\xb0\x02\n\nPushHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\x11\n\tbase_step\x18\x05 \x01(\x04\x12\x0c\n\x04init\x18\x06 \x01(\x08\x12+\n\x07tensors\x18\x07 \x01(\x0b\x32\x1a.psgrid.v1.TensorSetHeader\x12\x0f\n\x07samples\x18\x08 \x01(\x04\x12\r\n\x05ranks\x18\t \x03(\r\x12\x0f\n\x07payload\x18\n \x01(\x0c\x12\x0b\n\x03shm\x18\x0b \x01(\x08\x12%\n\x08\x65ncoding\x18\x0c \x01(\x0e\x32\x13.psgrid.v1.Encoding\x12\x12\n\ntopk_ratio\x18\r \x01(\x01\x12\x15\n\rpayload_bytes\x18\x0e \x01(\x04\"P\n\x0bPushRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\x9e\x01\n\x0bStepRequest\x12%\n\x04push\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x04pull\x18\x03 \x01(\x0b\x32\x16.psgrid.v1.PullRequestH\x00\x12&\n\x08shm_open\x18\x04 \x01(\x0b\x32\x12.psgrid.v1.ShmOpenH\x00\x42\x07\n\x05\x66rame\"=\n\x07ShmOpen\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x63line\x18\x03 \x01(\x08\"h\n\x08ShmOffer\x12\x11\n\tpush_path\x18\x01 \x01(\t\x12\x12\n\npush_nonce\x18\x02 \x01(\x0c\x12\x11\n\tpull_path\x18\x03 \x01(\t\x12\x12\n\npull_nonce\x18\x04 \x01(\x0c\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\xcb\x01\n\x0cStepResponse\x12%\n\x04pull\x18\x01 \x01(\x0b\x32\x15.psgrid.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12)\n\x06pushed\x18\x03 \x01(\x0b\x32\x17.psgrid.v1.PushResponseH\x00\x12%\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.psgrid.v1.StepErrorH\x00\x12(\n\tshm_offer\x18\x05 \x01(\x0b\x32\x13.psgrid.v1.ShmOfferH\x00\x42\x07\n\x05\x66rame\"9\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\xb1\x02\n\x14ReportMetricsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x05phase\x18\x03 \x01(\x0e\x32\x16.psgrid.v1.WorkerPhase\x12\x0c\n\x04step\x18\x04 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07samples\x18\x07 \x01(\x04\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.psgrid.v1.ReportMetricsRequest.MetricsEntry\x12\r\n\x05\x65rror\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"?\n\x15ReportMetricsResponse\x12&\n\tjob_state\x18\x01 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x88\x01\n\x14OpenPartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\x12\x14\n\x0cworker_names\x18\x03 \x03(\t\x12\x13\n\x0bshard_index\x18\x04 \x01(\r\x12\x13\n\x0bshard_count\x18\x05 \x01(\r\"\x17\n\x15OpenPartitionResponse\"^\n\x15\x43losePartitionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.psgrid.v1.JobState\"\x18\n\x16\x43losePartitionResponse\"=\n\x18ListRestorePointsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"-\n\x0cRestorePoint\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x02 \x01(\t\"\x8a\x01\n\x19ListRestorePointsResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07lineage\x18\x05 \x01(\t\x12\x10\n\x08timeline\x18\x04 \x01(\x04\x12\'\n\x06points\x18\x03 \x03(\x0b\x32\x17.psgrid.v1.RestorePoint\x12\r\n\x05\x63lock\x18\x06 \x01(\x04J\x04\x08\x02\x10\x03\"r\n\x0fRollBackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0f\n\x07lineage\x18\x06 \x01(\t\x12\x17\n\x0f\x65xpect_timeline\x18\x05 \x01(\x04J\x04\x08\x04\x10\x05\"5\n\x10RollBackResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x13\n\x0brolled_back\x18\x02 \x01(\x08*i\n\x08\x45ncoding\x12\x11\n\rENCODING_NONE\x10\x00\x12\x11\n\rENCODING_FP16\x10\x01\x12\x11\n\rENCODING_BF16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x11\n\rENCODING_TOPK\x10\x04*\x96\x01\n\x0bWorkerPhase\x12\x1c\n\x18WORKER_PHASE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_PHASE_TRAINING\x10\x01\x12\x19\n\x15WORKER_PHASE_FINISHED\x10\x02\x12\x1a\n\x16WORKER_PHASE_EVALUATED\x10\x03\x12\x17\n\x13WORKER_PHASE_FAILED\x10\x04\x32\x87\x06\n\x0fParameterServer\x12U\n\x0eRegisterWorker\x12 .psgrid.v1.RegisterWorkerRequest\x1a!.psgrid.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.psgrid.v1.HeartbeatRequest\x1a\x1c.psgrid.v1.HeartbeatResponse\x12\x39\n\x04Pull\x12\x16.psgrid.v1.PullRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x12\x39\n\x04Push\x12\x16.psgrid.v1.PushRequest\x1a\x17.psgrid.v1.PushResponse(\x01\x12;\n\x04Step\x12\x16.psgrid.v1.StepRequest\x1a\x17.psgrid.v1.StepResponse(\x01\x30\x01\x12R\n\rReportMetrics\x12\x1f.psgrid.v1.ReportMetricsRequest\x1a .psgrid.v1.ReportMetricsResponse\x12R\n\rOpenPartition\x12\x1f.psgrid.v1.OpenPartitionRequest\x1a .psgrid.v1.OpenPartitionResponse\x12U\n\x0e\x43losePartition\x12 .psgrid.v1.ClosePartitionRequest\x1a!.psgrid.v1.ClosePartitionResponse\x12^\n\x11ListRestorePoints\x12#.psgrid.v1.ListRestorePointsRequest\x1a$.psgrid.v1.ListRestorePointsResponse\x12\x43\n\x08RollBack\x12\x1a.psgrid.v1.RollBackRequest\x1a\x1b.psgrid.v1.RollBackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERPHASE']._serialized_start=3021
-  _globals['_WORKERPHASE']._serialized_end=3171
+  _globals['_ENCODING']._serialized_start=3102
+  _globals['_ENCODING']._serialized_end=3207
+  _globals['_WORKERPHASE']._serialized_start=3210
+  _globals['_WORKERPHASE']._serialized_end=3360
   _globals['_REGISTERWORKERREQUEST']._serialized_start=92
   _globals['_REGISTERWORKERREQUEST']._serialized_end=172
   _globals['_REGISTERWORKERRESPONSE']._serialized_start=174
@@ -54,45 +56,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLRESPONSE']._serialized_start=902
   _globals['_PULLRESPONSE']._serialized_end=983
   _globals['_PUSHHEADER']._serialized_start=986
-  _globals['_PUSHHEADER']._serialized_end=1208
-  _globals['_PUSHREQUEST']._serialized_start=1210
-  _globals['_PUSHREQUEST']._serialized_end=1290
-  _globals['_STEPREQUEST']._serialized_start=1293
-  _globals['_STEPREQUEST']._serialized_end=1451
-  _globals['_SHMOPEN']._serialized_start=1453
-  _globals['_SHMOPEN']._serialized_end=1514
-  _globals['_SHMOFFER']._serialized_start=1516
-  _globals['_SHMOFFER']._serialized_end=1620
-  _globals['_STEPRESPONSE']._serialized_start=1623
-  _globals['_STEPRESPONSE']._serialized_end=1826
-  _globals['_STEPERROR']._serialized_start=1828
-  _globals['_STEPERROR']._serialized_end=1885
-  _globals['_PUSHRESPONSE']._serialized_start=1887
-  _globals['_PUSHRESPONSE']._serialized_end=1937
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=1940
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=2245
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=2199
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=2245
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2247
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2310
-  _globals['_OPENPARTITIONREQUEST']._serialized_start=2313
-  _globals['_OPENPARTITIONREQUEST']._serialized_end=2449
-  _globals['_OPENPARTITIONRESPONSE']._serialized_start=2451
-  _globals['_OPENPARTITIONRESPONSE']._serialized_end=2474
-  _globals['_CLOSEPARTITIONREQUEST']._serialized_start=2476
-  _globals['_CLOSEPARTITIONREQUEST']._serialized_end=2570
-  _globals['_CLOSEPARTITIONRESPONSE']._serialized_start=2572
-  _globals['_CLOSEPARTITIONRESPONSE']._serialized_end=2596
-  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_start=2598
-  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_end=2659
-  _globals['_RESTOREPOINT']._serialized_start=2661
-  _globals['_RESTOREPOINT']._serialized_end=2706
-  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_start=2709
-  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_end=2847
-  _globals['_ROLLBACKREQUEST']._serialized_start=2849
-  _globals['_ROLLBACKREQUEST']._serialized_end=2963
-  _globals['_ROLLBACKRESPONSE']._serialized_start=2965
-  _globals['_ROLLBACKRESPONSE']._serialized_end=3018
-  _globals['_PARAMETERSERVER']._serialized_start=3174
-  _globals['_PARAMETERSERVER']._serialized_end=3949
+  _globals['_PUSHHEADER']._serialized_end=1290
+  _globals['_PUSHREQUEST']._serialized_start=1292
+  _globals['_PUSHREQUEST']._serialized_end=1372
+  _globals['_STEPREQUEST']._serialized_start=1375
+  _globals['_STEPREQUEST']._serialized_end=1533
+  _globals['_SHMOPEN']._serialized_start=1535
+  _globals['_SHMOPEN']._serialized_end=1596
+  _globals['_SHMOFFER']._serialized_start=1598
+  _globals['_SHMOFFER']._serialized_end=1702
+  _globals['_STEPRESPONSE']._serialized_start=1705
+  _globals['_STEPRESPONSE']._serialized_end=1908
+  _globals['_STEPERROR']._serialized_start=1910
+  _globals['_STEPERROR']._serialized_end=1967
+  _globals['_PUSHRESPONSE']._serialized_start=1969
+  _globals['_PUSHRESPONSE']._serialized_end=2019
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=2022
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=2327
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=2281
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=2327
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2329
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2392
+  _globals['_OPENPARTITIONREQUEST']._serialized_start=2395
+  _globals['_OPENPARTITIONREQUEST']._serialized_end=2531
+  _globals['_OPENPARTITIONRESPONSE']._serialized_start=2533
+  _globals['_OPENPARTITIONRESPONSE']._serialized_end=2556
+  _globals['_CLOSEPARTITIONREQUEST']._serialized_start=2558
+  _globals['_CLOSEPARTITIONREQUEST']._serialized_end=2652
+  _globals['_CLOSEPARTITIONRESPONSE']._serialized_start=2654
+  _globals['_CLOSEPARTITIONRESPONSE']._serialized_end=2678
+  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_start=2680
+  _globals['_LISTRESTOREPOINTSREQUEST']._serialized_end=2741
+  _globals['_RESTOREPOINT']._serialized_start=2743
+  _globals['_RESTOREPOINT']._serialized_end=2788
+  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_start=2791
+  _globals['_LISTRESTOREPOINTSRESPONSE']._serialized_end=2929
+  _globals['_ROLLBACKREQUEST']._serialized_start=2931
+  _globals['_ROLLBACKREQUEST']._serialized_end=3045
+  _globals['_ROLLBACKRESPONSE']._serialized_start=3047
+  _globals['_ROLLBACKRESPONSE']._serialized_end=3100
+  _globals['_PARAMETERSERVER']._serialized_start=3363
+  _globals['_PARAMETERSERVER']._serialized_end=4138
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_NONE: _ClassVar[Encoding]
+    ENCODING_FP16: _ClassVar[Encoding]
+    ENCODING_BF16: _ClassVar[Encoding]
+    ENCODING_INT8: _ClassVar[Encoding]
+    ENCODING_TOPK: _ClassVar[Encoding]
+
 class WorkerPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_PHASE_UNSPECIFIED: _ClassVar[WorkerPhase]
@@ -16,6 +24,11 @@ class WorkerPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_PHASE_FINISHED: _ClassVar[WorkerPhase]
     WORKER_PHASE_EVALUATED: _ClassVar[WorkerPhase]
     WORKER_PHASE_FAILED: _ClassVar[WorkerPhase]
+ENCODING_NONE: Encoding
+ENCODING_FP16: Encoding
+ENCODING_BF16: Encoding
+ENCODING_INT8: Encoding
+ENCODING_TOPK: Encoding
 WORKER_PHASE_UNSPECIFIED: WorkerPhase
 WORKER_PHASE_TRAINING: WorkerPhase
 WORKER_PHASE_FINISHED: WorkerPhase
@@ -125,7 +138,7 @@ class PullResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples", "ranks", "payload", "shm")
+    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples", "ranks", "payload", "shm", "encoding", "topk_ratio", "payload_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +150,9 @@ class PushHeader(_message.Message):
     RANKS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     seq: int
@@ -148,7 +164,10 @@ class PushHeader(_message.Message):
     ranks: _containers.RepeatedScalarFieldContainer[int]
     payload: bytes
     shm: bool
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ...) -> None: ...
+    encoding: Encoding
+    topk_ratio: float
+    payload_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., topk_ratio: _Optional[float] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
