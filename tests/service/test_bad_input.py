@@ -228,7 +228,7 @@ def test_a_push_cancelled_mid_stream_is_one_line_not_a_failure(server, caplog):
         call.cancel()
         hold.set()
         wait_until(lambda: any("cancelled" in r.getMessage() for r in caplog.records if r.name == "psgrid.rpc"),
-                   10, message="the handler to log the cancelled call")
+                   30, message="the handler to log the cancelled call")
     lines = [r for r in caplog.records if r.name == "psgrid.rpc"]
     assert any("cancelled" in r.getMessage() and r.levelno == logging.INFO for r in lines), lines
     assert not any(r.exc_info or r.levelno >= logging.ERROR for r in lines)

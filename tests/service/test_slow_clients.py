@@ -132,7 +132,7 @@ def test_a_service_at_its_bound_answers_resource_exhausted_and_the_other_service
                 return exc
             return None
 
-        error = wait_until(refused, 15, message="JobService to reach its bound")
+        error = wait_until(refused, 30, message="JobService to reach its bound")
         assert error.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 concurrent calls" in str(error)
         # The workers' service has its own bound: pushes and pulls go on.
         assert rig.push(0, 0, {"w": torch.ones(4, 3), "b": torch.ones(4)}) == (1, False)
