@@ -21,12 +21,13 @@ def eta_seconds(info: JobInfo, history: list[HistoryRow], window: int = 20) -> f
     if info.state.terminal or not info.total_steps:
         return None
     rows = [r for r in history if r.step > 0][-window:]
-    if len(rows) < 2 or rows[-1].time_unix <= rows[0].time_unix:
-        return None
     gained = sum(max(0, b.step - a.step) for a, b in zip(rows, rows[1:]))
-    if gained <= 0:
+    if len(rows) >= 2 and rows[-1].time_unix > rows[0].time_unix and gained > 0:
+        rate = gained / (rows[-1].time_unix - rows[0].time_unix)
+    elif info.samples_per_sec > 0:  # too little history (a restart): the workers' reported rate
+        rate = info.samples_per_sec / (info.spec.batch_size * max(1, info.spec.num_workers))
+    else:
         return None
-    rate = gained / (rows[-1].time_unix - rows[0].time_unix)
     return max(0.0, (info.total_steps - info.step) / rate)
 
 
