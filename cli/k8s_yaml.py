@@ -33,7 +33,7 @@ def scalar(value) -> str:
 
 
 def _quoted(text: str) -> str:
-    """A YAML double-quoted scalar in ASCII: ``\\uXXXX`` and ``\\UXXXXXXXX`` for the rest."""
+    """A YAML double-quoted scalar in ASCII: the rest as ``\\u`` + 4 or ``\\U`` + 8 hex digits."""
     out = []
     for char in text:
         code = ord(char)
