@@ -85,8 +85,14 @@ class Job:
             parts.append({k: v.clone() for k, v in pulled.layout.views(pulled.buffer).items()})
         return assemble(parts)
 
-    def model(self) -> nn.Module:
-        """The job's model built from its import path, with the trained weights loaded."""
+    def model(self, tables_in_memory: bool = False) -> nn.Module:
+        """The job's model built from its import path, with the trained weights loaded.
+
+        Its embedding tables (psgrid.sparse) read their rows from the servers as it
+        runs, or, with ``tables_in_memory``, are fetched whole now (each needs its
+        ``num_rows``; for tables that fit in this process's memory).
+        """
+        from psgrid import sparse
         from psgrid.build import build_model
 
         model = build_model(self.spec)
@@ -94,8 +100,72 @@ class Job:
         result = model.load_state_dict(self.state_dict(), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"the job's parameters do not fit {self.spec.model}: {result.unexpected_keys}")
+        tables = sparse.tables(model)
+        if tables_in_memory:
+            import torch
+
+            unbounded = [name for name, t in tables.items() if not t.num_rows]
+            if unbounded:
+                raise ValueError(f"tables {unbounded} have no num_rows: they cannot be fetched whole")
+            source = sparse.MemoryRows({name: self.embedding(name).lookup(torch.arange(t.num_rows))
+                                        for name, t in tables.items()})
+        else:
+            source = _ServerRows(self)
+        for module in model.modules():
+            if isinstance(module, sparse.Embedding):
+                module.bind(source)
         model.eval()
         return model
+
+    def embedding(self, name: str) -> "TableRows":
+        """Read access to the job's embedding table ``name`` (its module path in the model)."""
+        return TableRows(self, name)
+
+
+class TableRows:
+    """Rows of one embedding table of a job, by id, from the servers holding them."""
+
+    def __init__(self, job: Job, name: str):
+        self.job, self.name = job, name
+
+    def lookup(self, ids) -> torch.Tensor:
+        """float32 [*ids.shape, dim]: the rows of ``ids`` as the servers hold them now."""
+        import torch
+
+        from psgrid import sparse
+
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        flat = ids.reshape(-1)
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        clients = self.job._client._shard_clients(self.job.status().shards)
+        where = sparse.shard_of(unique, sparse.TableSpec(self.name, 0, 1), len(clients))
+        out: torch.Tensor | None = None
+        per_call = 1024  # until the first reply says how wide the rows are
+        for shard, rpc in enumerate(clients):
+            mine = (where == shard).nonzero().reshape(-1)
+            start = 0
+            while start < mine.numel():
+                some = mine[start:start + per_call]
+                spec, rows = rpc.lookup_rows(self.job.job_id, self.name, unique[some])
+                if out is None:
+                    out = torch.empty(unique.numel(), spec.dim)
+                    per_call = max(1, sparse.ROWS_BYTES // spec.row_bytes)
+                out[some] = rows
+                start += some.numel()
+        if out is None:  # no ids: learn the width from an empty lookup
+            spec, _ = clients[0].lookup_rows(self.job.job_id, self.name, unique)
+            out = torch.empty(0, spec.dim)
+        return out[inverse].reshape(*ids.shape, out.shape[1])
+
+
+class _ServerRows:
+    """A trained model's rows, read from the job's servers as it runs (psgrid.sparse.RowSource)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def rows(self, table, ids):
+        return self.job.embedding(table.name).lookup(ids)
 
 
 class Client:

@@ -39,6 +39,7 @@ class JobServiceClient(rpc.ServiceClient):
         self._watch = self.channel.unary_stream(
             self._method("WatchJob"), request_serializer=js.WatchJobRequest.SerializeToString,
             response_deserializer=job_pb2.JobEvent.FromString)
+        self._lookup = unary("LookupRows", js.LookupRowsRequest, js.LookupRowsResponse)
         self._fetch = self.channel.unary_stream(
             self._method("FetchParameters"), request_serializer=js.FetchParametersRequest.SerializeToString,
             response_deserializer=rpc.identity)
@@ -105,6 +106,15 @@ class JobServiceClient(rpc.ServiceClient):
                 time.sleep(backoff.next_delay())
             finally:
                 stream.cancel()
+
+    def lookup_rows(self, job_id: str, table: str, ids) -> tuple:
+        """(the table's TableSpec, float32 [len(ids), dim]): rows of ``ids`` (int64) held here."""
+        from psgrid import sparse
+
+        reply = self._call(self._lookup, js.LookupRowsRequest(job_id=job_id, table=table,
+                                                              ids=sparse.ids_to_bytes(ids)))
+        spec = messages.table_from_proto(reply.spec)
+        return spec, sparse.rows_from_bytes(reply.rows, ids.numel(), spec)
 
     def fetch(self, job_id: str) -> Pulled:
         import torch

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -35,10 +36,19 @@ def import_factory(path: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_MODULES
     return factory
 
 
+_SEEDED = threading.Lock()
+
+
 def build_model(spec: JobSpec, allowed: tuple[str, ...] = ("*",)) -> nn.Module:
-    """The model with the job's seeded initial weights (identical on every worker)."""
-    torch.manual_seed(spec.seed)
-    model = import_factory(spec.model, allowed)(**spec.model_kwargs)
+    """The model with the job's seeded initial weights (identical on every worker).
+
+    Seeding and drawing from torch's one global generator is done under a lock:
+    two threads building models at once (workers in one process, a server's
+    threads) would otherwise interleave their draws and get different weights."""
+    factory = import_factory(spec.model, allowed)
+    with _SEEDED:
+        torch.manual_seed(spec.seed)
+        model = factory(**spec.model_kwargs)
     if not isinstance(model, nn.Module):
         raise InvalidSpec(f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module")
     return model

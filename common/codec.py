@@ -25,6 +25,7 @@ from psgrid.errors import (
     DtypeMismatch,
     InvalidArgument,
     MalformedPayload,
+    PayloadCutShort,
     PayloadTooLarge,
     ShapeMismatch,
 )
@@ -407,7 +408,7 @@ class PayloadAssembler:
 
     def finish(self) -> None:
         if self.received != self.layout.total_bytes:
-            raise MalformedPayload(
+            raise PayloadCutShort(
                 f"payload ended after {self.received} of {self.layout.total_bytes} declared bytes"
             )
 

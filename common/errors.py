@@ -33,6 +33,11 @@ class MalformedPayload(InvalidArgument):
     """Payload bytes do not match their header (length, offsets, framing)."""
 
 
+class PayloadCutShort(MalformedPayload):
+    """A stream ended before its declared payload had all come: a malformed
+    request, or (more often) a caller that cancelled or died mid-stream."""
+
+
 class MalformedRequest(InvalidArgument):
     """A request's bytes do not decode as the message its method takes."""
 

@@ -36,6 +36,9 @@ MAX_METRIC_KEY_CHARS = 64
 MAX_ERROR_CHARS = 4000
 #: ``model_kwargs`` and ``dataset_kwargs``, each as JSON.
 MAX_KWARGS_JSON_BYTES = 64 << 10
+#: Bytes of embedding-table rows one PullRows or LookupRows reply may carry (gRPC
+#: clients refuse messages over 4 MiB; psgrid's own ask for 2 MiB at a time).
+MAX_ROWS_REPLY_BYTES = (4 << 20) - (64 << 10)
 #: A lineage digest (16 hex digits today).
 MAX_LINEAGE_CHARS = 64
 
@@ -89,6 +92,15 @@ def check_count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_COUNT:
         raise InvalidArgument(f"{what} must be an integer in [0, 2**62), got {quote(value)}")
     return value
+
+
+def check_rows_reply(count: int, table) -> None:
+    """InvalidArgument when ``count`` rows of ``table`` (a psgrid.sparse.TableSpec) would
+    not fit one reply (MAX_ROWS_REPLY_BYTES)."""
+    if count * table.row_bytes > MAX_ROWS_REPLY_BYTES:
+        raise InvalidArgument(f"table {table.name}: {count} rows of {table.row_bytes} bytes do not fit one reply "
+                              f"({MAX_ROWS_REPLY_BYTES} bytes); ask for at most "
+                              f"{MAX_ROWS_REPLY_BYTES // table.row_bytes} ids at a time")
 
 
 def check_text(value: object, what: str, limit: int, empty: bool = True) -> str:

@@ -6,13 +6,18 @@ nowhere else. ``*_from_proto`` raise InvalidSpec for a value out of range.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import dataclasses
 
-from psgrid.errors import InvalidSpec
+from psgrid.errors import InvalidArgument, InvalidSpec
 from psgrid.limits import MAX_KWARGS_JSON_BYTES, quote
 from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState, OptimizerSpec, WorkerStatus
-from psgrid.v1 import job_pb2
+from psgrid.v1 import job_pb2, parameter_server_pb2
+
+if TYPE_CHECKING:
+    from psgrid.sparse import TableSpec
 
 _STATE_TO_PROTO = {s: getattr(job_pb2, f"JOB_STATE_{s.value}") for s in JobState}
 _STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
@@ -94,7 +99,8 @@ def spec_from_proto(msg: job_pb2.JobSpec) -> JobSpec:
 
 
 #: JobInfo's traffic counters, the same names on both sides.
-_TRAFFIC = ("pushes", "bytes_pushed", "dense_bytes_pushed", "pulls", "bytes_pulled")
+_TRAFFIC = ("pushes", "bytes_pushed", "dense_bytes_pushed", "pulls", "bytes_pulled", "rows_pulled", "rows_pushed",
+            "rows_held")
 
 
 def info_to_proto(info: JobInfo) -> job_pb2.JobInfo:
@@ -147,3 +153,45 @@ def worker_to_proto(w: WorkerStatus) -> job_pb2.WorkerStatus:
 
 def worker_from_proto(msg: job_pb2.WorkerStatus) -> WorkerStatus:
     return WorkerStatus(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(WorkerStatus)})
+
+
+def table_to_proto(table: "TableSpec") -> parameter_server_pb2.EmbeddingTable:
+    return parameter_server_pb2.EmbeddingTable(
+        name=table.name, num_rows=table.num_rows, dim=table.dim, init=table.init, init_scale=table.init_scale,
+        optimizer=table.optimizer, lr=table.lr, eps=table.eps, beta1=table.betas[0], beta2=table.betas[1],
+        initial_accumulator_value=table.initial_accumulator_value)
+
+
+def table_from_proto(msg: parameter_server_pb2.EmbeddingTable) -> "TableSpec":
+    """The table ``msg`` declares; InvalidArgument naming what is out of range."""
+    from psgrid.sparse import TableSpec
+
+    try:
+        return TableSpec(msg.name, msg.num_rows, msg.dim, init=msg.init, init_scale=msg.init_scale,
+                         optimizer=msg.optimizer, lr=msg.lr, eps=msg.eps, betas=(msg.beta1, msg.beta2),
+                         initial_accumulator_value=msg.initial_accumulator_value)
+    except ValueError as exc:
+        raise InvalidArgument(f"embedding table {quote(msg.name)}: {exc}") from None
+
+
+def table_to_json(table: "TableSpec") -> dict:
+    """``table`` as a checkpoint's meta keeps it."""
+    return {**dataclasses.asdict(table), "betas": list(table.betas)}
+
+
+def table_from_json(value: object) -> "TableSpec":
+    """The table a checkpoint's meta describes; ValueError when it is malformed."""
+    from psgrid.sparse import TableSpec
+
+    if type(value) is not dict:
+        raise ValueError("a table must be an object")
+    fields = {f.name for f in dataclasses.fields(TableSpec)}
+    if set(value) != fields:
+        raise ValueError(f"a table has the fields {sorted(fields)}")
+    betas = value["betas"]
+    if type(betas) is not list or len(betas) != 2:
+        raise ValueError("a table's betas are two numbers")
+    try:
+        return TableSpec(**{**value, "betas": tuple(betas)})
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None

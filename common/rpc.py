@@ -23,6 +23,7 @@ from psgrid.errors import (
     ERRORS_BY_NAME,
     DeadlineExceeded,
     MalformedRequest,
+    PayloadCutShort,
     PsgridError,
     Stopping,
     Unauthenticated,
@@ -134,6 +135,28 @@ def _abort(context: grpc.ServicerContext, error: PsgridError) -> None:
     context.abort(status_of(error), status_details(str(error)))
 
 
+#: How long a stream that ended short waits to learn whether its caller cancelled.
+CANCEL_SETTLE_S = 0.5
+
+
+def caller_went_away(context: grpc.ServicerContext, settle_s: float = CANCEL_SETTLE_S) -> bool:
+    """Whether the call's caller cancelled it (or its process died).
+
+    A cancelled request stream reaches the handler in two events that gRPC's
+    synchronous server delivers in either order: the stream's end (which looks
+    like a normal half-close) and the cancellation. A stream that ended short
+    therefore waits up to ``settle_s`` for the second before it is called
+    malformed; a call still active then had a client that really sent too little.
+    """
+    if not context.is_active():
+        return True
+    ended = threading.Event()
+    if not context.add_callback(ended.set):  # the call has already terminated
+        return True
+    ended.wait(settle_s)
+    return not context.is_active()
+
+
 def translate_errors(method: Callable) -> Callable:
     """Turn psgrid errors raised by a servicer method into gRPC statuses.
 
@@ -143,13 +166,14 @@ def translate_errors(method: Callable) -> Callable:
     name = method.__qualname__
 
     def handle(exc: BaseException, context: grpc.ServicerContext) -> None:
-        if isinstance(exc, PsgridError):
-            logger.debug("%s: %s: %s", name, type(exc).__name__, exc)
-            _abort(context, exc)
-        if isinstance(exc, grpc.RpcError) and not context.is_active():
+        if (isinstance(exc, grpc.RpcError) and not context.is_active()
+                or isinstance(exc, PayloadCutShort) and caller_went_away(context)):
             # The caller went away mid-stream (cancelled, or its process died): a normal event.
             logger.info("%s: the caller cancelled the call before it completed", name)
             return
+        if isinstance(exc, PsgridError):
+            logger.debug("%s: %s: %s", name, type(exc).__name__, exc)
+            _abort(context, exc)
         logger.exception("%s failed", name)
         context.abort(grpc.StatusCode.INTERNAL, status_details(f"{type(exc).__name__}: {exc}"))
 

@@ -159,6 +159,66 @@ def check_ids(ids: torch.Tensor, table: TableSpec, unique: bool = False) -> None
         raise InvalidArgument(f"table {table.name}: duplicate row ids in one push (sum them first)")
 
 
+# --- on the wire: ids as little-endian int64, rows as little-endian float32 ------------------
+
+#: Bytes of rows one PullRows, PushRows or LookupRows call carries at most (gRPC's
+#: messages stop at 4 MiB): a step's rows travel in as many calls as they need.
+ROWS_BYTES = 2 << 20
+
+
+
+def ids_to_bytes(ids: torch.Tensor) -> bytes:
+    return ids.to(torch.int64).contiguous().numpy().tobytes()
+
+
+def ids_from_bytes(data: bytes, table: str) -> torch.Tensor:
+    """The int64 ids ``data`` holds; InvalidArgument when it is not whole ids."""
+    if len(data) % 8:
+        raise InvalidArgument(f"table {table}: {len(data)} bytes of ids is not a whole number of int64 ids")
+    return torch.frombuffer(bytearray(data), dtype=torch.int64) if data else torch.empty(0, dtype=torch.int64)
+
+
+def rows_to_bytes(rows: torch.Tensor) -> bytes:
+    return rows.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def rows_from_bytes(data: bytes, count: int, table: TableSpec) -> torch.Tensor:
+    """float32 [count, dim] from ``data``; InvalidArgument when its length is not that."""
+    if len(data) != count * table.row_bytes:
+        raise InvalidArgument(f"table {table.name}: {count} ids need {count * table.row_bytes} bytes of "
+                              f"float32 rows of width {table.dim}, got {len(data)}")
+    if not data:
+        return torch.empty(0, table.dim)
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(count, table.dim)
+
+
+def split_rows(rows: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               limit: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``rows`` ({table: (ids, grads)}) cut into parts of at most about ``limit`` bytes
+    (ids and rows), each row in one part; always at least one part."""
+    parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{}]
+    room = limit
+    for name, (ids, grads) in rows.items():
+        per_row = 8 + 4 * (grads.shape[1] if grads.dim() == 2 else 1)
+        start, n = 0, ids.numel()
+        while True:
+            take = min(n - start, max(0, room) // per_row)
+            if take == 0 and start < n:  # no room left in this part
+                if parts[-1]:
+                    parts.append({})
+                    room = limit
+                    continue
+                take = 1  # a row larger than the limit goes alone
+            parts[-1][name] = (ids[start:start + take], grads[start:start + take])
+            room -= take * per_row
+            start += take
+            if start >= n:
+                break
+            parts.append({})
+            room = limit
+    return parts
+
+
 # --- the modules a model uses ------------------------------------------------------------------
 
 
@@ -167,6 +227,16 @@ class RowSource(Protocol):
 
     def rows(self, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), dim]: the current rows of the unique ``ids``."""
+
+
+class MemoryRows:
+    """Rows held in memory, whole: ``weights`` by table name, float32 [num_rows, dim]."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.weights = weights
+
+    def rows(self, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
+        return self.weights[table.name][ids]
 
 
 class Step:
@@ -227,18 +297,31 @@ class Embedding(nn.Module):
     def __init__(self, num_rows: int, dim: int, **table: object):
         super().__init__()
         self.table = TableSpec("unnamed", num_rows, dim, **table)
+        #: Where rows come from outside a training step (a trained model: :meth:`bind`).
+        self.source: RowSource | None = None
+
+    def bind(self, source: RowSource | None) -> "Embedding":
+        """Read rows from ``source`` whenever no step binds them (inference on a trained
+        model: ``Job.model()`` binds the servers, or rows held in memory)."""
+        self.source = source
+        return self
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` (any shape) -> [*ids.shape, dim], differentiable in the rows."""
         step = _STEP.get()
-        if step is None:
+        if step is None and self.source is None:
             raise RuntimeError(f"table {self.table.name}: a psgrid.sparse table needs its rows bound "
-                               "(psgrid.sparse.rows_from); a worker binds them around each step")
+                               "(psgrid.sparse.rows_from, or Embedding.bind); a worker binds them around "
+                               "each step, Job.model() binds the servers")
         ids = ids.to(torch.int64)
         unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        unique = unique.cpu()
         check_ids(unique, self.table)
-        rows = step.rows(self.table, unique, grad=torch.is_grad_enabled())
-        return rows[inverse].reshape(*ids.shape, self.table.dim)
+        if step is None:
+            rows = self.source.rows(self.table, unique).detach()
+        else:
+            rows = step.rows(self.table, unique, grad=torch.is_grad_enabled())  # on the CPU, as they came
+        return rows.to(ids.device)[inverse].reshape(*ids.shape, self.table.dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids)

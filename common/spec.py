@@ -372,6 +372,10 @@ class JobInfo:
     dense_bytes_pushed: int = 0
     pulls: int = 0
     bytes_pulled: int = 0
+    #: Embedding tables: rows read and row gradients received on this server, rows it holds.
+    rows_pulled: int = 0
+    rows_pushed: int = 0
+    rows_held: int = 0
 
     @property
     def push_bytes_per_step(self) -> float:

@@ -35,6 +35,7 @@ from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState, WorkerRecord
 from psgrid.server.steps import PullResult, PushHeader, StepPath
 from psgrid.server.views import Views
+from psgrid.sparse import TableSpec
 from psgrid.spec import Assignment, HistoryRow, JobEvent, JobInfo, JobSpec, JobState, RestorePoints, WorkerStatus
 
 
@@ -137,6 +138,29 @@ class ParameterServerCore:
         """Receive, validate and apply one push; return (version, duplicate). ``cancel``
         ends its receipt when a later push of the same worker arrives (StepPath.push)."""
         return self._steps.push(header, payload, cancel)
+
+    def pull_rows(self, job_id: str, worker_id: str, table: str, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows of ``ids`` of an embedding table as this server holds them, and the version."""
+        return self._steps.pull_rows(job_id, worker_id, table, ids)
+
+    def push_rows(self, job_id: str, worker_id: str, seq: int,
+                  rows: dict[str, tuple[torch.Tensor, torch.Tensor]], part: int = 0, parts: int = 1) -> None:
+        """Stage (part of) a worker's row gradients of step ``seq`` for its push of ``seq``."""
+        self._steps.push_rows(job_id, worker_id, seq, rows, part, parts)
+
+    def lookup_rows(self, job_id: str, table: str, ids: torch.Tensor) -> tuple[TableSpec, torch.Tensor]:
+        """A client's read of rows of an embedding table held here: (the table, the rows)."""
+        job = self.job(job_id)
+        with job.cond:
+            t = job.require_tables().table(table)
+            limits.check_rows_reply(ids.numel(), t.spec)
+            return t.spec, t.lookup(ids)
+
+    def table_spec(self, job_id: str, table: str) -> TableSpec:
+        """An embedding table of a job held here (NotFound/FailedPrecondition/InvalidArgument)."""
+        job = self.job(job_id)
+        with job.cond:
+            return job.require_tables().table(table).spec
 
     def report(self, worker_id: str, job_id: str, phase: str, step: int, total_steps: int,
                loss: float, samples: int, seconds: float, metrics: dict[str, float],

@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator
 import torch
 
 from psgrid.codec import Layout
-from psgrid.errors import FailedPrecondition, JobNotRunning, NotAssigned, Overloaded
+from psgrid.errors import FailedPrecondition, InvalidArgument, JobNotRunning, NotAssigned, Overloaded
 from psgrid.server.consistency import StepClock
 from psgrid.server.rounds import GradientRounds, UpdateRecord
 from psgrid.server.store import GradientAccumulator, ParameterStore
+from psgrid.server.tables import JobTables, StagedRows
+from psgrid.sparse import TableSpec
 from psgrid.spec import HistoryRow, JobEvent, JobInfo, JobSpec, JobState
 
 #: Prefix of the stand-in id of a rank whose worker has not (re-)registered yet.
@@ -49,6 +51,8 @@ class Traffic:
     dense_bytes_pushed: int = 0
     pulls: int = 0
     bytes_pulled: int = 0
+    rows_pulled: int = 0
+    rows_pushed: int = 0
 
 
 @dataclasses.dataclass
@@ -106,6 +110,10 @@ class Job(GradientRounds):
         self.steps: StepClock | None = None
         self.store: ParameterStore | None = None
         self.accumulator: GradientAccumulator | None = None
+        #: The job's embedding tables (this server's rows of them), from the first init push.
+        self.tables: JobTables | None = None
+        #: Row gradients each worker staged (PushRows) for its next push.
+        self.pending_rows: dict[str, StagedRows] = {}
         self.total_steps = 0
         self.progress: dict[str, WorkerProgress] = {}
         self.metrics: dict[str, float] = {}
@@ -141,7 +149,7 @@ class Job(GradientRounds):
             metrics=dict(self.metrics), error=self.error, worker_ids=tuple(self.workers),
             created_unix=self.created, updated_unix=self.updated, shards=self.shards,
             waiting=self.waiting if self.state is JobState.PENDING else "",
-            **dataclasses.asdict(self.traffic),
+            **dataclasses.asdict(self.traffic), rows_held=self.tables.touched if self.tables else 0,
         )
 
     def set_waiting(self, reason: str) -> None:
@@ -261,11 +269,18 @@ class Job(GradientRounds):
 
     # --- parameters -----------------------------------------------------------
 
-    def initialize(self, layout: Layout, payload: torch.Tensor) -> bool:
-        """Install the initial parameters; False when they already exist."""
+    def initialize(self, layout: Layout, payload: torch.Tensor, tables: dict[str, TableSpec] | None = None) -> bool:
+        """Install the initial parameters and create the job's ``tables``; False when
+        they already exist (InvalidArgument when the tables differ from those)."""
+        tables = tables or {}
         if self.store is not None:
+            held = self.tables.specs() if self.tables is not None else {}
+            if held != tables:
+                raise InvalidArgument(f"job {self.job_id} has the tables {sorted(held)}; this init declares "
+                                      f"{sorted(tables)} (or differs in a table's shape or optimizer)")
             return False
         self.store = ParameterStore(layout, payload, self.spec.optimizer)
+        self.tables = JobTables(tables, self.spec.seed) if tables else None
         if self.spec.synchronous:
             self.accumulator = GradientAccumulator(layout)
         self._maybe_aligned()
@@ -282,11 +297,13 @@ class Job(GradientRounds):
             self.on_aligned(self)
 
     def roll_back(self, store: ParameterStore, clocks: dict[str, int], global_step: int,
-                  finished: set[str], lineage: str) -> None:
+                  finished: set[str], lineage: str, tables: JobTables | None = None) -> None:
         """Put the running job back to an earlier step in place: the parameters and
-        optimizer of ``store``, each worker's clock (by id) and whether it had
-        finished (by name). Waiting pulls wake up and see the older step."""
+        optimizer of ``store`` and the embedding ``tables``, each worker's clock (by
+        id) and whether it had finished (by name). Waiting pulls wake up and see the
+        older step."""
         self.store = store
+        self.tables = tables
         self.lineage = lineage
         self.accumulator = GradientAccumulator(store.layout) if self.spec.synchronous else None
         self.steps = StepClock.restored(self.spec.staleness, clocks, global_step)
@@ -294,6 +311,7 @@ class Job(GradientRounds):
             self.steps.leave(worker)
         self._round_records.clear()
         self.snapshots.clear()
+        self.pending_rows.clear()
         for rank, worker in enumerate(self.workers):
             p = self.progress[worker]
             p.finished = self.worker_names[rank] in finished
@@ -306,6 +324,11 @@ class Job(GradientRounds):
             self.evaluator = None
             self.set_state(JobState.RUNNING)
         self.emit("rolled back")
+
+    def require_tables(self) -> JobTables:
+        if self.tables is None:
+            raise FailedPrecondition(f"job {self.job_id} has no embedding tables")
+        return self.tables
 
     def require_store(self) -> ParameterStore:
         if self.store is None:

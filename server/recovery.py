@@ -21,6 +21,7 @@ from psgrid.server.checkpoint import JobCheckpoint
 from psgrid.server.consistency import StepClock
 from psgrid.server.jobs import AWAY, Job
 from psgrid.server.store import GradientAccumulator, ParameterStore
+from psgrid.server.tables import JobTables
 from psgrid.spec import HistoryRow, JobSpec, JobState
 from psgrid.v1 import job_pb2
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Newest training-curve points a checkpoint keeps.
 HISTORY_IN_CHECKPOINT = 5000
+#: Prefix of the embedding tables' tensors among a checkpoint's optimizer state.
+TABLES = "tables/"
 
 
 def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
@@ -54,12 +57,24 @@ def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
         "partition": job.partition,
         "lineage": job.lineage,
         "aligned": aligned,
+        "tables": [messages.table_to_json(t) for t in job.tables.specs().values()] if job.tables else [],
         "history": [[r.step, r.time_unix, r.loss, r.samples_per_sec, r.metrics]
                     for r in list(job.history)[-HISTORY_IN_CHECKPOINT:]],
     }
     params = dict(store.params) if store else {}
     optimizer_state = store.optimizer.state_tensors() if store else {}
+    if job.tables is not None:
+        optimizer_state.update({TABLES + name: t for name, t in job.tables.tensors().items()})
     return JobCheckpoint(job.job_id, seq, params, optimizer_state, meta).detached()
+
+
+def _tables_of(ckpt: JobCheckpoint, spec: JobSpec) -> JobTables | None:
+    """The embedding tables ``ckpt`` holds (None: the job has none)."""
+    specs = {t.name: t for t in map(messages.table_from_json, ckpt.meta.get("tables", ()))}
+    if not specs:
+        return None
+    tensors = {k[len(TABLES):]: t for k, t in ckpt.optimizer_state.items() if k.startswith(TABLES)}
+    return JobTables.from_tensors(specs, spec.seed, tensors)
 
 
 def _is_count(value: object) -> bool:
@@ -95,7 +110,16 @@ _META = {
 _OPTIONAL_META = {
     "shards": _is_names, "partition": lambda v: type(v) is bool, "lineage": lambda v: type(v) is str,
     "history": lambda v: type(v) is list and all(map(_is_history_row, v)),
+    "tables": lambda v: type(v) is list and all(_is_table(t) for t in v),
 }
+
+
+def _is_table(value: object) -> bool:
+    try:
+        messages.table_from_json(value)
+    except ValueError:
+        return False
+    return True
 
 
 def check_meta(meta: dict) -> None:
@@ -139,6 +163,7 @@ def restore(ckpt: JobCheckpoint) -> Job:
     if ckpt.params:
         job.store = _store(ckpt, spec)
         job.accumulator = GradientAccumulator(job.store.layout) if spec.synchronous else None
+        job.tables = _tables_of(ckpt, spec)
     names = meta["worker_names"]
     if names:
         job.open_away(names)
@@ -173,4 +198,5 @@ def roll_back(job: Job, ckpt: JobCheckpoint) -> None:
     # Every worker goes to the snapshot's step, including one dropped when it was
     # taken (its own clock then was frozen behind): BSP computes each step once.
     clocks = {worker: meta["global_step"] for worker in job.workers}
-    job.roll_back(store, clocks, meta["global_step"], set(meta["finished"]), meta.get("lineage", ""))
+    job.roll_back(store, clocks, meta["global_step"], set(meta["finished"]), meta.get("lineage", ""),
+                  _tables_of(ckpt, job.spec))

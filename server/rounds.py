@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from psgrid.errors import PushAhead
+
+if TYPE_CHECKING:
+    from psgrid.server.tables import JobTables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,8 @@ class _Last:
     weight: int
     #: A bound on its |values| (None: not known).
     grad_max: float | None
+    #: Its embedding-table row gradients ({table: (ids, grads)}; None: the job has no tables).
+    rows: dict | None = None
 
 
 class GradientRounds:
@@ -52,12 +58,15 @@ class GradientRounds:
 
     _round_records: list[UpdateRecord]
     _applied: list[UpdateRecord]
+    tables: JobTables | None
 
     def accept_gradient(self, worker_id: str, seq: int, base_version: int, base_step: int,
                         grads: dict[str, torch.Tensor], samples: int = 1,
-                        grad_max: float | None = None, ranks: tuple[int, ...] = ()) -> UpdateRecord:
+                        grad_max: float | None = None, ranks: tuple[int, ...] = (),
+                        rows: dict | None = None) -> UpdateRecord:
         """Apply (or, in BSP, accumulate weighted by ``samples``) one validated gradient push
-        whose values are at most ``grad_max`` in magnitude (None: not known).
+        whose values are at most ``grad_max`` in magnitude (None: not known), with its
+        embedding-table ``rows`` ({table: (unique ids, gradient rows)}, checked).
 
         Raises NonFiniteGradient when the update it makes (BSP: the round it completes)
         would not be finite; then nothing changed.
@@ -73,9 +82,11 @@ class GradientRounds:
                                 "came back); pull again")
             weight = max(1, samples)
             if steps.active <= steps.arrived | {worker_id}:  # the round's last gradient: apply them all
-                self._apply_round(_Last(worker_id, seq, grads, weight, grad_max))
+                self._apply_round(_Last(worker_id, seq, grads, weight, grad_max, rows))
             else:
                 self.accumulator.add(grads, weight, grad_max)
+                if self.tables is not None:
+                    self.tables.stage(worker_id, seq, weight, rows or {})
                 steps.accept(worker_id, seq)
             version = store.version if not steps.arrived else store.version + 1
         else:
@@ -85,6 +96,8 @@ class GradientRounds:
                     g.mul_(scale)
                 grad_max = None if grad_max is None else grad_max * scale
             store.apply(grads, grad_max)
+            if self.tables is not None and rows:
+                self.tables.apply_now(rows)
             steps.accept(worker_id, seq)
             version = store.version
         record = UpdateRecord(
@@ -107,6 +120,9 @@ class GradientRounds:
         then nothing changed: ``last`` is not counted and the round stays open.
         """
         self._apply_mean(last)
+        if self.tables is not None:  # the rows of the round, with its dense update
+            self.tables.stage(last.worker_id, last.seq, last.weight, last.rows or {})
+            self.tables.apply_round(last.seq)
         self.steps.accept(last.worker_id, last.seq)
         # Who contributed, and on which ranks' data: shards whose rounds differ in either drifted apart.
         names = sorted(f"{self.worker_names[self.workers.index(w)]}{self.coverage(w)}"
@@ -154,5 +170,7 @@ class GradientRounds:
             self.progress[worker].finished = False  # its last step is undone
         steps.arrived.clear()
         self.accumulator.reset()
+        if self.tables is not None:
+            self.tables.reset()
         self._round_records.clear()
         self.cond.notify_all()

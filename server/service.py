@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import grpc
 import torch
 
-from psgrid import codec, messages, shm, stepframes
+from psgrid import codec, messages, shm, sparse, stepframes
 from psgrid.errors import (FailedPrecondition, InvalidArgument, MalformedPayload, MalformedRequest, PayloadTooLarge,
                            PsgridError)
+from psgrid.limits import quote
 from psgrid.rpc import stream_handler, translate_errors, unary_handler, unary_stream_handler
 from psgrid.server.core import ParameterServerCore
 from psgrid.server.steps import PullResult, PushHeader
@@ -43,6 +44,15 @@ def _push_payload(shm: bool, header: PushHeader, inline: memoryview | None, fram
     if not segments or nbytes > segments[0].data.numel():
         raise MalformedRequest("a push from shared memory on a stream without it, or larger than it")
     return segments[0].data[:nbytes], payload  # the push segment; copied once, then checked (StepPath.push)
+
+
+def _tables(h: ps.PushHeader) -> tuple:
+    tables = tuple(messages.table_from_proto(t) for t in h.tables)
+    if len({t.name for t in tables}) != len(tables):
+        raise InvalidArgument("an init push names a table twice")
+    if tables and not h.init:
+        raise InvalidArgument("only an init push declares embedding tables")
+    return tables
 
 
 class ParameterServerService:
@@ -101,7 +111,7 @@ class ParameterServerService:
             job_id=h.job_id, worker_id=h.worker_id, seq=h.seq, base_version=h.base_version,
             base_step=h.base_step, init=h.init, samples=h.samples, ranks=tuple(h.ranks),
             layout=codec.layout_from_proto(h.tensors, limit), encoding=codec.encoding_from_proto(h),
-            payload_bytes=h.payload_bytes,
+            payload_bytes=h.payload_bytes, tables=_tables(h), row_tables=h.row_tables,
         )
 
     @translate_errors
@@ -208,6 +218,24 @@ class ParameterServerService:
             points=[ps.RestorePoint(step=step, lineage=lineage) for step, lineage in at.points])
 
     @translate_errors
+    def PullRows(self, request: ps.PullRowsRequest, context) -> ps.PullRowsResponse:
+        ids = sparse.ids_from_bytes(request.ids, request.table)
+        rows, version = self.core.pull_rows(request.job_id, request.worker_id, request.table, ids)
+        return ps.PullRowsResponse(rows=sparse.rows_to_bytes(rows), version=version)
+
+    @translate_errors
+    def PushRows(self, request: ps.PushRowsRequest, context) -> ps.PushRowsResponse:
+        rows = {}
+        for t in request.tables:
+            if t.table in rows:
+                raise InvalidArgument(f"table {quote(t.table)} named twice in one PushRows")
+            spec = self.core.table_spec(request.job_id, t.table)
+            ids = sparse.ids_from_bytes(t.ids, spec.name)
+            rows[t.table] = (ids, sparse.rows_from_bytes(t.grads, ids.numel(), spec))
+        self.core.push_rows(request.job_id, request.worker_id, request.seq, rows, request.part, request.parts or 1)
+        return ps.PushRowsResponse()
+
+    @translate_errors
     def RollBack(self, request: ps.RollBackRequest, context) -> ps.RollBackResponse:
         step, moved = self.core.roll_back(request.job_id, request.worker_id, request.step, request.lineage,
                                           request.expect_timeline)
@@ -255,6 +283,13 @@ class JobServiceService:
     def FetchParameters(self, request: js.FetchParametersRequest, context) -> Iterator[bytes]:
         yield from pull_frames(self.core.fetch(request.job_id))
 
+    @translate_errors
+    def LookupRows(self, request: js.LookupRowsRequest, context) -> js.LookupRowsResponse:
+        ids = sparse.ids_from_bytes(request.ids, request.table)
+        spec, rows = self.core.lookup_rows(request.job_id, request.table, ids)
+        return js.LookupRowsResponse(rows=sparse.rows_to_bytes(rows), dim=spec.dim,
+                                     spec=messages.table_to_proto(spec))
+
 
 def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
     """The generic handlers for both services, ready for ``server.add_generic_rpc_handlers``."""
@@ -272,6 +307,8 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
             "ListRestorePoints": unary_handler(p.ListRestorePoints, ps.ListRestorePointsRequest,
                                                ps.ListRestorePointsResponse),
             "RollBack": unary_handler(p.RollBack, ps.RollBackRequest, ps.RollBackResponse),
+            "PullRows": unary_handler(p.PullRows, ps.PullRowsRequest, ps.PullRowsResponse),
+            "PushRows": unary_handler(p.PushRows, ps.PushRowsRequest, ps.PushRowsResponse),
         }),
         grpc.method_handlers_generic_handler("psgrid.v1.JobService", {
             "SubmitJob": unary_handler(j.SubmitJob, js.SubmitJobRequest, js.SubmitJobResponse),
@@ -282,5 +319,6 @@ def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
             "GetJobHistory": unary_handler(j.GetJobHistory, js.GetJobHistoryRequest, js.GetJobHistoryResponse),
             "ListWorkers": unary_handler(j.ListWorkers, js.ListWorkersRequest, js.ListWorkersResponse),
             "FetchParameters": unary_stream_handler(j.FetchParameters, js.FetchParametersRequest),
+            "LookupRows": unary_handler(j.LookupRows, js.LookupRowsRequest, js.LookupRowsResponse),
         }),
     ]

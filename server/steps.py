@@ -17,12 +17,14 @@ import torch
 from psgrid.codec import Layout, PayloadAssembler
 from psgrid.compression import PULL_DTYPES, cast_layout, decode, wire_layout
 from psgrid.errors import InvalidArgument, MalformedPayload, NotReady, PsgridError, PushAhead
-from psgrid.limits import check_count, quote
+from psgrid.limits import check_count, check_rows_reply, quote
 from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState
 from psgrid.server.store import check_finite
 from psgrid.spec import Encoding, JobState
+from psgrid.server.tables import MAX_PARTS, Rows, StagedRows
+from psgrid.sparse import TableSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +48,13 @@ class PushHeader:
     encoding: Encoding = Encoding()
     #: Bytes of the payload as sent; 0: ``layout.total_bytes``.
     payload_bytes: int = 0
+    #: With ``init``: the job's embedding tables by name.
+    tables: tuple[TableSpec, ...] = ()
+    #: A gradient: how many tables' row gradients the worker staged for this seq (PushRows).
+    row_tables: int = 0
 
     def __post_init__(self) -> None:
-        for field in ("seq", "base_version", "base_step", "samples", "payload_bytes"):
+        for field in ("seq", "base_version", "base_step", "samples", "payload_bytes", "row_tables"):
             check_count(getattr(self, field), field)
 
     @property
@@ -173,6 +179,7 @@ class StepPath:
             job.require_running()
             job.require_store().layout.check_identical(header.layout)  # before a byte is allocated
             self._check_order(job, header)
+            _staged_rows(job, header)
         with job.receiving(header.worker_id, cancel) as buffer:
             # An encoded payload lands in a buffer of its own and is decoded into the staging one.
             received = job.wire_buffer(header.worker_id, wire.total_bytes) if header.encoding.lossy else buffer
@@ -196,10 +203,12 @@ class StepPath:
                 job.require_running()
                 if job.steps.is_duplicate(header.worker_id, header.seq):
                     return job.store.version, True
+                rows = _staged_rows(job, header)
                 record = job.accept_gradient(
                     header.worker_id, header.seq, header.base_version, header.base_step, grads,
-                    header.samples, grad_max, header.ranks,
+                    header.samples, grad_max, header.ranks, rows,
                 )
+                job.pending_rows.pop(header.worker_id, None)
                 job.traffic.pushes += 1
                 job.traffic.bytes_pushed += header.wire_bytes
                 job.traffic.dense_bytes_pushed += header.layout.total_bytes
@@ -235,12 +244,46 @@ class StepPath:
             del buffer  # a traceback kept by whoever reports it must not keep the buffer alive
             raise
         with job.cond:
-            created = job.initialize(header.layout, buffer)
+            created = job.initialize(header.layout, buffer, {t.name: t for t in header.tables})
             version = job.store.version
         if created:
             logger.info("[ps] job %s initialised: %d tensors, %d bytes",
                         job.job_id, len(header.layout.tensors), header.layout.total_bytes)
         return version, not created
+
+    # --- embedding tables -----------------------------------------------------------------
+
+    def pull_rows(self, job_id: str, worker_id: str, table: str, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The current rows of ``ids`` of ``table`` on this server, and the job's version."""
+        job, worker = self.state.member(job_id, worker_id)
+        worker.last_seen = self.state.clock()
+        with job.cond:  # read-only: in any state (the evaluator reads them after training)
+            t = job.require_tables().table(table)
+            check_rows_reply(ids.numel(), t.spec)
+            rows = t.lookup(ids)
+            job.traffic.rows_pulled += ids.numel()
+            return rows, job.store.version
+
+    def push_rows(self, job_id: str, worker_id: str, seq: int, rows: Rows, part: int = 0, parts: int = 1) -> None:
+        """Stage part ``part`` of ``parts`` of ``worker_id``'s row gradients of step ``seq``
+        for its push of ``seq`` (checked here: nothing is staged unless all of them fit
+        their tables; rows repeated across parts are refused when the push comes)."""
+        check_count(seq, "seq")
+        if not 1 <= parts <= MAX_PARTS or not 0 <= part < parts:
+            raise InvalidArgument(f"part {part} of {parts}: parts must be 1..{MAX_PARTS} and part < parts")
+        job, worker = self.state.member(job_id, worker_id)
+        worker.last_seen = self.state.clock()
+        with job.cond:
+            job.require_running()
+            job.require_tables().check(rows)
+            if job.steps.is_duplicate(worker_id, seq):
+                return  # its push was counted already: a retry
+            job.steps.check_push(worker_id, seq)
+            staged = job.pending_rows.get(worker_id)
+            if staged is None or (staged.seq, staged.parts) != (seq, parts):
+                staged = job.pending_rows[worker_id] = StagedRows(seq, parts)
+            staged.received[part] = rows
+            job.traffic.rows_pushed += sum(ids.numel() for ids, _ in rows.values())
 
     def report(self, worker_id: str, job_id: str, phase: str, step: int, total_steps: int,
                loss: float, samples: int, seconds: float, metrics: dict[str, float],
@@ -283,6 +326,22 @@ def _check_against_spec(job: Job, header: PushHeader) -> None:
     if not header.init and header.encoding != spec.encoding:
         raise InvalidArgument(f"the push is encoded as {header.encoding}; job {job.job_id}'s pushes are "
                               f"{spec.compression} (its compression)")
+
+
+def _staged_rows(job: Job, header: PushHeader) -> dict | None:
+    """The row gradients ``header``'s worker staged for its push (None: the job has no
+    tables); PushAhead when fewer are staged here than the push says (caller holds job.cond)."""
+    if job.tables is None:
+        if header.row_tables:
+            raise InvalidArgument(f"job {job.job_id} has no embedding tables; row_tables must be 0")
+        return None
+    staged = job.pending_rows.get(header.worker_id)
+    rows = staged.merged(job.tables) if staged and staged.seq == header.seq and staged.complete else {}
+    if len(rows) != header.row_tables:
+        raise PushAhead(f"step {header.seq} of {header.worker_id}: its push counts the rows of "
+                        f"{header.row_tables} tables, {len(rows)} are staged here (this server restarted "
+                        "since?); compute the step again")
+    return rows
 
 
 def _receive(layout: Layout, buffer: torch.Tensor, payload: Iterable[memoryview]) -> None:

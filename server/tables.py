@@ -15,6 +15,7 @@ mean squared gradient. ``apply`` takes unique ids and their summed gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -159,11 +160,13 @@ class Table:
     def from_tensors(cls, spec: TableSpec, seed: int, tensors: dict[str, torch.Tensor]) -> "Table":
         """The table a checkpoint's :meth:`tensors` describe; InvalidArgument when they do not fit ``spec``."""
         table = cls(spec, seed)
+        if set(tensors) != {"ids", "rows", "steps", *(f"state.{s}" for s in table.state)}:
+            raise InvalidArgument(f"table {spec.name}: checkpoint tensors do not fit the table")
         ids, rows = tensors["ids"], tensors["rows"]
         n = ids.numel()
         check_ids(ids, spec, unique=True)
-        if tuple(rows.shape) != (n, spec.dim) or set(tensors) != {"ids", "rows", "steps",
-                                                                  *(f"state.{s}" for s in table.state)}:
+        if tuple(rows.shape) != (n, spec.dim) or rows.dtype != torch.float32 \
+                or any(tuple(tensors[f"state.{s}"].shape) != (n, t.shape[1]) for s, t in table.state.items()):
             raise InvalidArgument(f"table {spec.name}: checkpoint tensors do not fit the table")
         table._reserve(n)
         table.ids[:n], table.rows[:n] = ids, rows
@@ -172,6 +175,39 @@ class Table:
         table.slots = dict(zip(ids.tolist(), range(n)))
         table.steps = int(tensors["steps"][0])
         return table
+
+
+#: Parts one step's row gradients may come in (PushRowsRequest.parts).
+MAX_PARTS = 4096
+
+Rows = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class StagedRows:
+    """One worker's row gradients of step ``seq`` as their parts arrive (PushRows)."""
+
+    seq: int
+    parts: int
+    received: dict[int, Rows] = dataclasses.field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == self.parts
+
+    def merged(self, tables: "JobTables") -> Rows:
+        """Every part's rows by table; InvalidArgument when two parts carry the same row."""
+        by_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for part in sorted(self.received):
+            for name, pair in self.received[part].items():
+                by_table.setdefault(name, []).append(pair)
+        out = {}
+        for name, pairs in by_table.items():
+            ids, grads = (pairs[0] if len(pairs) == 1 else
+                          (torch.cat([i for i, _ in pairs]), torch.cat([g for _, g in pairs])))
+            tables.table(name).check_update(ids, grads)
+            out[name] = (ids, grads)
+        return out
 
 
 class JobTables:
@@ -187,9 +223,43 @@ class JobTables:
     """
 
     def __init__(self, specs: dict[str, TableSpec], seed: int):
+        self.seed = seed
         self.tables = {name: Table(spec, seed) for name, spec in specs.items()}
         #: worker -> (seq, samples, {table: (ids, grads)}) of the round being gathered.
         self._staged: dict[str, tuple[int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def specs(self) -> dict[str, TableSpec]:
+        return {name: table.spec for name, table in self.tables.items()}
+
+    @property
+    def touched(self) -> int:
+        """Rows held, over every table."""
+        return sum(table.touched for table in self.tables.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(table.nbytes for table in self.tables.values())
+
+    def reset(self) -> None:
+        """Forget the round being gathered (its workers compute it again)."""
+        self._staged.clear()
+
+    # --- checkpoints: every table's tensors under "<table>/<tensor>" ---------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{name}/{key}": t for name, table in self.tables.items() for key, t in table.tensors().items()}
+
+    @classmethod
+    def from_tensors(cls, specs: dict[str, TableSpec], seed: int, tensors: dict[str, torch.Tensor]) -> "JobTables":
+        """The tables a checkpoint's :meth:`tensors` describe; InvalidArgument when they do not fit."""
+        out = cls({}, seed)
+        for name, spec in specs.items():
+            prefix = f"{name}/"
+            own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+            out.tables[name] = Table.from_tensors(spec, seed, own)
+        if len(tensors) != sum(len(t.tensors()) for t in out.tables.values()):
+            raise InvalidArgument("checkpoint table tensors name a table the job does not have")
+        return out
 
     def table(self, name: str) -> Table:
         try:

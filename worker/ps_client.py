@@ -11,13 +11,14 @@ from collections.abc import Callable, Iterable
 import grpc
 import torch
 
-from psgrid import codec, messages, rpc, shm, stepframes
+from psgrid import codec, messages, rpc, shm, sparse, stepframes
 from psgrid.backoff import Backoff
 from psgrid.codec import Layout, Pulled
 from psgrid.diagnose import REMIND_EVERY_S, Reminder
 from psgrid.errors import DeadlineExceeded, NotFound, NotReady, PsgridError, Stopping, Unavailable
 from psgrid.guard import Watchdog
 from psgrid.security import Security
+from psgrid.sparse import TableSpec
 from psgrid.spec import Assignment, Encoding, JobSpec, JobState, RestorePoints
 from psgrid.v1 import parameter_server_pb2 as ps
 
@@ -158,6 +159,8 @@ class ParameterServerClient(rpc.ServiceClient):
         self._close = unary("ClosePartition", ps.ClosePartitionRequest, ps.ClosePartitionResponse)
         self._points = unary("ListRestorePoints", ps.ListRestorePointsRequest, ps.ListRestorePointsResponse)
         self._roll_back = unary("RollBack", ps.RollBackRequest, ps.RollBackResponse)
+        self._pull_rows = unary("PullRows", ps.PullRowsRequest, ps.PullRowsResponse)
+        self._push_rows = unary("PushRows", ps.PushRowsRequest, ps.PushRowsResponse)
         self._pull = self.channel.unary_stream(
             self._method("Pull"), request_serializer=ps.PullRequest.SerializeToString,
             response_deserializer=rpc.identity)
@@ -326,6 +329,29 @@ class ParameterServerClient(rpc.ServiceClient):
             job_id=job_id, worker_id=worker_id, step=point[0], lineage=point[1], expect_timeline=expect_timeline))
         return reply.step, reply.rolled_back
 
+    def pull_rows(self, job_id: str, worker_id: str, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids`` (int64, held by this server) of ``table``: float32 [len(ids), dim],
+        asked for sparse.ROWS_BYTES of rows at a time."""
+        per_call = max(1, sparse.ROWS_BYTES // table.row_bytes)
+        out = []
+        for start in range(0, max(1, ids.numel()), per_call):
+            some = ids[start:start + per_call]
+            reply = self._call(self._pull_rows, ps.PullRowsRequest(
+                job_id=job_id, worker_id=worker_id, table=table.name, ids=sparse.ids_to_bytes(some)))
+            out.append(sparse.rows_from_bytes(reply.rows, some.numel(), table))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def push_rows(self, job_id: str, worker_id: str, seq: int,
+                  rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Stage row gradients ({table: (unique ids, rows)}) for this worker's push of ``seq``,
+        in parts of at most sparse.ROWS_BYTES each."""
+        parts = sparse.split_rows(rows, sparse.ROWS_BYTES)
+        for index, part in enumerate(parts):
+            self._call(self._push_rows, ps.PushRowsRequest(
+                job_id=job_id, worker_id=worker_id, seq=seq, part=index, parts=len(parts),
+                tables=[ps.TableRows(table=name, ids=sparse.ids_to_bytes(ids), grads=sparse.rows_to_bytes(grads))
+                        for name, (ids, grads) in part.items()]))
+
     def report(self, worker_id: str, job_id: str, phase: str, step: int = 0, total_steps: int = 0,
                loss: float = float("nan"), samples: int = 0, seconds: float = 0.0,
                metrics: dict[str, float] | None = None, error: str = "") -> JobState | None:
@@ -339,12 +365,16 @@ class ParameterServerClient(rpc.ServiceClient):
 
 def push_header(job_id: str, worker_id: str, seq: int, base_version: int, base_step: int,
                 layout: Layout, init: bool = False, ranks: tuple[int, ...] = (),
-                encoding: Encoding | None = None, payload_bytes: int = 0) -> ps.PushHeader:
+                encoding: Encoding | None = None, payload_bytes: int = 0,
+                tables: Iterable[TableSpec] = (), row_tables: int = 0) -> ps.PushHeader:
     """The header of a push: a gradient for step ``seq`` on ``ranks``' data (empty: the worker's own),
-    its payload ``payload_bytes`` long when ``encoding`` (the job's compression) encodes it."""
+    its payload ``payload_bytes`` long when ``encoding`` (the job's compression) encodes it.
+    ``tables``: an init push's embedding tables; ``row_tables``: the tables whose row
+    gradients were staged for this push (PushRows)."""
     header = ps.PushHeader(
         job_id=job_id, worker_id=worker_id, seq=seq, base_version=base_version,
         base_step=base_step, init=init, tensors=codec.layout_to_proto(layout), ranks=ranks,
+        tables=[messages.table_to_proto(t) for t in tables], row_tables=row_tables,
     )
     if encoding is not None and encoding.lossy:
         codec.encoding_to_proto(encoding, header)

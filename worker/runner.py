@@ -18,6 +18,7 @@ from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobState
 from psgrid.dataset import ShardSampler
 from psgrid.device import pick_device
 from psgrid.build import build_dataset, build_model
+from psgrid.worker.freeze import FreezeWatch
 from psgrid.worker.outbox import Outbox
 from psgrid.worker.ps_client import PULL_SLICE_S, Assignment, ParameterServerClient
 from psgrid.worker.shards import ShardLinks, diverged
@@ -37,9 +38,6 @@ REALIGN_TRIES = 10
 #: shards have not split (longer than a server's heartbeat timeout, so that the
 #: brief difference while shards restart a round one after the other passes).
 SPLIT_CHECK_S = 30.0
-#: Seconds the heartbeat holds back after the process was frozen (SIGSTOP): time
-#: for the SIGTERM a supervisor sends with its SIGCONT to reach the main thread.
-THAWED_HOLD_S = 0.5
 
 
 class JobStopped(Exception):
@@ -84,6 +82,8 @@ class Worker:
         self._wake = threading.Event()
         #: Set to beat at once: a job ended (the idle long poll starts now) or stopping.
         self._beat = threading.Event()
+        #: Whether the process was frozen (SIGSTOP): calls after a thaw wait for a SIGTERM.
+        self.freeze = FreezeWatch()
         self.metrics = WorkerMetrics()
         self.bytes_sent = Counter("psgrid_worker_bytes_sent_total", "Payload bytes pushed, as sent (compressed)",
                                   registry=self.metrics.registry)
@@ -105,6 +105,7 @@ class Worker:
     def run(self) -> None:
         """Serve jobs until ``stop`` is set."""
         threading.Thread(target=self._hang_up_when_stopped, name="stopper", daemon=True).start()
+        self.freeze.start(self.stop)
         if self.liveness_file:
             # Its own thread: "alive" must not wait for the server (registration retries).
             threading.Thread(target=self._liveness_loop, name="liveness", daemon=True).start()
@@ -154,7 +155,7 @@ class Worker:
             self._beat.clear()
             if self.stop.is_set():
                 return
-            if time.monotonic() - slept_from > 2 * self.heartbeat_interval and self.stop.wait(THAWED_HOLD_S):
+            if self.freeze.hold_after_thaw(slept_from, self.stop):
                 # Frozen meanwhile, and stopping: the supervisor's SIGTERM came with
                 # its SIGCONT. A beat now would rejoin the barrier on the way out.
                 return
@@ -277,9 +278,14 @@ class Worker:
         sampler = ShardSampler(len(dataset.train_x), a.rank, a.world_size, spec.batch_size, spec.seed)
         self.shards.open(a)
         step = GradientStep(model, dataset, sampler, device, shards=self.shards.count, world_size=a.world_size)
+        if step.tables:
+            if spec.sync_every > 1:
+                raise ValueError(f"the model has embedding tables ({', '.join(step.tables)}): they need "
+                                 f"sync_every = 1, not {spec.sync_every} (their rows are updated on the servers)")
+            step.row_source = self.shards.row_source(a.job_id)
         if a.rank == 0:
             payloads = [step.initial_payload(k) for k in range(self.shards.count)]
-            self.shards.push(a.job_id, 0, [], step.layouts, payloads, init=True)
+            self.shards.push(a.job_id, 0, [], step.layouts, payloads, init=True, tables=tuple(step.tables.values()))
         return Outbox(step, spec)
 
     def _check_running(self) -> None:
@@ -333,7 +339,7 @@ class Worker:
         losses, samples, window_start = [], 0, time.monotonic()
         while clock < total:
             self._check_running()
-            started = time.perf_counter()
+            started, began = time.perf_counter(), time.monotonic()
             pulled = self._pull_into(step, a, clock)
             pulled_at = time.perf_counter()
             if pulled[0].clock != clock:
@@ -355,9 +361,14 @@ class Worker:
             # The next step's pull rides right behind the push: one exchange a step.
             ahead = None if clock + 1 >= total else (
                 SPLIT_CHECK_S if self.shards.count > 1 and spec.synchronous else PULL_SLICE_S)
+            if self.freeze.hold_after_thaw(began, self.stop):
+                raise JobStopped()  # frozen since the pull, and told to stop: this push would rejoin
             try:
+                row_tables = self.shards.push_rows(a.job_id, clock, pulled, step.tables, step.row_grads) \
+                    if step.tables else None
                 self.shards.push(a.job_id, clock, pulled, step.layouts, payloads, samples=rows,
-                                 ranks=pulled[0].ranks, then_pull_s=ahead, encoding=box.encoding)
+                                 ranks=pulled[0].ranks, then_pull_s=ahead, encoding=box.encoding,
+                                 row_tables=row_tables)
             except PushAhead as exc:
                 # A shard went back after this pull (a restore, or put back in step):
                 # pull again; the reply says where to go on from.
@@ -369,7 +380,7 @@ class Worker:
             losses.append(loss)
             samples += seen
             elapsed = time.monotonic() - window_start
-            metrics = step.dataset.metrics(step.model) if evaluate else None  # on the weights of this step
+            metrics = step.metrics() if evaluate else None  # on the weights of this step
             if elapsed >= REPORT_EVERY_S or clock == total - 1 or metrics:
                 state = self.client.report(
                     self.worker_id, a.job_id, "TRAINING", step=clock + 1, total_steps=total,
@@ -394,7 +405,11 @@ class Worker:
         on the job (so it is not handed out again) until it ends, asking again in
         case the evaluator is lost."""
         step, total = box.step, box.rounds
+        asked = time.monotonic()
         while not (self.stop.is_set() or self._job_ended.is_set()):
+            if self.freeze.hold_after_thaw(asked, self.stop):
+                return  # frozen since the last ask, and told to stop: asking again would rejoin
+            asked = time.monotonic()
             try:  # in short waits: a worker told to stop must not sit in a long pull
                 final = self.client.pull(a.job_id, self.worker_id, total, True, step.buffer_for(0),
                                          wait_s=FINAL_WAIT_S)
@@ -418,7 +433,7 @@ class Worker:
                 raise TrainAgain(self.shards.realign(a.job_id))
             for shard, p in enumerate(others, start=1):
                 step.load(shard, p.layout, p.buffer)
-            metrics = step.dataset.metrics(step.model)
+            metrics = step.metrics()
             self.client.report(self.worker_id, a.job_id, "EVALUATED", metrics=metrics)
             logger.info("%s evaluated version %d: %s", tag, final.version,
                         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

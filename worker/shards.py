@@ -13,9 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from psgrid import sparse
 from psgrid.codec import Layout, Pulled
 from psgrid.errors import PsgridError, ShardsDiverged, UnknownCheckpoint, UnknownWorker
 from psgrid.security import Security
+from psgrid.sparse import TableSpec
 from psgrid.spec import Encoding, JobState
 from psgrid.worker.ps_client import Assignment, ParameterServerClient, push_header
 
@@ -96,19 +98,71 @@ class ShardLinks:
     def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
              payloads: list[torch.Tensor], init: bool = False, samples: int = 0,
              ranks: tuple[int, ...] = (), then_pull_s: float | None = None,
-             encoding: Encoding | None = None) -> None:
+             encoding: Encoding | None = None, tables: tuple[TableSpec, ...] = (),
+             row_tables: list[int] | None = None) -> None:
         """Push step ``seq``'s gradient (computed on ``ranks``' data) to every shard at once;
         ``then_pull_s``: ask each for the next step's weights right behind it. ``encoding``:
-        the payloads are encoded as the job's compression says."""
+        the payloads are encoded as the job's compression says. ``tables``: an init push's
+        embedding tables; ``row_tables``: per shard, the tables whose rows :meth:`push_rows`
+        staged for this push."""
         def one(shard: int) -> object:
             base = pulled[shard] if pulled else None
             # Each shard's own clock: in SSP and async a restarted shard may be behind.
-            header = push_header(job_id, self.worker_id(shard), base.clock if base else seq,
+            header = push_header(job_id, self.worker_id(shard), self._seq(pulled, shard, seq),
                                  base.version if base else 0, base.step if base else 0, layouts[shard], init=init,
-                                 ranks=ranks, encoding=encoding, payload_bytes=payloads[shard].numel())
+                                 ranks=ranks, encoding=encoding, payload_bytes=payloads[shard].numel(),
+                                 tables=tables, row_tables=row_tables[shard] if row_tables else 0)
             header.samples = samples
             return self.client(shard).push(header, payloads[shard], then_pull_s)
         self._each(one)
+
+    @staticmethod
+    def _seq(pulled: list[Pulled], shard: int, seq: int) -> int:
+        return pulled[shard].clock if pulled else seq
+
+    # --- embedding tables: each row on the shard psgrid.sparse.shard_of names -----------------
+
+    def rows(self, job_id: str, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
+        """The current rows of the unique ``ids`` of ``table``: one call per shard holding
+        some of them, all at once."""
+        if self.count == 1:
+            return self.client(0).pull_rows(job_id, self.worker_id(0), table, ids)
+        where = sparse.shard_of(ids, table, self.count)
+        out = torch.empty(ids.numel(), table.dim)
+
+        def one(shard: int) -> None:
+            mine = where == shard
+            if mine.any():
+                out[mine] = self.client(shard).pull_rows(job_id, self.worker_id(shard), table, ids[mine])
+        self._each(one)
+        return out
+
+    def row_source(self, job_id: str) -> sparse.RowSource:
+        """The servers as the source of a step's rows (psgrid.sparse.rows_from)."""
+        links = self
+
+        class ServerRows:
+            def rows(self, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
+                return links.rows(job_id, table, ids)
+        return ServerRows()
+
+    def push_rows(self, job_id: str, seq: int, pulled: list[Pulled], tables: dict[str, TableSpec],
+                  rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[int]:
+        """Stage step ``seq``'s row gradients on the shards holding the rows, all at once;
+        return the tables staged on each shard (every table the step reached, on every
+        shard: one whose rows all live elsewhere is staged there with none)."""
+        per_shard: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(self.count)]
+        for name, (ids, grads) in rows.items():
+            where = sparse.shard_of(ids, tables[name], self.count)
+            for shard in range(self.count):
+                mine = where == shard
+                per_shard[shard][name] = (ids[mine], grads[mine]) if self.count > 1 else (ids, grads)
+
+        def one(shard: int) -> None:
+            self.client(shard).push_rows(job_id, self.worker_id(shard), self._seq(pulled, shard, seq),
+                                         per_shard[shard])
+        self._each(one)
+        return [len(p) for p in per_shard]
 
     def split(self, job_id: str) -> bool:
         """Whether the shards disagree on where the job is for this worker: step, lineage

@@ -6,11 +6,13 @@ says, and every shard has its own reusable weight and gradient buffer.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from psgrid import sparse
 from psgrid.codec import Layout
 from psgrid.partition import partition, piece_view
 from psgrid.dataset import Dataset, ShardSampler
@@ -39,6 +41,12 @@ class GradientStep:
         self._grad_views = [l.views(b) for l, b in zip(self.layouts, self.grad_buffers)]
         x, y = dataset.train_x, dataset.train_y
         self._x, self._y = x.to(device), y.to(device)
+        #: The model's embedding tables (psgrid.sparse), by name: their rows live on the servers.
+        self.tables = sparse.tables(self.model)
+        #: Where a step's rows come from (the runner binds the servers'); None: no tables.
+        self.row_source: sparse.RowSource | None = None
+        #: The row gradients of the step just computed: {table: (unique ids, summed rows)}.
+        self.row_grads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def buffer_for(self, shard: int) -> Callable[[int], torch.Tensor]:
         """Where a pull of shard ``shard`` lands (its reused weight buffer)."""
@@ -86,14 +94,29 @@ class GradientStep:
         own = ranks or (self.sampler.rank,)
         if len(own) == 1:
             return self._backward(self.indices(step, own[0]))
-        losses, rows = 0.0, 0
+        losses, rows, row_parts = 0.0, 0, []
         for i, rank in enumerate(own):
             loss, n = self._backward(self.indices(step, rank), accumulate=i > 0)
             if i == 0:
                 self._scale_grads(lambda view: view.mul_(n))
             losses, rows = losses + loss * n, rows + n
+            row_parts.append((n, self.row_grads))
         self._scale_grads(lambda view: view.div_(rows))  # as the server's mean: a division, not a product
+        self.row_grads = _combine_rows(row_parts, rows)
         return losses / rows, rows
+
+    def rows_bound(self):
+        """The context a forward pass of the model needs: its tables' rows bound (psgrid.sparse)."""
+        if not self.tables:
+            return contextlib.nullcontext(None)
+        if self.row_source is None:
+            raise RuntimeError("the model has embedding tables and no row source is bound")
+        return sparse.rows_from(self.row_source)
+
+    def metrics(self) -> dict[str, float]:
+        """The dataset's evaluation of the model as it is now (its tables' rows from the servers)."""
+        with self.rows_bound():
+            return self.dataset.metrics(self.model)
 
     def _backward(self, idx: torch.Tensor, accumulate: bool = False) -> tuple[float, int]:
         """Gradients of the mean loss over rows ``idx``: copied into the grad buffers,
@@ -101,8 +124,10 @@ class GradientStep:
         idx = idx.to(self.device)
         for _, p in self.params:
             p.grad = None
-        loss = self.dataset.loss_fn(self.model(self._x[idx]), self._y[idx])
-        loss.backward()
+        with self.rows_bound() as used:
+            loss = self.dataset.loss_fn(self.model(self._x[idx]), self._y[idx])
+            loss.backward()
+        self.row_grads = used.gradients() if used is not None else {}
         with torch.no_grad():
             for pieces, views in zip(self.partition.pieces, self._grad_views):
                 for piece in pieces:
@@ -123,3 +148,17 @@ class GradientStep:
         for views in self._grad_views:
             for view in views.values():
                 scale(view)
+
+
+def _combine_rows(parts: list[tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]],
+                  rows: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Row gradients of several ranks' batches (each the mean over its ``n`` rows)
+    combined as the dense ones are: weighted by rows, then divided by all of them."""
+    out = {}
+    for name in {name for _, grads in parts for name in grads}:
+        pairs = [(grads[name][0], grads[name][1] * n) for n, grads in parts if name in grads]
+        ids = torch.cat([i for i, _ in pairs])
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        summed = torch.zeros(unique.numel(), pairs[0][1].shape[1]).index_add_(0, inverse, torch.cat([g for _, g in pairs]))
+        out[name] = (unique, summed.div_(rows))
+    return out

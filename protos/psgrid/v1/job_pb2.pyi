@@ -91,7 +91,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., model_kwargs_json: _Optional[str] = ..., dataset: _Optional[str] = ..., dataset_kwargs_json: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., steps: _Optional[int] = ..., staleness: _Optional[int] = ..., num_workers: _Optional[int] = ..., seed: _Optional[int] = ..., device: _Optional[str] = ..., eval_every: _Optional[int] = ..., sync_every: _Optional[int] = ..., local_optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., compression: _Optional[str] = ..., no_error_feedback: _Optional[bool] = ..., pull_dtype: _Optional[str] = ..., scale_stale: _Optional[bool] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "step", "total_steps", "version", "loss", "samples_per_sec", "metrics", "error", "worker_ids", "created_unix", "updated_unix", "shards", "waiting", "pushes", "bytes_pushed", "dense_bytes_pushed", "pulls", "bytes_pulled")
+    __slots__ = ("job_id", "spec", "state", "step", "total_steps", "version", "loss", "samples_per_sec", "metrics", "error", "worker_ids", "created_unix", "updated_unix", "shards", "waiting", "pushes", "bytes_pushed", "dense_bytes_pushed", "pulls", "bytes_pulled", "rows_pulled", "rows_pushed", "rows_held")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,9 @@ class JobInfo(_message.Message):
     DENSE_BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
     PULLS_FIELD_NUMBER: _ClassVar[int]
     BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PULLED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_HELD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -139,7 +142,10 @@ class JobInfo(_message.Message):
     dense_bytes_pushed: int
     pulls: int
     bytes_pulled: int
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., shards: _Optional[_Iterable[str]] = ..., waiting: _Optional[str] = ..., pushes: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., dense_bytes_pushed: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_pulled: _Optional[int] = ...) -> None: ...
+    rows_pulled: int
+    rows_pushed: int
+    rows_held: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., version: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_sec: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., shards: _Optional[_Iterable[str]] = ..., waiting: _Optional[str] = ..., pushes: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., dense_bytes_pushed: _Optional[int] = ..., pulls: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., rows_pulled: _Optional[int] = ..., rows_pushed: _Optional[int] = ..., rows_held: _Optional[int] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("seq", "time_unix", "job", "kind")

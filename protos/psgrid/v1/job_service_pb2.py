@@ -26,41 +26,45 @@ from psgrid.v1 import job_pb2 as psgrid_dot_v1_dot_job__pb2
 from psgrid.v1 import parameter_server_pb2 as psgrid_dot_v1_dot_parameter__server__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpsgrid/v1/job_service.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a psgrid/v1/parameter_server.proto\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\"4\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"3\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.psgrid.v1.JobInfo\"(\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"&\n\x14GetJobHistoryRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x15GetJobHistoryResponse\x12#\n\x04rows\x18\x01 \x03(\x0b\x32\x15.psgrid.v1.HistoryRow\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.psgrid.v1.WorkerStatus2\xd2\x04\n\nJobService\x12\x46\n\tSubmitJob\x12\x1b.psgrid.v1.SubmitJobRequest\x1a\x1c.psgrid.v1.SubmitJobResponse\x12=\n\x06GetJob\x12\x18.psgrid.v1.GetJobRequest\x1a\x19.psgrid.v1.GetJobResponse\x12=\n\x08WatchJob\x12\x1a.psgrid.v1.WatchJobRequest\x1a\x13.psgrid.v1.JobEvent0\x01\x12\x46\n\tCancelJob\x12\x1b.psgrid.v1.CancelJobRequest\x1a\x1c.psgrid.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.psgrid.v1.ListJobsRequest\x1a\x1b.psgrid.v1.ListJobsResponse\x12O\n\x0f\x46\x65tchParameters\x12!.psgrid.v1.FetchParametersRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x12R\n\rGetJobHistory\x12\x1f.psgrid.v1.GetJobHistoryRequest\x1a .psgrid.v1.GetJobHistoryResponse\x12L\n\x0bListWorkers\x12\x1d.psgrid.v1.ListWorkersRequest\x1a\x1e.psgrid.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpsgrid/v1/job_service.proto\x12\tpsgrid.v1\x1a\x13psgrid/v1/job.proto\x1a psgrid/v1/parameter_server.proto\"?\n\x11LookupRowsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\"X\n\x12LookupRowsResponse\x12\x0c\n\x04rows\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.psgrid.v1.EmbeddingTable\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobSpec\"4\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"3\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.psgrid.v1.JobInfo\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.psgrid.v1.JobInfo\"(\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"&\n\x14GetJobHistoryRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x15GetJobHistoryResponse\x12#\n\x04rows\x18\x01 \x03(\x0b\x32\x15.psgrid.v1.HistoryRow\"\x14\n\x12ListWorkersRequest\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.psgrid.v1.WorkerStatus2\x9d\x05\n\nJobService\x12\x46\n\tSubmitJob\x12\x1b.psgrid.v1.SubmitJobRequest\x1a\x1c.psgrid.v1.SubmitJobResponse\x12=\n\x06GetJob\x12\x18.psgrid.v1.GetJobRequest\x1a\x19.psgrid.v1.GetJobResponse\x12=\n\x08WatchJob\x12\x1a.psgrid.v1.WatchJobRequest\x1a\x13.psgrid.v1.JobEvent0\x01\x12\x46\n\tCancelJob\x12\x1b.psgrid.v1.CancelJobRequest\x1a\x1c.psgrid.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.psgrid.v1.ListJobsRequest\x1a\x1b.psgrid.v1.ListJobsResponse\x12O\n\x0f\x46\x65tchParameters\x12!.psgrid.v1.FetchParametersRequest\x1a\x17.psgrid.v1.PullResponse0\x01\x12R\n\rGetJobHistory\x12\x1f.psgrid.v1.GetJobHistoryRequest\x1a .psgrid.v1.GetJobHistoryResponse\x12L\n\x0bListWorkers\x12\x1d.psgrid.v1.ListWorkersRequest\x1a\x1e.psgrid.v1.ListWorkersResponse\x12I\n\nLookupRows\x12\x1c.psgrid.v1.LookupRowsRequest\x1a\x1d.psgrid.v1.LookupRowsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'psgrid.v1.job_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITJOBREQUEST']._serialized_start=97
-  _globals['_SUBMITJOBREQUEST']._serialized_end=149
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=151
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=203
-  _globals['_GETJOBREQUEST']._serialized_start=205
-  _globals['_GETJOBREQUEST']._serialized_end=236
-  _globals['_GETJOBRESPONSE']._serialized_start=238
-  _globals['_GETJOBRESPONSE']._serialized_end=287
-  _globals['_WATCHJOBREQUEST']._serialized_start=289
-  _globals['_WATCHJOBREQUEST']._serialized_end=340
-  _globals['_CANCELJOBREQUEST']._serialized_start=342
-  _globals['_CANCELJOBREQUEST']._serialized_end=376
-  _globals['_CANCELJOBRESPONSE']._serialized_start=378
-  _globals['_CANCELJOBRESPONSE']._serialized_end=430
-  _globals['_LISTJOBSREQUEST']._serialized_start=432
-  _globals['_LISTJOBSREQUEST']._serialized_end=449
-  _globals['_LISTJOBSRESPONSE']._serialized_start=451
-  _globals['_LISTJOBSRESPONSE']._serialized_end=503
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=505
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=545
-  _globals['_GETJOBHISTORYREQUEST']._serialized_start=547
-  _globals['_GETJOBHISTORYREQUEST']._serialized_end=585
-  _globals['_GETJOBHISTORYRESPONSE']._serialized_start=587
-  _globals['_GETJOBHISTORYRESPONSE']._serialized_end=647
-  _globals['_LISTWORKERSREQUEST']._serialized_start=649
-  _globals['_LISTWORKERSREQUEST']._serialized_end=669
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=671
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=734
-  _globals['_JOBSERVICE']._serialized_start=737
-  _globals['_JOBSERVICE']._serialized_end=1331
+  _globals['_LOOKUPROWSREQUEST']._serialized_start=97
+  _globals['_LOOKUPROWSREQUEST']._serialized_end=160
+  _globals['_LOOKUPROWSRESPONSE']._serialized_start=162
+  _globals['_LOOKUPROWSRESPONSE']._serialized_end=250
+  _globals['_SUBMITJOBREQUEST']._serialized_start=252
+  _globals['_SUBMITJOBREQUEST']._serialized_end=304
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=306
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=358
+  _globals['_GETJOBREQUEST']._serialized_start=360
+  _globals['_GETJOBREQUEST']._serialized_end=391
+  _globals['_GETJOBRESPONSE']._serialized_start=393
+  _globals['_GETJOBRESPONSE']._serialized_end=442
+  _globals['_WATCHJOBREQUEST']._serialized_start=444
+  _globals['_WATCHJOBREQUEST']._serialized_end=495
+  _globals['_CANCELJOBREQUEST']._serialized_start=497
+  _globals['_CANCELJOBREQUEST']._serialized_end=531
+  _globals['_CANCELJOBRESPONSE']._serialized_start=533
+  _globals['_CANCELJOBRESPONSE']._serialized_end=585
+  _globals['_LISTJOBSREQUEST']._serialized_start=587
+  _globals['_LISTJOBSREQUEST']._serialized_end=604
+  _globals['_LISTJOBSRESPONSE']._serialized_start=606
+  _globals['_LISTJOBSRESPONSE']._serialized_end=658
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=660
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=700
+  _globals['_GETJOBHISTORYREQUEST']._serialized_start=702
+  _globals['_GETJOBHISTORYREQUEST']._serialized_end=740
+  _globals['_GETJOBHISTORYRESPONSE']._serialized_start=742
+  _globals['_GETJOBHISTORYRESPONSE']._serialized_end=802
+  _globals['_LISTWORKERSREQUEST']._serialized_start=804
+  _globals['_LISTWORKERSREQUEST']._serialized_end=824
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=826
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=889
+  _globals['_JOBSERVICE']._serialized_start=892
+  _globals['_JOBSERVICE']._serialized_end=1561
 # @@protoc_insertion_point(module_scope)

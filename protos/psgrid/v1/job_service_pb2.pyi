@@ -8,6 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LookupRowsRequest(_message.Message):
+    __slots__ = ("job_id", "table", "ids")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    table: str
+    ids: bytes
+    def __init__(self, job_id: _Optional[str] = ..., table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+
+class LookupRowsResponse(_message.Message):
+    __slots__ = ("rows", "dim", "spec")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    rows: bytes
+    dim: int
+    spec: _parameter_server_pb2.EmbeddingTable
+    def __init__(self, rows: _Optional[bytes] = ..., dim: _Optional[int] = ..., spec: _Optional[_Union[_parameter_server_pb2.EmbeddingTable, _Mapping]] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]

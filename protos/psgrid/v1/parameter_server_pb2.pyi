@@ -138,7 +138,7 @@ class PullResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples", "ranks", "payload", "shm", "encoding", "topk_ratio", "payload_bytes")
+    __slots__ = ("job_id", "worker_id", "seq", "base_version", "base_step", "init", "tensors", "samples", "ranks", "payload", "shm", "encoding", "topk_ratio", "payload_bytes", "tables", "row_tables")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,8 @@ class PushHeader(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     TOPK_RATIO_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    ROW_TABLES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     seq: int
@@ -167,7 +169,85 @@ class PushHeader(_message.Message):
     encoding: Encoding
     topk_ratio: float
     payload_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., topk_ratio: _Optional[float] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[EmbeddingTable]
+    row_tables: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., base_step: _Optional[int] = ..., init: _Optional[bool] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., samples: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., topk_ratio: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[EmbeddingTable, _Mapping]]] = ..., row_tables: _Optional[int] = ...) -> None: ...
+
+class EmbeddingTable(_message.Message):
+    __slots__ = ("name", "num_rows", "dim", "init", "init_scale", "optimizer", "lr", "eps", "beta1", "beta2", "initial_accumulator_value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    INIT_FIELD_NUMBER: _ClassVar[int]
+    INIT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ACCUMULATOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_rows: int
+    dim: int
+    init: str
+    init_scale: float
+    optimizer: str
+    lr: float
+    eps: float
+    beta1: float
+    beta2: float
+    initial_accumulator_value: float
+    def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., init: _Optional[str] = ..., init_scale: _Optional[float] = ..., optimizer: _Optional[str] = ..., lr: _Optional[float] = ..., eps: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
+
+class PullRowsRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "table", "ids")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    table: str
+    ids: bytes
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+
+class PullRowsResponse(_message.Message):
+    __slots__ = ("rows", "version")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    rows: bytes
+    version: int
+    def __init__(self, rows: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+
+class TableRows(_message.Message):
+    __slots__ = ("table", "ids", "grads")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    grads: bytes
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ...) -> None: ...
+
+class PushRowsRequest(_message.Message):
+    __slots__ = ("job_id", "worker_id", "seq", "tables", "part", "parts")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    worker_id: str
+    seq: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableRows]
+    part: int
+    parts: int
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
+
+class PushRowsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
