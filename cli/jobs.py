@@ -151,11 +151,13 @@ def cmd_job(args: argparse.Namespace) -> int:
     from psgrid.client.status import job_lines
 
     with Client(_server_address(args), security=_security(args)) as client:
-        info = client.job(args.job_id).status()
+        job = client.job(args.job_id)
+        info = job.status()
+        shards = job.shard_infos()[1:] if info.shards and (info.rows_held or info.rows_pulled) else []
     if args.json:
         print(json.dumps(_info_json(info), indent=2, default=str))
     else:
-        print("\n".join(job_lines(info)))
+        print("\n".join(job_lines(info, shards)))
     return 0
 
 
@@ -187,8 +189,10 @@ def _status(args: argparse.Namespace, client) -> dict:
             nodes = sup.nodes()
     jobs = client.list_jobs()
     histories = {j.job_id: client.job(j.job_id).history() for j in jobs if not j.state.terminal}
+    shards = {j.job_id: client.job(j.job_id).shard_infos()[1:] for j in jobs
+              if j.shards and not j.state.terminal and (j.rows_held or j.rows_pulled)}
     return {"nodes": node_rows(client.workers(), nodes, _server_address(args)),
-            "jobs": job_rows(jobs, histories)}
+            "jobs": job_rows(jobs, histories, shards)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -32,6 +32,13 @@ class Job:
         self._info = self._client._rpc.get(self.job_id)
         return self._info
 
+    def shard_infos(self) -> list[JobInfo]:
+        """The job as each server holding part of it sees it (the coordinator first):
+        each counts its own traffic and embedding-table rows."""
+        info = self.status()
+        clients = self._client._shard_clients(info.shards)
+        return [info, *(rpc.get(self.job_id) for rpc in clients[1:])]
+
     def events(self, from_seq: int = 0, timeout: float | None = None) -> Iterator[JobEvent]:
         """Progress events (step, loss, samples/s, state changes) until the job ends."""
         yield from self._client._rpc.watch(self.job_id, from_seq, timeout)

@@ -57,10 +57,26 @@ def node_rows(workers: Iterable[WorkerStatus], nodes: Iterable | None, server_ad
     return rows
 
 
-def job_rows(jobs: Iterable[JobInfo], histories: dict[str, list[HistoryRow]]) -> list[dict]:
+def table_traffic(info: JobInfo, shards: Iterable[JobInfo] = ()) -> tuple[int, float] | None:
+    """Embedding tables: (rows held over every server, rows touched per second), from the
+    coordinator's ``info`` and the other shards' infos of the job; None without tables.
+
+    A server's rows per step are its rows pulled over its pulls (one pull per worker and
+    step); steps per second are the workers' samples/s over the batch size."""
+    infos = [info, *shards]
+    if not any(i.rows_held or i.rows_pulled for i in infos):
+        return None
+    steps_per_s = info.samples_per_sec / max(1, info.spec.batch_size)
+    rate = sum(i.rows_pulled / i.pulls for i in infos if i.pulls) * steps_per_s
+    return sum(i.rows_held for i in infos), rate
+
+
+def job_rows(jobs: Iterable[JobInfo], histories: dict[str, list[HistoryRow]],
+             shards: dict[str, list[JobInfo]] | None = None) -> list[dict]:
     rows = []
     for j in jobs:
         eta = eta_seconds(j, histories.get(j.job_id, []))
+        tables = table_traffic(j, (shards or {}).get(j.job_id, ()))
         rows.append({
             "job_id": j.job_id, "name": j.spec.name, "state": j.state.value, "step": j.step,
             "total_steps": j.total_steps, "progress": round(j.progress, 4),
@@ -69,6 +85,7 @@ def job_rows(jobs: Iterable[JobInfo], histories: dict[str, list[HistoryRow]]) ->
             "waiting": j.waiting, "push_bytes_per_step": round(j.push_bytes_per_step),
             "pull_bytes_per_step": round(j.pull_bytes_per_step), "bytes_pushed": j.bytes_pushed,
             "bytes_pulled": j.bytes_pulled, "compression_ratio": round(j.compression_ratio, 2),
+            "rows_held": tables[0] if tables else None, "rows_per_sec": round(tables[1], 1) if tables else None,
         })
     return rows
 
@@ -99,8 +116,9 @@ def traffic_line(info: JobInfo) -> str:
     return f"{push}, {pull}"
 
 
-def job_lines(info: JobInfo) -> list[str]:
-    """One job for people (`psgrid job`): a heading, then a line per thing known."""
+def job_lines(info: JobInfo, shards: Iterable[JobInfo] = ()) -> list[str]:
+    """One job for people (`psgrid job`): a heading, then a line per thing known
+    (``shards``: the other shards' infos of the job, for its tables' totals)."""
     import datetime
 
     def when(unix: float) -> str:
@@ -120,6 +138,8 @@ def job_lines(info: JobInfo) -> list[str]:
         ("local SGD", f"{spec.local_optimizer.name} lr {spec.local_optimizer.lr:g} on the workers, a push every "
                       f"{spec.sync_every} local steps" if spec.local_optimizer else ""),
         ("traffic", traffic_line(info)),
+        ("tables", "" if (tables := table_traffic(info, shards)) is None else
+                   f"{tables[0]:,} rows held on the servers, {tables[1]:,.0f} rows/s touched"),
         ("workers", ", ".join(info.worker_ids)), ("shards", ", ".join(info.shards)),
         ("created", when(info.created_unix)), ("updated", when(info.updated_unix)),
     ]

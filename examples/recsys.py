@@ -13,9 +13,10 @@ drawn only: 50 million users cost nothing until sampled.
 on the parameter servers) and a small dense head over both towers' vectors
 and their product, DLRM-style. Its input is [batch, 2] int64 (user id, item id).
 
-Status: the dataset and the model are complete and train in one process against
-tables in memory (tests/unit/test_recsys.py); psgrid workers do not pull and push
-table rows yet (issue 14), so there is no job spec for it yet.
+``examples/recsys.toml`` trains it on a cluster (``psgrid submit`` or
+``Client.submit(JobSpec.from_toml(spec_path("recsys")))``): 2 workers, BSP,
+rows pulled and pushed per step; it ends near test_rmse 0.15 against a floor
+of 0.10 and 0.97 for the mean.
 """
 from __future__ import annotations
 

@@ -335,6 +335,8 @@ def _staged_rows(job: Job, header: PushHeader) -> dict | None:
         if header.row_tables:
             raise InvalidArgument(f"job {job.job_id} has no embedding tables; row_tables must be 0")
         return None
+    if job.steps.is_duplicate(header.worker_id, header.seq):
+        return {}  # counted already, with its rows
     staged = job.pending_rows.get(header.worker_id)
     rows = staged.merged(job.tables) if staged and staged.seq == header.seq and staged.complete else {}
     if len(rows) != header.row_tables:

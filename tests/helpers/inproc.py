@@ -55,7 +55,7 @@ class Rig:
                             lambda n: torch.empty(n, dtype=torch.uint8))
 
 
-def make_rig(port: int, job_spec: JobSpec | None = None, params=None, security=None) -> Rig:
+def make_rig(port: int, job_spec: JobSpec | None = None, params=None, security=None, tables=()) -> Rig:
     address = f"127.0.0.1:{port}"
     ps = ParameterServerClient(address, timeout_s=10, retry_for_s=0, security=security)
     jobs = JobServiceClient(address, timeout_s=10, retry_for_s=0, security=security)
@@ -73,5 +73,5 @@ def make_rig(port: int, job_spec: JobSpec | None = None, params=None, security=N
     workers = [ranked[r] for r in range(len(workers))]
     params = params if params is not None else small_params()
     layout = Layout.of_tensors(params.items())
-    ps.push(push_header(job_id, workers[0], 0, 0, 0, layout, init=True), layout.pack(params))
+    ps.push(push_header(job_id, workers[0], 0, 0, 0, layout, init=True, tables=tables), layout.pack(params))
     return Rig(ps, jobs, job_id, workers, layout, names)

@@ -17,6 +17,7 @@ from torch import nn
 from psgrid import sparse
 from psgrid.build import build_dataset, build_model, trainable
 from psgrid.client import Client
+from psgrid.client.status import job_lines, table_traffic
 from psgrid.dataset import ShardSampler
 from psgrid.errors import FailedPrecondition, InvalidArgument, PushAhead
 from psgrid.server.app import ParameterServerApp
@@ -128,6 +129,15 @@ def test_bsp_with_tables_on_two_shards_equals_single_process_torch(cluster, opti
         dense = job.state_dict()
         users, items = (job.embedding(name).lookup(torch.arange(n)) for name, n in (("users", USERS),
                                                                                     ("items", ITEMS)))
+        infos = job.shard_infos()
+        held, rate = table_traffic(infos[0], infos[1:])
+        assert held == sum(i.rows_held for i in infos) > 0
+        assert any("rows held on the servers" in line for line in job_lines(infos[0], infos[1:]))
+        # the trained model reads its rows from the servers, or holds them whole
+        x = build_dataset(spec).test_x[:64]
+        with torch.no_grad():
+            remote, local = job.model()(x), job.model(tables_in_memory=True)(x)
+        torch.testing.assert_close(remote, local, atol=0, rtol=0)
     want_dense, want_tables = torch_reference(spec)
     for name, value in want_dense.items():
         torch.testing.assert_close(dense[name], value, atol=1e-5, rtol=0)
@@ -136,3 +146,144 @@ def test_bsp_with_tables_on_two_shards_equals_single_process_torch(cluster, opti
     # Both shards hold rows, and only touched ones.
     held = [app.core.job(job.job_id).tables.touched for app in cluster.apps]
     assert all(h > 0 for h in held) and sum(held) <= USERS + ITEMS, held
+
+
+# --- bad input: the right status, and the table unchanged --------------------------------------
+
+TABLE = sparse.TableSpec("emb", 100, 4, optimizer="sgd", lr=0.5)
+
+
+def rows_request(rig, seq=0, ids=(1, 2), grads=None, table="emb", worker=0) -> ps.PushRowsRequest:
+    ids = torch.tensor(ids, dtype=torch.int64)
+    grads = torch.ones(len(ids), 4) if grads is None else grads
+    return ps.PushRowsRequest(job_id=rig.job_id, worker_id=rig.workers[worker], seq=seq, tables=[
+        ps.TableRows(table=table, ids=sparse.ids_to_bytes(ids), grads=sparse.rows_to_bytes(grads))])
+
+
+def call(server, method: str, request):
+    with grpc.insecure_channel(server.address) as channel:
+        fn = channel.unary_unary(f"/psgrid.v1.ParameterServer/{method}", request_serializer=lambda m: m.SerializeToString(),
+                                 response_deserializer=lambda b: b)
+        return fn(request, timeout=10)
+
+
+@pytest.mark.parametrize("case", ["out of range", "negative", "duplicate", "count mismatch", "nan", "ragged ids",
+                                  "unknown table", "table twice"])
+def test_bad_rows_get_invalid_argument_and_leave_the_table_unchanged(server, case):
+    from helpers.inproc import make_rig, small_params
+
+    rig = make_rig(server.port, params=small_params(), tables=(TABLE,))
+    job = server.core.job(rig.job_id)
+    request = {
+        "out of range": lambda: rows_request(rig, ids=(1, 100)),
+        "negative": lambda: rows_request(rig, ids=(-1, 2)),
+        "duplicate": lambda: rows_request(rig, ids=(3, 3)),
+        "count mismatch": lambda: rows_request(rig, ids=(1, 2), grads=torch.ones(3, 4)),
+        "nan": lambda: rows_request(rig, grads=torch.tensor([[float("nan")] * 4, [1.0] * 4])),
+        "ragged ids": lambda: ps.PushRowsRequest(job_id=rig.job_id, worker_id=rig.workers[0], seq=0, tables=[
+            ps.TableRows(table="emb", ids=b"\x01\x00\x00", grads=b"")]),
+        "unknown table": lambda: rows_request(rig, table="nope"),
+        "table twice": lambda: ps.PushRowsRequest(job_id=rig.job_id, worker_id=rig.workers[0], seq=0,
+                                                  tables=list(rows_request(rig).tables) * 2),
+    }[case]()
+    with pytest.raises(grpc.RpcError) as info:
+        call(server, "PushRows", request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert job.pending_rows == {} and job.tables.touched == 0
+    # and a push that counts rows it did not stage is refused, changing nothing
+    header = rig_header(rig, row_tables=1)
+    with pytest.raises(PushAhead):
+        rig.ps.push(header, rig.layout.pack({k: torch.ones_like(v) for k, v in small_params().items()}))
+    assert rig.version() == 0 and job.tables.touched == 0
+
+
+def rig_header(rig, seq=0, row_tables=0):
+    from psgrid.worker.ps_client import push_header
+
+    return push_header(rig.job_id, rig.workers[0], seq, 0, seq, rig.layout, row_tables=row_tables)
+
+
+def test_pull_rows_refuses_bad_ids_and_unknown_tables(server):
+    from helpers.inproc import make_rig
+
+    rig = make_rig(server.port, tables=(TABLE,))
+    for ids, table, code in (((5, 100), "emb", grpc.StatusCode.INVALID_ARGUMENT),
+                             ((-3,), "emb", grpc.StatusCode.INVALID_ARGUMENT),
+                             ((1,), "nope", grpc.StatusCode.INVALID_ARGUMENT)):
+        request = ps.PullRowsRequest(job_id=rig.job_id, worker_id=rig.workers[0], table=table,
+                                     ids=sparse.ids_to_bytes(torch.tensor(ids)))
+        with pytest.raises(grpc.RpcError) as info:
+            call(server, "PullRows", request)
+        assert info.value.code() == code, info.value.details()
+    plain = make_rig(server.port)  # a job without tables
+    with pytest.raises(FailedPrecondition):
+        plain.ps.pull_rows(plain.job_id, plain.workers[0], TABLE, torch.tensor([1]))
+
+
+def test_staged_rows_are_applied_once_with_their_push_and_a_retry_is_a_duplicate(server):
+    from helpers.inproc import make_rig, small_params
+
+    rig = make_rig(server.port, params=small_params(), tables=(TABLE,))
+    job = server.core.job(rig.job_id)
+    initial = sparse.initial_rows(torch.tensor([1, 2, 7]), TABLE, job.spec.seed)
+    grads = {k: torch.zeros_like(v) for k, v in small_params().items()}
+    rig.ps.push_rows(rig.job_id, rig.workers[0], 0, {"emb": (torch.tensor([1, 2]), torch.ones(2, 4))})
+    assert job.tables.touched == 0  # staged, not applied
+    assert rig.ps.push(rig_header(rig, row_tables=1), rig.layout.pack(grads)) == (1, False)
+    got = rig.ps.pull_rows(rig.job_id, rig.workers[0], TABLE, torch.tensor([1, 2, 7]))
+    torch.testing.assert_close(got, torch.cat([initial[:2] - 0.5, initial[2:]]), atol=0, rtol=0)
+    # the worker's retry of both calls changes nothing
+    rig.ps.push_rows(rig.job_id, rig.workers[0], 0, {"emb": (torch.tensor([1, 2]), torch.ones(2, 4))})
+    assert rig.ps.push(rig_header(rig, row_tables=1), rig.layout.pack(grads)) == (1, True)
+    assert torch.equal(rig.ps.pull_rows(rig.job_id, rig.workers[0], TABLE, torch.tensor([1, 2, 7])), got)
+    assert job.tables.touched == 2
+
+
+def test_rows_in_many_parts_count_once_every_part_has_come(server, monkeypatch):
+    from helpers.inproc import make_rig, small_params
+
+    rig = make_rig(server.port, params=small_params(), tables=(TABLE,))
+    job = server.core.job(rig.job_id)
+    monkeypatch.setattr(sparse, "ROWS_BYTES", 3 * (8 + 16))  # three rows a call
+    ids = torch.arange(10)
+    rig.ps.push_rows(rig.job_id, rig.workers[0], 0, {"emb": (ids, torch.ones(10, 4))})
+    assert job.pending_rows[rig.workers[0]].parts == 4 and job.pending_rows[rig.workers[0]].complete
+    grads = {k: torch.zeros_like(v) for k, v in small_params().items()}
+    assert rig.ps.push(rig_header(rig, row_tables=1), rig.layout.pack(grads)) == (1, False)
+    assert job.tables.touched == 10
+    want = sparse.initial_rows(ids, TABLE, job.spec.seed) - 0.5
+    torch.testing.assert_close(rig.ps.pull_rows(rig.job_id, rig.workers[0], TABLE, ids), want, atol=0, rtol=0)
+
+
+def test_a_checkpoint_round_trips_a_table_bit_exact(tmp_path):
+    from psgrid.server import recovery
+    from psgrid.server.checkpoint import CheckpointStore
+    from psgrid.server.tables import JobTables
+
+    spec = table_spec("sparse_adam")
+    tables = JobTables({"users": sparse.TableSpec("users", 0, 8, optimizer="sparse_adam", lr=0.01),
+                        "items": sparse.TableSpec("items", 50, 8, optimizer="rowwise_adagrad")}, spec.seed)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.unique(torch.randint(0, 50, (20,), generator=g))
+        tables.apply_now({name: (ids, torch.randn(ids.numel(), 8, generator=g)) for name in tables.tables})
+    from psgrid.server.jobs import Job
+    from psgrid.codec import Layout
+
+    job = Job("job-tables", spec)
+    params = {"w": torch.randn(3, 3, generator=g)}
+    layout = Layout.of_tensors(params.items())
+    store = CheckpointStore(tmp_path)
+    with job.cond:
+        job.initialize(layout, layout.pack(params), tables.specs())
+        job.tables = tables
+        store.save(recovery.snapshot(job, 0))
+    back = recovery.restore(store.load("job-tables", 0))
+    assert back.tables.specs() == tables.specs()
+    for name, table in tables.tables.items():
+        mine, theirs = table.tensors(), back.tables.tables[name].tensors()
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), (name, key)
+        ids = torch.arange(50)
+        assert torch.equal(table.lookup(ids), back.tables.tables[name].lookup(ids))
