@@ -124,6 +124,11 @@ class Job:
         model.eval()
         return model
 
+    def row_source(self) -> "_ServerRows":
+        """The job's servers as the source of its tables' rows (psgrid.sparse.RowSource):
+        rows as they are when read."""
+        return _ServerRows(self)
+
     def embedding(self, name: str) -> "TableRows":
         """Read access to the job's embedding table ``name`` (its module path in the model)."""
         return TableRows(self, name)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from psgrid import sparse
 from psgrid.errors import InvalidSpec, PermissionDenied
 from psgrid.spec import DEFAULT_ALLOWED_MODULES, JobSpec, module_allowed
 from psgrid.dataset import Dataset
@@ -51,6 +52,7 @@ def build_model(spec: JobSpec, allowed: tuple[str, ...] = ("*",)) -> nn.Module:
         model = factory(**spec.model_kwargs)
     if not isinstance(model, nn.Module):
         raise InvalidSpec(f"{spec.model} returned {type(model).__name__}, not a torch.nn.Module")
+    sparse.tables(model)  # its embedding tables, named by their paths in the model
     return model
 
 

@@ -36,6 +36,7 @@ from psgrid.errors import Internal, Unavailable
 from psgrid.inference import arrays
 from psgrid.inference.arrays import Array
 from psgrid.spec import JobSpec
+from psgrid import sparse
 from psgrid.build import build_dataset, build_model, trainable
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class Candidate:
     spec: JobSpec
     params: dict[str, torch.Tensor]
     origin: str
+    #: Where the model's embedding tables (psgrid.sparse) read their rows; None: it has none.
+    rows: object | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +124,8 @@ class ServedModel:
 def infer_input_spec(module: nn.Module) -> InputSpec | None:
     """The input of a model whose first layer is ``nn.Linear``; None when that cannot be told."""
     for sub in module.modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag, sparse.Embedding)):
+            return None  # ids in, of a shape only the data tells
         if isinstance(sub, nn.Linear):
             return InputSpec((sub.in_features,), sub.weight.dtype)
         if len(list(sub.children())) == 0 and any(True for _ in sub.parameters(recurse=False)):
@@ -220,6 +225,12 @@ class ModelRegistry:
             raise _Refused(f"the model does not build: {type(exc).__name__}: {exc}") from None
         layout = self._check_params(module, candidate.params, current)
         module.load_state_dict(candidate.params, strict=False)
+        tables = [m for m in module.modules() if isinstance(m, sparse.Embedding)]
+        if tables and candidate.rows is None:
+            raise _Refused(f"the model has embedding tables ({', '.join(sorted(sparse.tables(module)))}) and "
+                           f"{candidate.origin} brings no rows for them")
+        for table in tables:
+            table.bind(candidate.rows)
         module.eval().to(self.device)
         input_spec = self._input or infer_input_spec(module) or self._input_from_dataset(candidate.spec)
         if input_spec is None:

@@ -97,7 +97,8 @@ class JobSource(ModelSource):
         if version <= self._last or not params:
             return []
         self._last = version
-        return [Candidate(version, info.spec, params, f"{self.description} (version {version})")]
+        return [Candidate(version, info.spec, params, f"{self.description} (version {version})",
+                          job.row_source())]
 
     def close(self) -> None:
         self._client.close()
@@ -167,7 +168,27 @@ class CheckpointSource(ModelSource):
                                        f"{type(exc).__name__}: {quote(str(exc))}")
         if version == 0:  # saved before the first update: the untrained initialisation
             return None
-        return Candidate(version, spec, ckpt.params, origin)
+        try:
+            rows = checkpoint_rows(ckpt, spec)
+        except Exception as exc:  # noqa: BLE001 - a table that does not load makes the checkpoint unusable
+            return Unusable(version, origin, f"its embedding tables do not load: {type(exc).__name__}: "
+                                             f"{quote(str(exc))}")
+        return Candidate(version, spec, ckpt.params, origin, rows)
+
+
+def checkpoint_rows(ckpt, spec) -> object | None:
+    """The rows of the embedding tables a checkpoint holds (touched rows as saved, the
+    others their deterministic initial values), or None when the job has none."""
+    from psgrid.server.recovery import tables_of
+
+    tables = tables_of(ckpt, spec)
+    if tables is None:
+        return None
+
+    class CheckpointRows:
+        def rows(self, table, ids):
+            return tables.table(table.name).lookup(ids)
+    return CheckpointRows()
 
 
 class Follower:

@@ -68,7 +68,7 @@ def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
     return JobCheckpoint(job.job_id, seq, params, optimizer_state, meta).detached()
 
 
-def _tables_of(ckpt: JobCheckpoint, spec: JobSpec) -> JobTables | None:
+def tables_of(ckpt: JobCheckpoint, spec: JobSpec) -> JobTables | None:
     """The embedding tables ``ckpt`` holds (None: the job has none)."""
     specs = {t.name: t for t in map(messages.table_from_json, ckpt.meta.get("tables", ()))}
     if not specs:
@@ -163,7 +163,7 @@ def restore(ckpt: JobCheckpoint) -> Job:
     if ckpt.params:
         job.store = _store(ckpt, spec)
         job.accumulator = GradientAccumulator(job.store.layout) if spec.synchronous else None
-        job.tables = _tables_of(ckpt, spec)
+        job.tables = tables_of(ckpt, spec)
     names = meta["worker_names"]
     if names:
         job.open_away(names)
@@ -199,4 +199,4 @@ def roll_back(job: Job, ckpt: JobCheckpoint) -> None:
     # taken (its own clock then was frozen behind): BSP computes each step once.
     clocks = {worker: meta["global_step"] for worker in job.workers}
     job.roll_back(store, clocks, meta["global_step"], set(meta["finished"]), meta.get("lineage", ""),
-                  _tables_of(ckpt, job.spec))
+                  tables_of(ckpt, job.spec))

@@ -287,3 +287,43 @@ def test_a_checkpoint_round_trips_a_table_bit_exact(tmp_path):
             assert torch.equal(mine[key], theirs[key]), (name, key)
         ids = torch.arange(50)
         assert torch.equal(table.lookup(ids), back.tables.tables[name].lookup(ids))
+
+
+def test_psgrid_serve_serves_a_model_with_tables_from_its_checkpoints_and_from_the_job(tmp_path):
+    """The serving pipeline's registry takes a two-tower version from the job (rows read from
+    the servers) and from a checkpoint (rows from the checkpoint's tables), and both answer
+    as the trained model does."""
+    from psgrid.inference.models import ModelRegistry
+    from psgrid.inference.sources import CheckpointSource, JobSource
+
+    app = ParameterServerApp(ServerConfig(port=0, allowed_modules=("psgrid.examples",),
+                                          checkpoint_dir=str(tmp_path), checkpoint_interval_s=0.2)).start()
+    worker = Worker(ParameterServerClient(app.address), name="w0", allowed_modules=("psgrid.examples",))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        spec = table_spec("adagrad", workers=1, steps=30)
+        with Client(app.address) as client:
+            job = client.submit(spec)
+            assert job.wait(timeout=120, progress=False).state is JobState.SUCCEEDED
+            x = build_dataset(spec).test_x[:32]
+            with torch.no_grad():
+                want = job.model(tables_in_memory=True)(x)
+            final = job.status().version
+        from_job = JobSource(app.address, job.job_id)
+        registry = ModelRegistry("cpu")
+        assert registry.offer(from_job.poll()[0]), registry.status().refusals
+        with registry.lease() as served, torch.no_grad():
+            torch.testing.assert_close(served.forward(x), want, atol=0, rtol=0)
+        from_job.close()
+        source = CheckpointSource(tmp_path / job.job_id)
+        newest = wait_until(lambda: [c for c in source.poll() if getattr(c, "version", 0) == final] or None,
+                            30, message="the final checkpoint")
+        registry = ModelRegistry("cpu")
+        assert registry.offer(newest[0]), registry.status().refusals
+        with registry.lease() as served, torch.no_grad():
+            torch.testing.assert_close(served.forward(x), want, atol=0, rtol=0)
+    finally:
+        worker.client.stop.set()
+        thread.join(30)
+        app.stop(grace=0.2)
