@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="job spec TOML file")
-    p.add_argument("--example", help="a packaged example spec: digits, linear")
+    p.add_argument("--example", help="a packaged example spec: digits, linear, recsys")
     p.add_argument("--name", help="a name for the job in listings (default: the spec file's, if any)")
     p.add_argument("--model", help="model factory, package.module:function")
     p.add_argument("--model-kwargs", help="JSON object of model factory arguments")
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="start a local cluster and train an example end to end")
-    p.add_argument("--example", default="digits", help="the packaged example to train: digits, linear "
+    p.add_argument("--example", default="digits", help="the packaged example to train: digits, linear, recsys "
                    "(default digits)")
     p.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
     p.add_argument("--run-dir", default=".psgrid/demo", help="where the processes' logs go")

@@ -239,6 +239,34 @@ class MemoryRows:
         return self.weights[table.name][ids]
 
 
+#: Where a job's checkpoint keeps its tables: meta["tables"] lists their specs, and the
+#: optimizer-state tensors "tables/<table>/ids" and ".../rows" hold the touched rows.
+CHECKPOINT_PREFIX = "tables/"
+
+
+class SavedRows:
+    """The rows a checkpoint holds: touched rows as saved, every other row its
+    deterministic initial value (for serving a checkpoint: read-only)."""
+
+    def __init__(self, specs: dict[str, TableSpec], seed: int, tensors: dict[str, torch.Tensor]):
+        self.seed = seed
+        self._held: dict[str, tuple[dict[int, int], torch.Tensor]] = {}
+        for name, spec in specs.items():
+            ids = tensors.get(f"{CHECKPOINT_PREFIX}{name}/ids")
+            rows = tensors.get(f"{CHECKPOINT_PREFIX}{name}/rows")
+            if ids is None or rows is None or tuple(rows.shape) != (ids.numel(), spec.dim):
+                raise InvalidArgument(f"table {name}: the checkpoint's rows do not fit the table")
+            self._held[name] = (dict(zip(ids.tolist(), range(ids.numel()))), rows)
+
+    def rows(self, table: TableSpec, ids: torch.Tensor) -> torch.Tensor:
+        slots_of, held = self._held[table.name]
+        slots = torch.tensor([slots_of.get(i, -1) for i in ids.tolist()], dtype=torch.int64)
+        out = initial_rows(ids, table, self.seed)
+        found = slots >= 0
+        out[found] = held[slots[found]]
+        return out
+
+
 class Step:
     """The rows one step used, per table, and (after backward) their gradients."""
 

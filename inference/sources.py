@@ -179,16 +179,10 @@ class CheckpointSource(ModelSource):
 def checkpoint_rows(ckpt, spec) -> object | None:
     """The rows of the embedding tables a checkpoint holds (touched rows as saved, the
     others their deterministic initial values), or None when the job has none."""
-    from psgrid.server.recovery import tables_of
+    from psgrid import sparse
 
-    tables = tables_of(ckpt, spec)
-    if tables is None:
-        return None
-
-    class CheckpointRows:
-        def rows(self, table, ids):
-            return tables.table(table.name).lookup(ids)
-    return CheckpointRows()
+    specs = {t.name: t for t in map(messages.table_from_json, ckpt.meta.get("tables", ()))}
+    return sparse.SavedRows(specs, spec.seed, ckpt.optimizer_state) if specs else None
 
 
 class Follower:

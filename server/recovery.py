@@ -15,7 +15,7 @@ import logging
 
 from google.protobuf import json_format
 
-from psgrid import limits, messages
+from psgrid import limits, messages, sparse
 from psgrid.codec import Layout
 from psgrid.server.checkpoint import JobCheckpoint
 from psgrid.server.consistency import StepClock
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 #: Newest training-curve points a checkpoint keeps.
 HISTORY_IN_CHECKPOINT = 5000
 #: Prefix of the embedding tables' tensors among a checkpoint's optimizer state.
-TABLES = "tables/"
+TABLES = sparse.CHECKPOINT_PREFIX
 
 
 def snapshot(job: Job, seq: int, aligned: bool = False) -> JobCheckpoint:
