@@ -327,3 +327,18 @@ def test_psgrid_serve_serves_a_model_with_tables_from_its_checkpoints_and_from_t
         worker.client.stop.set()
         thread.join(30)
         app.stop(grace=0.2)
+
+
+def test_an_asynchronous_job_applies_each_pushs_rows_on_arrival(cluster):
+    import dataclasses
+
+    spec = dataclasses.replace(table_spec("sgd", steps=40), staleness=None)
+    with Client(cluster.coordinator.address) as client:
+        job = client.submit(spec)
+        info = job.wait(timeout=120, progress=False)
+        assert info.state is JobState.SUCCEEDED, info.error
+        infos = job.shard_infos()
+    # every push brought its rows: 2 workers x 40 steps, on each shard
+    assert [i.pushes for i in infos] == [80, 80]
+    assert sum(i.rows_held for i in infos) > 0
+    assert info.metrics["test_rmse"] < info.metrics["rmse_of_mean"]
