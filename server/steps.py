@@ -260,7 +260,7 @@ class StepPath:
         with job.cond:  # read-only: in any state (the evaluator reads them after training)
             t = job.require_tables().table(table)
             check_rows_reply(ids.numel(), t.spec)
-            rows = t.lookup(ids)
+            rows = t.lookup(ids, remember=True)
             job.traffic.rows_pulled += ids.numel()
             return rows, job.store.version
 

@@ -16,12 +16,17 @@ mean squared gradient. ``apply`` takes unique ids and their summed gradients.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
+import numpy as np
 import torch
 
 from psgrid.errors import InvalidArgument, NonFiniteGradient
 from psgrid.sparse import TableSpec, check_ids, initial_rows
+
+#: Rows never written whose initial values a table keeps from pulls for the next update.
+FRESH_CACHE_ROWS = 1 << 20
 
 #: State rows each optimizer keeps, with their width ("dim" or 1) and start value.
 _STATE = {"sgd": {}, "adagrad": {"sum": "dim"}, "rowwise_adagrad": {"sum": 1},
@@ -40,6 +45,9 @@ class Table:
                       for name, width in _STATE[spec.optimizer].items()}
         #: Optimizer steps applied to this table (SparseAdam's bias correction counts them).
         self.steps = 0
+        #: Initial values of rows never written that pulls computed since the last update.
+        self._fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fresh_count = 0
 
     @property
     def touched(self) -> int:
@@ -53,11 +61,14 @@ class Table:
     # --- reading ---------------------------------------------------------------------------
 
     def _slots_of(self, ids: torch.Tensor) -> torch.Tensor:
-        get = self.slots.get
-        return torch.tensor([get(i, -1) for i in ids.tolist()], dtype=torch.int64)
+        n = ids.numel()
+        return torch.from_numpy(np.fromiter(map(self.slots.get, ids.tolist(), itertools.repeat(-1, n)),
+                                            dtype=np.int64, count=n))
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """The current rows of ``ids`` (float32 [n, dim]); writes nothing."""
+    def lookup(self, ids: torch.Tensor, remember: bool = False) -> torch.Tensor:
+        """The current rows of ``ids`` (float32 [n, dim]); writes nothing. ``remember``: keep
+        the initial values computed for rows never written, for the update that follows
+        (a worker's pull: its push will touch the same rows)."""
         check_ids(ids, self.spec)
         slots = self._slots_of(ids)
         held = slots >= 0
@@ -65,7 +76,33 @@ class Table:
         out[held] = self.rows[slots[held]]
         fresh = ~held
         if fresh.any():
-            out[fresh] = initial_rows(ids[fresh], self.spec, self.seed)
+            fresh_ids = ids[fresh]
+            out[fresh] = rows = initial_rows(fresh_ids, self.spec, self.seed)
+            if remember:
+                self._remember(fresh_ids, rows)
+        return out
+
+    def _remember(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        if self._fresh_count + ids.numel() > FRESH_CACHE_ROWS:
+            self._fresh.clear()
+            self._fresh_count = 0
+        self._fresh.append((ids, rows))
+        self._fresh_count += ids.numel()
+
+    def _initial(self, ids: torch.Tensor) -> torch.Tensor:
+        """Initial rows of ``ids`` (never written), from the pulls' cache where it has them."""
+        if not self._fresh:
+            return initial_rows(ids, self.spec, self.seed)
+        known = torch.cat([i for i, _ in self._fresh])
+        rows = torch.cat([r for _, r in self._fresh])
+        order = torch.argsort(known)
+        known = known[order]
+        at = torch.searchsorted(known, ids).clamp_(max=known.numel() - 1)
+        hit = known[at] == ids
+        out = torch.empty(ids.numel(), self.spec.dim)
+        out[hit] = rows[order[at[hit]]]
+        if not bool(hit.all()):
+            out[~hit] = initial_rows(ids[~hit], self.spec, self.seed)
         return out
 
     # --- updating --------------------------------------------------------------------------
@@ -80,7 +117,7 @@ class Table:
             self._reserve(first + new_ids.numel())
             new_slots = torch.arange(first, first + new_ids.numel())
             self.ids[new_slots] = new_ids
-            self.rows[new_slots] = initial_rows(new_ids, self.spec, self.seed)
+            self.rows[new_slots] = self._initial(new_ids)
             start = self.spec.initial_accumulator_value if self.spec.optimizer == "adagrad" else 0.0
             for name, tensor in self.state.items():
                 tensor[new_slots] = start if name == "sum" else 0.0
@@ -145,6 +182,8 @@ class Table:
             step_size = spec.lr * math.sqrt(1 - b2 ** self.steps) / (1 - b1 ** self.steps)
             w.add_(-step_size * numer.div(denom))
         self.rows[slots] = w
+        self._fresh.clear()
+        self._fresh_count = 0
 
     # --- checkpoints -----------------------------------------------------------------------
 
