@@ -15,8 +15,8 @@ and their product, DLRM-style. Its input is [batch, 2] int64 (user id, item id).
 
 ``examples/recsys.toml`` trains it on a cluster (``psgrid submit`` or
 ``Client.submit(JobSpec.from_toml(spec_path("recsys")))``): 2 workers, BSP,
-rows pulled and pushed per step; it ends near test_rmse 0.15 against a floor
-of 0.10 and 0.97 for the mean.
+rows pulled and pushed per step; it ends at test_rmse 0.142 against a floor
+of 0.100 and 0.984 for the mean (about a minute on two cores).
 """
 from __future__ import annotations
 
