@@ -37,6 +37,10 @@ class ServerMetrics:
         self.rejected = Counter("psgrid_rejected_updates_total", "Pushes refused, by reason", ["reason"], registry=r)
         self.workers = Gauge("psgrid_workers", "Registered workers", registry=r)
         self.jobs = Gauge("psgrid_jobs", "Jobs by state", ["state"], registry=r)
+        self.rows_pulled = Counter("psgrid_table_rows_pulled_total", "Embedding-table rows read by workers",
+                                   ["job"], registry=r)
+        self.rows_pushed = Counter("psgrid_table_rows_pushed_total",
+                                   "Embedding-table row gradients staged by workers", ["job"], registry=r)
 
 
 class WorkerMetrics:

@@ -262,6 +262,7 @@ class StepPath:
             check_rows_reply(ids.numel(), t.spec)
             rows = t.lookup(ids, remember=True)
             job.traffic.rows_pulled += ids.numel()
+            self.state.metrics.rows_pulled.labels(job_id).inc(ids.numel())
             return rows, job.store.version
 
     def push_rows(self, job_id: str, worker_id: str, seq: int, rows: Rows, part: int = 0, parts: int = 1) -> None:
@@ -283,7 +284,9 @@ class StepPath:
             if staged is None or (staged.seq, staged.parts) != (seq, parts):
                 staged = job.pending_rows[worker_id] = StagedRows(seq, parts)
             staged.received[part] = rows
-            job.traffic.rows_pushed += sum(ids.numel() for ids, _ in rows.values())
+            count = sum(ids.numel() for ids, _ in rows.values())
+            job.traffic.rows_pushed += count
+            self.state.metrics.rows_pushed.labels(job_id).inc(count)
 
     def report(self, worker_id: str, job_id: str, phase: str, step: int, total_steps: int,
                loss: float, samples: int, seconds: float, metrics: dict[str, float],

@@ -237,6 +237,9 @@ def test_staged_rows_are_applied_once_with_their_push_and_a_retry_is_a_duplicate
     assert rig.ps.push(rig_header(rig, row_tables=1), rig.layout.pack(grads)) == (1, True)
     assert torch.equal(rig.ps.pull_rows(rig.job_id, rig.workers[0], TABLE, torch.tensor([1, 2, 7])), got)
     assert job.tables.touched == 2
+    metrics = server.core.state.metrics.registry
+    assert metrics.get_sample_value("psgrid_table_rows_pulled_total", {"job": rig.job_id}) == 6
+    assert metrics.get_sample_value("psgrid_table_rows_pushed_total", {"job": rig.job_id}) == 2
 
 
 def test_rows_in_many_parts_count_once_every_part_has_come(server, monkeypatch):
