@@ -10,7 +10,8 @@ an :class:`Outcome`, whose :meth:`Outcome.problems` lists the invariants broken:
 * **I2** every accepted push has ``seq == base_step`` (from the update logs);
 * **audit** every round the final weights are made of holds each rank's batch
   exactly once, for its own step, and there are ``steps`` rounds;
-* **I3** the final weights equal the fault-free run's within ``ATOL``;
+* **I3** the final weights equal the fault-free run's within ``ATOL`` (with
+  ``SimConfig(tables=True)``, every row of the model's embedding tables too);
 * **I4** the job SUCCEEDED (not FAILED, not still running when the budget ran out).
 
 What is real: every shard (``ParameterServerCore`` on its own
@@ -78,6 +79,9 @@ ATOL = 1e-5
 #: Real seconds a worker thread may hold the baton before the simulation is declared stuck.
 BATON_TIMEOUT_S = 60.0
 _HEADER_HAS_RANKS = "ranks" in {f.name for f in dataclasses.fields(PushHeader)}
+_HEADER_HAS_TABLES = "row_tables" in {f.name for f in dataclasses.fields(PushHeader)}
+#: Rows of the user and item tables of SimConfig(tables=True): every row is compared (I3).
+TABLE_ROWS = (40, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,8 @@ class SimConfig:
     every: int = 2
     #: Scheduler turns before an unfinished job counts as hung.
     max_turns: int = 6000
+    #: Train a model with embedding tables on the servers (psgrid.sparse) instead of a linear one.
+    tables: bool = False
 
     def __post_init__(self) -> None:
         for field in ("workers", "steps", "every", "max_turns"):
@@ -100,6 +106,15 @@ class SimConfig:
             raise ValueError(f"shards must be >= 2 (a sharded job), got {self.shards}")
 
     def spec(self) -> JobSpec:
+        if self.tables:
+            return JobSpec(model="psgrid.examples.recsys:two_tower",
+                           model_kwargs={"num_users": TABLE_ROWS[0], "num_items": TABLE_ROWS[1], "dim": 4,
+                                         "hidden": 8, "optimizer": "sparse_adam", "lr": 0.05},
+                           dataset="psgrid.examples.recsys:planted_ratings",
+                           dataset_kwargs={"num_users": TABLE_ROWS[0], "num_items": TABLE_ROWS[1], "n": 256,
+                                           "test_n": 32},
+                           batch_size=8, steps=self.steps, num_workers=self.workers, staleness=0, seed=3,
+                           optimizer=OptimizerSpec("adam", lr=0.05))
         return JobSpec(model="psgrid.examples.models:linear", dataset="psgrid.examples.datasets:linear_regression",
                        dataset_kwargs={"n": 256}, batch_size=8, steps=self.steps, num_workers=self.workers,
                        staleness=0, seed=3, optimizer=OptimizerSpec("adam", lr=0.05))
@@ -324,6 +339,11 @@ class CoreClient:
                       layout=codec.layout_from_proto(header.tensors, self.core.config.max_payload_bytes))
         if _HEADER_HAS_RANKS:
             fields["ranks"] = tuple(header.ranks)
+        if _HEADER_HAS_TABLES:
+            from psgrid import messages
+
+            fields["tables"] = tuple(messages.table_from_proto(t) for t in header.tables)
+            fields["row_tables"] = header.row_tables
         h = PushHeader(**fields)
         audit = self.cluster.audits[self.shard]
         audit.scan()
@@ -334,6 +354,15 @@ class CoreClient:
         finally:
             audit.scan()
         return version, duplicate
+
+    def pull_rows(self, job_id, worker_id, table, ids):
+        self.sim.pause()
+        rows, _ = self.core.pull_rows(job_id, worker_id, table.name, ids)
+        return rows.clone()
+
+    def push_rows(self, job_id, worker_id, seq, rows):
+        self.sim.pause()
+        self.core.push_rows(job_id, worker_id, seq, {n: (i.clone(), g.clone()) for n, (i, g) in rows.items()})
 
     def open_partition(self, job_id, spec, worker_names, index, count):
         self.sim.pause()
@@ -670,7 +699,12 @@ class Cluster:
         for core in self.cores:
             try:
                 r = core.fetch(self.job_id)
-                weights.append({k: v.clone() for k, v in r.layout.views(r.payload).items()})
+                found = {k: v.clone() for k, v in r.layout.views(r.payload).items()}
+                tables = core.job(self.job_id).tables
+                for name, rows in zip(("users", "items"), TABLE_ROWS if tables is not None else ()):
+                    # every row, held here or not: the rows of the other shard are their initial values
+                    found[f"table:{name}"] = tables.table(name).lookup(torch.arange(rows))
+                weights.append(found)
             except PsgridError:
                 weights.append(None)
         return Outcome(self.cfg, self.seed, self.plan, job.state if job else None,

@@ -53,6 +53,20 @@ def test_random_fault_sequences_keep_every_invariant(name, block):
     assert not reports, f"{len(reports)} of {len(seeds)} sequences broke an invariant:\n\n" + "\n\n".join(reports)
 
 
+#: Embedding tables on the shards (psgrid.sparse): rows staged with each push, applied with its
+#: round, checkpointed and rolled back with the dense weights; I3 compares every row.
+TABLES = SimConfig(workers=2, shards=2, steps=12, every=3, tables=True)
+
+
+@pytest.mark.timeout(180)
+def test_random_fault_sequences_with_embedding_tables_keep_every_invariant():
+    seeds = range(1000, 1000 + SEEDS_PER_BLOCK)
+    reports = fault_sim.check_sequences(TABLES, seeds, fault_free(TABLES))
+    assert not reports, f"{len(reports)} of {len(seeds)} sequences broke an invariant:\n\n" + "\n\n".join(reports)
+    reference = fault_free(TABLES)
+    assert all(w is not None and "table:users" in w for w in reference)
+
+
 def run_scenario(plan: tuple[Fault, ...], seed: int) -> fault_sim.Outcome:
     outcome = fault_sim.run_sequence(SCENARIO, seed, plan)
     problems = outcome.problems(fault_free(SCENARIO))
