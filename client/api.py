@@ -137,8 +137,9 @@ class Job:
 class TableRows:
     """Rows of one embedding table of a job, by id, from the servers holding them."""
 
-    def __init__(self, job: Job, name: str):
-        self.job, self.name = job, name
+    def __init__(self, job: Job, name: str, shards: tuple[str, ...] | None = None):
+        #: The job's other shards; None: asked for at each lookup (a served model passes them once).
+        self.job, self.name, self.shards = job, name, shards
 
     def lookup(self, ids) -> torch.Tensor:
         """float32 [*ids.shape, dim]: the rows of ``ids`` as the servers hold them now."""
@@ -149,7 +150,8 @@ class TableRows:
         ids = torch.as_tensor(ids, dtype=torch.int64)
         flat = ids.reshape(-1)
         unique, inverse = torch.unique(flat, return_inverse=True)
-        clients = self.job._client._shard_clients(self.job.status().shards)
+        shards = self.shards if self.shards is not None else self.job.status().shards
+        clients = self.job._client._shard_clients(shards)
         where = sparse.shard_of(unique, sparse.TableSpec(self.name, 0, 1), len(clients))
         out: torch.Tensor | None = None
         per_call = 1024  # until the first reply says how wide the rows are
@@ -175,9 +177,13 @@ class _ServerRows:
 
     def __init__(self, job: Job):
         self.job = job
+        self._shards = job.status().shards  # a job's shards never change
+        self._tables: dict[str, TableRows] = {}
 
     def rows(self, table, ids):
-        return self.job.embedding(table.name).lookup(ids)
+        if table.name not in self._tables:
+            self._tables[table.name] = TableRows(self.job, table.name, self._shards)
+        return self._tables[table.name].lookup(ids)
 
 
 class Client:

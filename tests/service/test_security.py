@@ -17,6 +17,7 @@ from psgrid.errors import Unauthenticated, Unavailable
 from psgrid.security import InsecureChannel, Security
 from psgrid.server.app import ParameterServerApp
 from psgrid.server.config import ServerConfig
+from psgrid.sparse import TableSpec
 from psgrid.spec import JobState
 from psgrid.worker.ps_client import ParameterServerClient, push_header
 
@@ -61,6 +62,8 @@ def every_rpc(ps: ParameterServerClient, jobs: JobServiceClient, job_id: str, wo
         "ClosePartition": lambda: ps.close_partition(job_id, worker, JobState.CANCELLED),
         "ListRestorePoints": lambda: ps.restore_points(job_id, worker),
         "RollBack": lambda: ps.roll_back(job_id, worker, (0, ""), 0),
+        "PullRows": lambda: ps.pull_rows(job_id, worker, TABLE, torch.tensor([1, 2])),
+        "PushRows": lambda: ps.push_rows(job_id, worker, 0, {"emb": (torch.tensor([1]), torch.ones(1, 4))}),
         "SubmitJob": lambda: jobs.submit(spec()),
         "GetJob": lambda: jobs.get(job_id),
         "WatchJob": lambda: list(jobs.watch(job_id, timeout_s=5)),
@@ -69,7 +72,12 @@ def every_rpc(ps: ParameterServerClient, jobs: JobServiceClient, job_id: str, wo
         "FetchParameters": lambda: jobs.fetch(job_id),
         "GetJobHistory": lambda: jobs.history(job_id),
         "ListWorkers": lambda: jobs.workers(),
+        "LookupRows": lambda: jobs.lookup_rows(job_id, "emb", torch.tensor([1, 2])),
     }
+
+
+#: The embedding table the token test's calls name (psgrid.sparse).
+TABLE = TableSpec("emb", 100, 4)
 
 
 def test_every_rpc_of_both_services_is_in_the_token_test():
