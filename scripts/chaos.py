@@ -10,7 +10,7 @@ weights of the fault-free run: the run reports the largest difference and
 checks every shard's update log for a push applied on another step's weights.
 
     .venv/bin/python scripts/chaos.py --kills 20 --stops 2          # the long run
-    .venv/bin/python scripts/chaos.py --kills 9 --stops 1 --epochs 80 --seed 3 --liveness 3   # what the test runs
+    .venv/bin/python scripts/chaos.py --kills 6 --stops 1 --epochs 50 --seed 3 --liveness 3   # what the test runs
 
 The last line is one JSON object with the figures; exit status 0 when the
 weights match (atol 1e-5) and nothing was applied twice or on the wrong step.
