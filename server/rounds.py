@@ -86,7 +86,7 @@ class GradientRounds:
             else:
                 self.accumulator.add(grads, weight, grad_max)
                 if self.tables is not None:
-                    self.tables.stage(worker_id, seq, weight, rows or {})
+                    self.tables.stage(worker_id, seq, weight, rows or {}, checked=True)
                 steps.accept(worker_id, seq)
             version = store.version if not steps.arrived else store.version + 1
         else:
@@ -121,7 +121,7 @@ class GradientRounds:
         """
         self._apply_mean(last)
         if self.tables is not None:  # the rows of the round, with its dense update
-            self.tables.stage(last.worker_id, last.seq, last.weight, last.rows or {})
+            self.tables.stage(last.worker_id, last.seq, last.weight, last.rows or {}, checked=True)
             self.tables.apply_round(last.seq)
         self.steps.accept(last.worker_id, last.seq)
         # Who contributed, and on which ranks' data: shards whose rounds differ in either drifted apart.

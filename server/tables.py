@@ -242,9 +242,11 @@ class StagedRows:
                 by_table.setdefault(name, []).append(pair)
         out = {}
         for name, pairs in by_table.items():
-            ids, grads = (pairs[0] if len(pairs) == 1 else
-                          (torch.cat([i for i, _ in pairs]), torch.cat([g for _, g in pairs])))
-            tables.table(name).check_update(ids, grads)
+            if len(pairs) == 1:  # checked whole when its part came (PushRows)
+                out[name] = pairs[0]
+                continue
+            ids, grads = torch.cat([i for i, _ in pairs]), torch.cat([g for _, g in pairs])
+            tables.table(name).check_update(ids, grads)  # a row in two parts
             out[name] = (ids, grads)
         return out
 
@@ -311,8 +313,13 @@ class JobTables:
         for name, (ids, grads) in rows.items():
             self.table(name).check_update(ids, grads)
 
-    def stage(self, worker: str, seq: int, samples: int, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Hold ``worker``'s row gradients of round ``seq`` (computed on ``samples`` examples)."""
+    def stage(self, worker: str, seq: int, samples: int, rows: dict[str, tuple[torch.Tensor, torch.Tensor]],
+              checked: bool = False) -> None:
+        """Hold ``worker``'s row gradients of round ``seq`` (computed on ``samples`` examples).
+        ``checked``: they passed :meth:`check` already and are this table's to keep (no copy)."""
+        if checked:
+            self._staged[worker] = (seq, samples, dict(rows))
+            return
         self.check(rows)
         self._staged[worker] = (seq, samples, {n: (i.clone(), g.clone()) for n, (i, g) in rows.items()})
 
