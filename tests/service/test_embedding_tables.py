@@ -19,7 +19,7 @@ from psgrid.build import build_dataset, build_model, trainable
 from psgrid.client import Client
 from psgrid.client.status import job_lines, table_traffic
 from psgrid.dataset import ShardSampler
-from psgrid.errors import FailedPrecondition, InvalidArgument, PushAhead
+from psgrid.errors import FailedPrecondition, PushAhead
 from psgrid.server.app import ParameterServerApp
 from psgrid.server.config import ServerConfig
 from psgrid.spec import JobSpec, JobState, OptimizerSpec
