@@ -283,7 +283,7 @@ class StepPath:
             staged = job.pending_rows.get(worker_id)
             if staged is None or (staged.seq, staged.parts) != (seq, parts):
                 staged = job.pending_rows[worker_id] = StagedRows(seq, parts)
-            staged.received[part] = rows
+            staged.receive(part, rows)
             count = sum(ids.numel() for ids, _ in rows.values())
             job.traffic.rows_pushed += count
             self.state.metrics.rows_pushed.labels(job_id).inc(count)

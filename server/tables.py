@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from psgrid.errors import InvalidArgument, NonFiniteGradient
+from psgrid.errors import InvalidArgument, NonFiniteGradient, PayloadTooLarge
 from psgrid.sparse import TableSpec, check_ids, initial_rows
 
 #: Rows never written whose initial values a table keeps from pulls for the next update.
@@ -218,6 +218,8 @@ class Table:
 
 #: Parts one step's row gradients may come in (PushRowsRequest.parts).
 MAX_PARTS = 4096
+#: Bytes of row gradients (ids and values) one worker may have staged at once on a server.
+MAX_STAGED_BYTES = 1 << 30
 
 Rows = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -234,6 +236,15 @@ class StagedRows:
     def complete(self) -> bool:
         return len(self.received) == self.parts
 
+    def receive(self, part: int, rows: Rows) -> None:
+        """Keep part ``part`` (replacing itself if sent again); PayloadTooLarge past MAX_STAGED_BYTES."""
+        size = _nbytes(rows)
+        held = sum(_nbytes(r) for p, r in self.received.items() if p != part)
+        if held + size > MAX_STAGED_BYTES:
+            raise PayloadTooLarge(f"{held + size} bytes of row gradients staged for one push; at most "
+                                  f"{MAX_STAGED_BYTES}")
+        self.received[part] = rows
+
     def merged(self, tables: "JobTables") -> Rows:
         """Every part's rows by table; InvalidArgument when two parts carry the same row."""
         by_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -249,6 +260,10 @@ class StagedRows:
             tables.table(name).check_update(ids, grads)  # a row in two parts
             out[name] = (ids, grads)
         return out
+
+
+def _nbytes(rows: Rows) -> int:
+    return sum(ids.numel() * 8 + grads.numel() * 4 for ids, grads in rows.values())
 
 
 class JobTables:

@@ -258,6 +258,23 @@ def test_rows_in_many_parts_count_once_every_part_has_come(server, monkeypatch):
     torch.testing.assert_close(rig.ps.pull_rows(rig.job_id, rig.workers[0], TABLE, ids), want, atol=0, rtol=0)
 
 
+def test_row_gradients_staged_past_their_bound_are_resource_exhausted(server, monkeypatch):
+    from helpers.inproc import make_rig, small_params
+    from psgrid.server import tables
+
+    rig = make_rig(server.port, params=small_params(), tables=(TABLE,))
+    monkeypatch.setattr(tables, "MAX_STAGED_BYTES", 3 * (8 + 16))  # three rows
+    request = rows_request(rig, ids=(1, 2))
+    request.parts = 3
+    call(server, "PushRows", request)
+    request.part = 1  # two more rows: four in all
+    with pytest.raises(grpc.RpcError) as info:
+        call(server, "PushRows", request)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    request.part = 0  # the same part again replaces itself
+    call(server, "PushRows", request)
+
+
 def test_a_checkpoint_round_trips_a_table_bit_exact(tmp_path):
     from psgrid.server import recovery
     from psgrid.server.checkpoint import CheckpointStore
