@@ -122,8 +122,12 @@ def test_a_service_at_its_bound_answers_resource_exhausted_and_the_other_service
     with grpc.insecure_channel(app.address) as channel:
         watch = channel.unary_stream("/psgrid.v1.JobService/WatchJob", identity, identity)
         from psgrid.v1 import job_service_pb2 as js
-        request = js.WatchJobRequest(job_id=rig.job_id, from_seq=1 << 40).SerializeToString()
+        # From the first event: each watcher's first answer shows that its call holds a slot.
+        # (Asking a ListJobs before all four are in would take the fourth's slot itself.)
+        request = js.WatchJobRequest(job_id=rig.job_id, from_seq=0).SerializeToString()
         watchers = [watch(request, metadata=AUTH, timeout=60) for _ in range(4)]
+        for w in watchers:
+            assert next(w)
 
         def refused():
             try:
