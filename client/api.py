@@ -140,6 +140,7 @@ class TableRows:
     def __init__(self, job: Job, name: str, shards: tuple[str, ...] | None = None):
         #: The job's other shards; None: asked for at each lookup (a served model passes them once).
         self.job, self.name, self.shards = job, name, shards
+        self._spec = None
 
     def lookup(self, ids) -> torch.Tensor:
         """float32 [*ids.shape, dim]: the rows of ``ids`` as the servers hold them now."""
@@ -153,22 +154,17 @@ class TableRows:
         shards = self.shards if self.shards is not None else self.job.status().shards
         clients = self.job._client._shard_clients(shards)
         where = sparse.shard_of(unique, sparse.TableSpec(self.name, 0, 1), len(clients))
-        out: torch.Tensor | None = None
-        per_call = 1024  # until the first reply says how wide the rows are
+        if self._spec is None:  # the rows' width, from an empty lookup: it sets how many ids a call takes
+            self._spec, _ = clients[0].lookup_rows(self.job.job_id, self.name, unique[:0])
+        out = torch.empty(unique.numel(), self._spec.dim)
+        per_call = max(1, sparse.ROWS_BYTES // self._spec.row_bytes)
         for shard, rpc in enumerate(clients):
             mine = (where == shard).nonzero().reshape(-1)
             start = 0
             while start < mine.numel():
                 some = mine[start:start + per_call]
-                spec, rows = rpc.lookup_rows(self.job.job_id, self.name, unique[some])
-                if out is None:
-                    out = torch.empty(unique.numel(), spec.dim)
-                    per_call = max(1, sparse.ROWS_BYTES // spec.row_bytes)
-                out[some] = rows
+                out[some] = rpc.lookup_rows(self.job.job_id, self.name, unique[some])[1]
                 start += some.numel()
-        if out is None:  # no ids: learn the width from an empty lookup
-            spec, _ = clients[0].lookup_rows(self.job.job_id, self.name, unique)
-            out = torch.empty(0, spec.dim)
         return out[inverse].reshape(*ids.shape, out.shape[1])
 
 

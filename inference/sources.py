@@ -182,7 +182,12 @@ def checkpoint_rows(ckpt, spec) -> object | None:
     from psgrid import sparse
 
     specs = {t.name: t for t in map(messages.table_from_json, ckpt.meta.get("tables", ()))}
-    return sparse.SavedRows(specs, spec.seed, ckpt.optimizer_state) if specs else None
+    if not specs:
+        return None
+    if ckpt.meta.get("shards") or ckpt.meta.get("partition"):
+        raise ValueError("the job is sharded: each shard's checkpoint holds only its own rows; serve it "
+                         "from the job (--follow-job) instead")
+    return sparse.SavedRows(specs, spec.seed, ckpt.optimizer_state)
 
 
 class Follower:

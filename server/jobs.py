@@ -180,6 +180,8 @@ class Job(GradientRounds):
         self.state = state
         if error:
             self.error = error
+        if state.terminal:
+            self.pending_rows.clear()  # no push will take them now
         self.emit("state")
         return True
 
@@ -210,7 +212,7 @@ class Job(GradientRounds):
         self.lost.discard(old)
         self.steps.rejoin(new, replaces=old)
         self.progress[new] = self.progress.pop(old)
-        for buffers in (self.staging, self.snapshots, self.wire, self.pulls16):
+        for buffers in (self.staging, self.snapshots, self.wire, self.pulls16, self.pending_rows):
             buffers.pop(old, None)
         if self.evaluator in (old, None):
             self._designate_evaluator()

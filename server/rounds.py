@@ -90,14 +90,17 @@ class GradientRounds:
                 steps.accept(worker_id, seq)
             version = store.version if not steps.arrived else store.version + 1
         else:
+            scale = 1.0
             if self.spec.scale_stale and seq > base_step:  # computed on weights seq - base_step steps old
                 scale = 1.0 / (1 + seq - base_step)
                 for g in grads.values():
                     g.mul_(scale)
                 grad_max = None if grad_max is None else grad_max * scale
+            # the rows' update is computed and checked first, written once the dense one is in
+            write_rows = self.tables.prepare_now(rows, scale) if self.tables is not None and rows else None
             store.apply(grads, grad_max)
-            if self.tables is not None and rows:
-                self.tables.apply_now(rows)
+            if write_rows is not None:
+                write_rows()
             steps.accept(worker_id, seq)
             version = store.version
         record = UpdateRecord(
@@ -119,10 +122,22 @@ class GradientRounds:
         Raises NonFiniteGradient when the mean or the update would not be finite;
         then nothing changed: ``last`` is not counted and the round stays open.
         """
-        self._apply_mean(last)
-        if self.tables is not None:  # the rows of the round, with its dense update
+        write_rows = None
+        if self.tables is not None:  # the round's rows: computed and checked aside, written with its dense update
             self.tables.stage(last.worker_id, last.seq, last.weight, last.rows or {}, checked=True)
-            self.tables.apply_round(last.seq)
+            try:
+                write_rows = self.tables.prepare_round(last.seq)
+            except BaseException:
+                self.tables.unstage(last.worker_id)
+                raise
+        try:
+            self._apply_mean(last)
+        except BaseException:
+            if self.tables is not None:
+                self.tables.unstage(last.worker_id)
+            raise
+        if write_rows is not None:
+            write_rows()
         self.steps.accept(last.worker_id, last.seq)
         # Who contributed, and on which ranks' data: shards whose rounds differ in either drifted apart.
         names = sorted(f"{self.worker_names[self.workers.index(w)]}{self.coverage(w)}"

@@ -260,7 +260,7 @@ class StepPath:
         with job.cond:  # read-only: in any state (the evaluator reads them after training)
             t = job.require_tables().table(table)
             check_rows_reply(ids.numel(), t.spec)
-            rows = t.lookup(ids, remember=True)
+            rows = t.lookup(ids, remember=job.state is JobState.RUNNING)  # its push will write them
             job.traffic.rows_pulled += ids.numel()
             self.state.metrics.rows_pulled.labels(job_id).inc(ids.numel())
             return rows, job.store.version
@@ -338,6 +338,9 @@ def _staged_rows(job: Job, header: PushHeader) -> dict | None:
         if header.row_tables:
             raise InvalidArgument(f"job {job.job_id} has no embedding tables; row_tables must be 0")
         return None
+    if header.row_tables > len(job.tables.tables):
+        raise InvalidArgument(f"row_tables {header.row_tables}: job {job.job_id} has {len(job.tables.tables)} "
+                              "embedding tables")
     if job.steps.is_duplicate(header.worker_id, header.seq):
         return {}  # counted already, with its rows
     staged = job.pending_rows.get(header.worker_id)

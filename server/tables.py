@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ import torch
 from psgrid.errors import InvalidArgument, NonFiniteGradient, PayloadTooLarge
 from psgrid.sparse import TableSpec, check_ids, initial_rows
 
-#: Rows never written whose initial values a table keeps from pulls for the next update.
-FRESH_CACHE_ROWS = 1 << 20
+#: Bytes of initial values of rows never written that a table keeps from pulls for the next update.
+FRESH_CACHE_BYTES = 64 << 20
 
 #: State rows each optimizer keeps, with their width ("dim" or 1) and start value.
 _STATE = {"sgd": {}, "adagrad": {"sum": "dim"}, "rowwise_adagrad": {"sum": 1},
@@ -83,7 +84,7 @@ class Table:
         return out
 
     def _remember(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        if self._fresh_count + ids.numel() > FRESH_CACHE_ROWS:
+        if (self._fresh_count + ids.numel()) * self.spec.row_bytes > FRESH_CACHE_BYTES:
             self._fresh.clear()
             self._fresh_count = 0
         self._fresh.append((ids, rows))
@@ -151,37 +152,52 @@ class Table:
             raise NonFiniteGradient(f"table {self.spec.name}: gradient rows hold NaN or Inf")
 
     def apply(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
-        """One optimizer step on the rows ``ids`` (unique) with their gradients."""
+        """One optimizer step on the rows ``ids`` (unique) with their gradients; NonFiniteGradient
+        (nothing changed) when the rows or their state would not be finite."""
+        self.prepare(ids, grads)()
+
+    def prepare(self, ids: torch.Tensor, grads: torch.Tensor) -> Callable[[], None]:
+        """Compute one optimizer step aside and check it; return what writes it.
+
+        NonFiniteGradient when a row or its state would not be finite: then nothing
+        changed (rows never written may now be held, at their initial values, which
+        read the same). The returned call writes the step; nothing in between may
+        touch this table (the caller holds the job's lock)."""
         self.check_update(ids, grads)
-        self.steps += 1
+        steps = self.steps + 1
         if ids.numel() == 0:
-            return
+            return lambda: self._commit(steps, None, None, {})
         slots = self._materialise(ids)
-        w = self.rows[slots]
-        spec, kind = self.spec, self.spec.optimizer
+        w = self.rows[slots]  # copies: written back by the commit
+        spec, kind, state = self.spec, self.spec.optimizer, {}
         if kind == "sgd":
             w.add_(grads, alpha=-spec.lr)
-        elif kind == "adagrad":
-            total = self.state["sum"][slots].add_(grads.pow(2))
-            self.state["sum"][slots] = total
-            w.add_(grads / total.sqrt().add_(spec.eps), alpha=-spec.lr)
-        elif kind == "rowwise_adagrad":
-            total = self.state["sum"][slots].add_(grads.pow(2).mean(dim=1, keepdim=True))
-            self.state["sum"][slots] = total
+        elif kind in ("adagrad", "rowwise_adagrad"):
+            squares = grads.pow(2) if kind == "adagrad" else grads.pow(2).mean(dim=1, keepdim=True)
+            state["sum"] = total = self.state["sum"][slots].add_(squares)
             w.add_(grads / total.sqrt().add_(spec.eps), alpha=-spec.lr)
         else:  # sparse_adam, as torch.optim.SparseAdam computes it
             b1, b2 = spec.betas
             old_avg, old_sq = self.state["exp_avg"][slots], self.state["exp_avg_sq"][slots]
             avg_update = grads.sub(old_avg).mul_(1 - b1)
             sq_update = grads.pow(2).sub_(old_sq).mul_(1 - b2)
-            numer = avg_update.add(old_avg)
-            sq = sq_update.add(old_sq)
-            self.state["exp_avg"][slots] = numer
-            self.state["exp_avg_sq"][slots] = sq
+            state["exp_avg"] = numer = avg_update.add(old_avg)
+            state["exp_avg_sq"] = sq = sq_update.add(old_sq)
             denom = sq.sqrt().add_(spec.eps)
-            step_size = spec.lr * math.sqrt(1 - b2 ** self.steps) / (1 - b1 ** self.steps)
+            step_size = spec.lr * math.sqrt(1 - b2 ** steps) / (1 - b1 ** steps)
             w.add_(-step_size * numer.div(denom))
-        self.rows[slots] = w
+        if not (torch.isfinite(w).all() and all(torch.isfinite(t).all() for t in state.values())):
+            raise NonFiniteGradient(f"table {spec.name}: this update would make rows or their optimizer "
+                                    "state non-finite; nothing was applied")
+        return lambda: self._commit(steps, slots, w, state)
+
+    def _commit(self, steps: int, slots: torch.Tensor | None, rows: torch.Tensor | None,
+                state: dict[str, torch.Tensor]) -> None:
+        self.steps = steps
+        if slots is not None:
+            self.rows[slots] = rows
+            for name, value in state.items():
+                self.state[name][slots] = value
         self._fresh.clear()
         self._fresh_count = 0
 
@@ -212,7 +228,9 @@ class Table:
         for name, t in table.state.items():
             t[:n] = tensors[f"state.{name}"]
         table.slots = dict(zip(ids.tolist(), range(n)))
-        table.steps = int(tensors["steps"][0])
+        if tensors["steps"].numel() != 1:
+            raise InvalidArgument(f"table {spec.name}: checkpoint tensors do not fit the table")
+        table.steps = int(tensors["steps"].reshape(-1)[0])
         return table
 
 
@@ -343,8 +361,14 @@ class JobTables:
 
     def apply_round(self, seq: int) -> None:
         """Apply round ``seq``: per table, the examples-weighted mean of the staged gradients."""
+        self.prepare_round(seq)()
+
+    def prepare_round(self, seq: int) -> Callable[[], None]:
+        """Compute round ``seq``'s update of every table aside (NonFiniteGradient, nothing
+        changed, when one would not be finite); return what writes them and forgets the round."""
         entries = [(samples, rows) for s, samples, rows in self._staged.values() if s == seq]
         total = sum(samples for samples, _ in entries)
+        commits = []
         for name, table in self.tables.items():
             parts = [(rows[name][0], rows[name][1] * (samples / total)) for samples, rows in entries if name in rows]
             if not parts:  # no worker reached the table: torch skips a parameter without a gradient
@@ -352,15 +376,35 @@ class JobTables:
             ids = torch.cat([i for i, _ in parts])
             unique, inverse = torch.unique(ids, return_inverse=True)
             summed = torch.zeros(unique.numel(), table.spec.dim).index_add_(0, inverse, torch.cat([g for _, g in parts]))
-            table.apply(unique, summed)
-        self.drop_round(seq)
+            commits.append(table.prepare(unique, summed))
+
+        def commit() -> None:
+            for write in commits:
+                write()
+            self.drop_round(seq)
+        return commit
+
+    def unstage(self, worker: str) -> None:
+        """Forget what ``worker`` staged (its push was not counted after all)."""
+        self._staged.pop(worker, None)
 
     def drop_round(self, seq: int) -> None:
         """Forget what was staged for ``seq`` and earlier (a round restarted or applied)."""
         self._staged = {w: entry for w, entry in self._staged.items() if entry[0] > seq}
 
-    def apply_now(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def apply_now(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float = 1.0) -> None:
         """Asynchronous jobs: apply one push's rows as they arrive."""
+        self.prepare_now(rows, scale)()
+
+    def prepare_now(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    scale: float = 1.0) -> Callable[[], None]:
+        """Asynchronous jobs: one push's update of every table, computed aside and checked
+        (its gradients times ``scale``: ``scale_stale``); return what writes it."""
         self.check(rows)
-        for name, (ids, grads) in rows.items():
-            self.tables[name].apply(ids, grads)
+        commits = [self.tables[name].prepare(ids, grads if scale == 1.0 else grads * scale)
+                   for name, (ids, grads) in rows.items()]
+
+        def commit() -> None:
+            for write in commits:
+                write()
+        return commit

@@ -362,3 +362,15 @@ def test_an_asynchronous_job_applies_each_pushs_rows_on_arrival(cluster):
     assert [i.pushes for i in infos] == [80, 80]
     assert sum(i.rows_held for i in infos) > 0
     assert info.metrics["test_rmse"] < info.metrics["rmse_of_mean"]
+
+
+def test_the_sdk_reads_rows_of_a_wide_table_in_calls_that_fit(server):
+    from helpers.inproc import make_rig
+
+    wide = sparse.TableSpec("wide", 0, 1100)  # 4,400 bytes a row: ~470 rows a 2 MiB call
+    rig = make_rig(server.port, tables=(wide,))
+    with Client(server.address) as client:
+        rows = client.job(rig.job_id).embedding("wide").lookup(torch.arange(1500).reshape(30, 50))
+    assert rows.shape == (30, 50, 1100)
+    want = sparse.initial_rows(torch.arange(1500), wide, server.core.job(rig.job_id).spec.seed)
+    assert torch.equal(rows.reshape(1500, 1100), want)

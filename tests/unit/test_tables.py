@@ -273,3 +273,24 @@ def test_a_round_refuses_a_bad_table_or_rows_before_staging_anything():
     with pytest.raises(InvalidArgument, match="duplicate"):
         shard.stage("w0", 0, 4, {"users": (torch.tensor([1, 1]), torch.zeros(2, DIM))})
     assert shard.staged(0) == set()
+
+
+def test_an_update_that_would_make_a_row_or_its_state_non_finite_changes_nothing():
+    from psgrid.errors import NonFiniteGradient
+
+    for optimizer in ("sgd", "adagrad"):
+        table = Table(TableSpec("t", 10, 2, optimizer=optimizer, lr=1.0), seed=0)
+        ids, huge, every = torch.tensor([1, 2]), torch.full((2, 2), 3e38), torch.arange(10)
+
+        def seen():  # what a reader sees (a row never written may be held at its initial value)
+            return table.lookup(every), {k: v[:table.touched].clone() for k, v in table.state.items()}, table.steps
+
+        before = seen()
+        with pytest.raises(NonFiniteGradient):
+            for _ in range(3):  # sgd overflows on the third push; adagrad's sum on the first
+                table.apply(ids, huge)
+                before = seen()
+        rows, state, steps = seen()
+        assert torch.equal(rows, before[0]) and steps == before[2], optimizer
+        assert all(torch.equal(state[k][:len(before[1][k])], before[1][k]) for k in state), optimizer
+        assert all(bool(torch.isfinite(v).all()) for v in state.values())
