@@ -29,7 +29,7 @@ CONFIGS = {
     "2w2s": SimConfig(workers=2, shards=2, steps=12, every=3),
     "3w2s": SimConfig(workers=3, shards=2, steps=12, every=1),
 }
-SEEDS_PER_BLOCK = 45
+SEEDS_PER_BLOCK = 35
 BLOCKS = 2
 #: The named scenarios: long enough for a drop, restore points before and during it.
 SCENARIO = SimConfig(workers=2, shards=2, steps=24, every=5)
