@@ -310,10 +310,6 @@ class JobTables:
         """Rows held, over every table."""
         return sum(table.touched for table in self.tables.values())
 
-    @property
-    def nbytes(self) -> int:
-        return sum(table.nbytes for table in self.tables.values())
-
     def reset(self) -> None:
         """Forget the round being gathered (its workers compute it again)."""
         self._staged.clear()
