@@ -175,8 +175,9 @@ def check_ids(ids: torch.Tensor, table: TableSpec, unique: bool = False) -> None
 # --- on the wire: ids as little-endian int64, rows as little-endian float32 ------------------
 
 #: Bytes of rows one PullRows, PushRows or LookupRows call carries at most (gRPC's
-#: messages stop at 4 MiB): a step's rows travel in as many calls as they need.
-ROWS_BYTES = 2 << 20
+#: messages stop at 4 MiB; the rest is room for the message's other fields): a
+#: step's rows travel in as many calls as they need.
+ROWS_BYTES = 3 << 20
 
 
 
@@ -299,6 +300,9 @@ class Step:
         for name, uses in self._used.items():
             grads = [(ids, rows.grad) for _, ids, rows in uses if rows.grad is not None]
             if not grads:
+                continue
+            if len(grads) == 1:  # one use: its ids are unique already (Embedding.lookup)
+                out[name] = grads[0]
                 continue
             ids = torch.cat([i for i, _ in grads])
             values = torch.cat([g for _, g in grads])

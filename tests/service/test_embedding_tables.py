@@ -367,7 +367,7 @@ def test_an_asynchronous_job_applies_each_pushs_rows_on_arrival(cluster):
 def test_the_sdk_reads_rows_of_a_wide_table_in_calls_that_fit(server):
     from helpers.inproc import make_rig
 
-    wide = sparse.TableSpec("wide", 0, 1100)  # 4,400 bytes a row: ~470 rows a 2 MiB call
+    wide = sparse.TableSpec("wide", 0, 1100)  # 4,400 bytes a row: ~710 rows a 3 MiB call
     rig = make_rig(server.port, tables=(wide,))
     with Client(server.address) as client:
         rows = client.job(rig.job_id).embedding("wide").lookup(torch.arange(1500).reshape(30, 50))

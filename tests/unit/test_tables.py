@@ -2,6 +2,7 @@
 optimizers equal to torch's on nn.Embedding(sparse=True) (to 1e-6)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from psgrid.errors import InvalidArgument, NonFiniteGradient
-from psgrid.server.tables import JobTables, Table
+from psgrid.server.tables import JobTables, RowIndex, Table
 from psgrid.sparse import Embedding, EmbeddingBag, TableSpec, initial_rows, rows_from, shard_of, tables
 
 ROWS, DIM = 40, 6
@@ -294,3 +295,22 @@ def test_an_update_that_would_make_a_row_or_its_state_non_finite_changes_nothing
         assert torch.equal(rows, before[0]) and steps == before[2], optimizer
         assert all(torch.equal(state[k][:len(before[1][k])], before[1][k]) for k in state), optimizer
         assert all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(st.integers(0, 2**62), max_size=300), min_size=1, max_size=8),
+       small=st.booleans())
+def test_the_row_index_answers_as_a_dict_through_growth_and_collisions(batches, small):
+    """RowIndex against a dict: batches of new ids added in turn (growing it several
+    times), every id looked up after each batch, held and never held alike."""
+    index, truth, seen = RowIndex(), {}, []
+    for batch in batches:
+        ids = [i % 1500 for i in batch] if small else batch  # small: crowded, colliding homes
+        new = list(dict.fromkeys(i for i in ids if i not in truth))
+        slots = np.arange(len(truth), len(truth) + len(new), dtype=np.int64)
+        index.add(np.array(new, dtype=np.int64), slots)
+        truth.update(zip(new, slots.tolist()))
+        seen.extend(ids)
+        probe = np.array(seen + [i + 1 for i in seen], dtype=np.int64)
+        assert index.get(probe).tolist() == [truth.get(i, -1) for i in probe.tolist()]
+        assert len(index) == len(truth)
