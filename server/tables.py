@@ -24,7 +24,7 @@ import torch
 
 from psgrid.errors import InvalidArgument, NonFiniteGradient, PayloadTooLarge
 from psgrid.server.optim import magnitude
-from psgrid.sparse import TableSpec, check_ids, initial_rows
+from psgrid.sparse import RowIndex, TableSpec, check_ids, initial_rows
 
 #: Bytes of initial values of rows never written that a table keeps from pulls for the next update.
 FRESH_CACHE_BYTES = 64 << 20
@@ -36,73 +36,6 @@ _STATE = {"sgd": {}, "adagrad": {"sum": "dim"}, "rowwise_adagrad": {"sum": 1},
 
 def _finite(*tensors: torch.Tensor) -> bool:
     return math.isfinite(magnitude(tensors))  # one pass each: faster than isfinite().all()
-
-
-class RowIndex:
-    """Row id -> slot for a table's held rows, looked up and grown a batch at a time.
-
-    An open-addressing hash table (linear probing, load at most a half) in two
-    numpy arrays, probed for every id of a batch at once: a batch of ids costs
-    a few vector operations per probe round, however many rows are held, where
-    a Python dict costs a call per id. Ids are non-negative (checked before),
-    so -1 marks an empty place. Nothing is ever removed.
-    """
-
-    EMPTY = -1
-    _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top bits of id * 2^64/phi
-
-    def __init__(self, ids: np.ndarray | None = None):
-        self._keys = np.full(1 << 10, self.EMPTY, dtype=np.int64)
-        self._vals = np.empty(1 << 10, dtype=np.int64)
-        self._size = 0
-        if ids is not None and len(ids):
-            self.add(ids, np.arange(len(ids), dtype=np.int64))
-
-    def __len__(self) -> int:
-        return self._size
-
-    def _home(self, ids: np.ndarray) -> np.ndarray:
-        shift = np.uint64(64 - (self._keys.size.bit_length() - 1))
-        return ((ids.astype(np.uint64) * self._MIX) >> shift).astype(np.int64)
-
-    def get(self, ids: np.ndarray) -> np.ndarray:
-        """The slot of each id, -1 for ids not held."""
-        out = np.full(len(ids), -1, dtype=np.int64)
-        mask = self._keys.size - 1
-        todo, pos = np.arange(len(ids)), self._home(ids)
-        while todo.size:
-            keys = self._keys[pos]
-            hit = keys == ids[todo]
-            out[todo[hit]] = self._vals[pos[hit]]
-            go = ~hit & (keys != self.EMPTY)
-            todo, pos = todo[go], (pos[go] + 1) & mask
-        return out
-
-    def add(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        """Hold ``ids`` (unique, none held yet) at ``slots``."""
-        if 2 * (self._size + len(ids)) > self._keys.size:
-            held = self._keys != self.EMPTY
-            old_ids, old_slots = self._keys[held], self._vals[held]
-            size = self._keys.size
-            while 2 * (self._size + len(ids)) > size:
-                size *= 2
-            self._keys = np.full(size, self.EMPTY, dtype=np.int64)
-            self._vals = np.empty(size, dtype=np.int64)
-            self._place(old_ids, old_slots)
-        self._place(ids, slots)
-        self._size += len(ids)
-
-    def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        mask = self._keys.size - 1
-        todo, pos = np.arange(len(ids)), self._home(ids)
-        while todo.size:
-            free = np.flatnonzero(self._keys[pos] == self.EMPTY)
-            places, first = np.unique(pos[free], return_index=True)  # one id per free place
-            won = free[first]
-            self._keys[places], self._vals[places] = ids[todo[won]], slots[todo[won]]
-            left = np.ones(todo.size, dtype=bool)
-            left[won] = False
-            todo, pos = todo[left], (pos[left] + 1) & mask  # the place is taken now: probe on
 
 
 class Table:

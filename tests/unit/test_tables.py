@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from psgrid.errors import InvalidArgument, NonFiniteGradient
-from psgrid.server.tables import JobTables, RowIndex, Table
-from psgrid.sparse import Embedding, EmbeddingBag, TableSpec, initial_rows, rows_from, shard_of, tables
+from psgrid.server.tables import JobTables, Table
+from psgrid.sparse import Embedding, EmbeddingBag, RowIndex, TableSpec, initial_rows, rows_from, shard_of, tables
 
 ROWS, DIM = 40, 6
 
