@@ -1,9 +1,10 @@
 """The frames of a step stream (``ParameterServer.Step``), both directions.
 
-A worker keeps one step stream per server for a whole job. On it each request
-is a pull (one ``StepRequest.pull`` frame) or a push (its header frame, then
-exactly the header's ``total_bytes`` in chunk frames: the bytes
-:func:`psgrid.codec.encode_push` makes). The server answers every request, in
+A worker keeps one step stream per server for a whole job, on gRPC or on a
+direct channel (psgrid.channel). On it each request is a pull (one
+``StepRequest.pull`` frame), ``shm_open``, ``channel_open``, or a push (its
+header frame, then exactly the header's ``total_bytes`` in chunk frames: the
+bytes :func:`psgrid.codec.encode_push` makes). The server answers every request, in
 order: a pull with its header and exactly its payload's chunks (the bytes
 :func:`psgrid.codec.encode_pull` makes), a push with a ``pushed`` frame, and a
 request that failed with an ``error`` frame naming the psgrid error, after
@@ -34,6 +35,15 @@ def pull_request(job_id: str, worker_id: str, clock: int, final: bool, max_wait_
 def shm_open(job_id: str, worker_id: str, decline: bool = False) -> bytes:
     return ps.StepRequest(shm_open=ps.ShmOpen(job_id=job_id, worker_id=worker_id,
                                               decline=decline)).SerializeToString()
+
+
+def channel_open(worker_id: str) -> bytes:
+    return ps.StepRequest(channel_open=ps.ChannelOpen(worker_id=worker_id)).SerializeToString()
+
+
+def channel_offer(port: int, ticket: bytes) -> bytes:
+    """The answer to ``channel_open``: where the stream goes on (psgrid.channel)."""
+    return ps.StepResponse(channel_offer=ps.ChannelOffer(port=port, ticket=ticket)).SerializeToString()
 
 
 def pushed(version: int, duplicate: bool) -> bytes:
@@ -73,8 +83,9 @@ def read_request(frame: bytes) -> tuple[ps.StepRequest, memoryview | None]:
         msg = ps.StepRequest.FromString(frame)
     except DecodeError as exc:
         raise MalformedRequest(f"undecodable step frame ({len(frame)} bytes): {exc}") from None
-    if msg.WhichOneof("frame") not in ("pull", "push", "shm_open"):
-        raise MalformedRequest("a step request starts with a pull, a push header or shm_open, not a payload chunk")
+    if msg.WhichOneof("frame") not in ("pull", "push", "shm_open", "channel_open"):
+        raise MalformedRequest("a step request starts with a pull, a push header, shm_open or channel_open, "
+                               "not a payload chunk")
     return msg, None
 
 
@@ -113,7 +124,7 @@ class Payload:
 
 def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor] | None,
                max_bytes: int = 1 << 62, shm: torch.Tensor | None = None
-               ) -> Pulled | ps.PushResponse | ps.ShmOffer | PsgridError:
+               ) -> Pulled | ps.PushResponse | ps.ShmOffer | ps.ChannelOffer | PsgridError:
     """The server's answer to the oldest request: a Pulled, a PushResponse, or the error
     the request failed with (returned: the stream is still in step). MalformedPayload
     (raised) when the frames break the protocol."""
@@ -135,6 +146,8 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
         return msg.pushed
     if kind == "shm_offer":
         return msg.shm_offer
+    if kind == "channel_offer":
+        return msg.channel_offer
     if kind != "pull":
         raise MalformedPayload(f"a step reply starts with a header, not a {kind}")
     h = msg.pull

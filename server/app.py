@@ -7,7 +7,7 @@ import threading
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from psgrid import shm
+from psgrid import channel, shm
 from psgrid.guard import LIVENESS, HealthPort, make_server
 from psgrid.portfile import write_port_file
 from psgrid.security import Security
@@ -41,6 +41,8 @@ class ParameterServerApp:
         except BaseException:
             if self.health_port is not None:
                 self.health_port.stop(0)
+            if getattr(self, "listener", None) is not None:
+                self.listener.close()
             raise
 
     def _build(self, config: ServerConfig, security: Security) -> None:
@@ -54,7 +56,9 @@ class ParameterServerApp:
             self.core.restore()
             self.core.retire()
         self.server = make_server("ps-rpc", SERVICES, security, config.admission())
-        self.server.add_generic_rpc_handlers(handlers(self.core))
+        self.listener: channel.Listener | None = None
+        offer = config.step_channel and not security.tls  # under TLS its frames would travel in the clear
+        self.server.add_generic_rpc_handlers(handlers(self.core, self._make_listener if offer else None))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = security.add_port(self.server, f"{config.host}:{config.port}")
         if self.port == 0:
@@ -66,6 +70,10 @@ class ParameterServerApp:
             self._threads.append(threading.Thread(
                 target=self._every, args=(config.checkpoint_interval_s, self._checkpoint),
                 name="ps-checkpoint", daemon=True))
+
+    def _make_listener(self, service) -> channel.Listener:
+        self.listener = channel.Listener(self.config.host, channel.Tickets(), service.serve_channel)
+        return self.listener
 
     def _tick(self) -> None:
         """Drop silent workers from their barriers, release finished jobs past retention."""
@@ -94,6 +102,8 @@ class ParameterServerApp:
 
     def start(self) -> "ParameterServerApp":
         self.server.start()
+        if self.listener is not None:
+            self.listener.start()
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for thread in self._threads:
@@ -108,6 +118,8 @@ class ParameterServerApp:
         self.health.enter_graceful_shutdown()
         self._stopping.set()
         self.server.stop(grace).wait()
+        if self.listener is not None:
+            self.listener.close()
         for thread in self._threads:
             thread.join()
         if self.checkpoints:

@@ -54,6 +54,9 @@ class ServerConfig:
     update_log: str | None = None
     #: Offer workers on this host the shared-memory path of the step stream (psgrid.shm).
     shared_memory: bool = True
+    #: Offer workers a direct step channel (psgrid.channel: the step stream on a plain
+    #: socket beside gRPC, entered with a one-use ticket). Never under TLS.
+    step_channel: bool = True
     #: This server's name in its cluster, on every update-log line: ``psgrid up``
     #: names the coordinator ``server`` and the other shards ``shard-1``, ``shard-2``, ...
     shard_name: str = "server"

@@ -9,13 +9,14 @@ streams that carry tensors (Pull, Push, FetchParameters) send raw frames framed 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
 
-from psgrid import codec, messages, shm, sparse, stepframes
+from psgrid import channel, codec, messages, shm, sparse, stepframes
 from psgrid.errors import (FailedPrecondition, InvalidArgument, MalformedPayload, MalformedRequest, PayloadTooLarge,
                            PsgridError)
 from psgrid.limits import quote
@@ -24,6 +25,8 @@ from psgrid.server.core import ParameterServerCore
 from psgrid.server.steps import PullResult, PushHeader
 from psgrid.v1 import job_service_pb2 as js
 from psgrid.v1 import parameter_server_pb2 as ps
+
+logger = logging.getLogger(__name__)
 
 _PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhase.DESCRIPTOR.values}
 
@@ -60,6 +63,8 @@ class ParameterServerService:
 
     def __init__(self, core: ParameterServerCore):
         self.core = core
+        #: Where workers may carry their step streams on (psgrid.channel); None: nowhere.
+        self.listener: channel.Listener | None = None
 
     @translate_errors
     def RegisterWorker(self, request: ps.RegisterWorkerRequest, context) -> ps.RegisterWorkerResponse:
@@ -130,7 +135,26 @@ class ParameterServerService:
             for segment in segments:
                 segment.unlink()
 
-    def _step(self, frames: Iterator[bytes], context, segments: list) -> Iterator[bytes]:
+    def serve_channel(self, connection: channel.Connection, worker_id: str) -> None:
+        """A step stream carried on a direct channel (psgrid.channel), until it ends: the
+        same frames and answers as :meth:`Step`, the same handling."""
+        segments: list[shm.Segment] = []
+        try:
+            for reply in self._step(connection, connection, segments, on_channel=True):
+                connection.send([reply])
+        except channel.ChannelBroken as exc:
+            logger.debug("[ps] step channel of %s ended: %s", worker_id, exc)
+        except PsgridError as exc:  # out of step, or a frame it cannot take: the stream ends with it, as on gRPC
+            logger.info("[ps] step channel of %s ended: %s: %s", worker_id, type(exc).__name__, exc)
+            try:
+                connection.send([stepframes.error(exc)])
+            except channel.ChannelBroken:
+                pass
+        finally:
+            for segment in segments:
+                segment.unlink()
+
+    def _step(self, frames: Iterator[bytes], context, segments: list, on_channel: bool = False) -> Iterator[bytes]:
         for frame in frames:
             request, inline = stepframes.read_request(frame)
             kind = request.WhichOneof("frame")
@@ -151,6 +175,12 @@ class ParameterServerService:
             if kind == "shm_open":
                 try:
                     yield self._offer(request.shm_open, segments)
+                except PsgridError as exc:
+                    yield stepframes.error(exc)
+                continue
+            if kind == "channel_open":
+                try:
+                    yield self._channel_offer(request.channel_open, on_channel)
                 except PsgridError as exc:
                     yield stepframes.error(exc)
                 continue
@@ -186,6 +216,15 @@ class ParameterServerService:
             raise FailedPrecondition(f"no shared memory: {exc}") from None
         push, pull = segments
         return stepframes.offer(push, pull, nbytes)
+
+    def _channel_offer(self, request: ps.ChannelOpen, on_channel: bool) -> bytes:
+        """A ticket for a direct step channel (FailedPrecondition saying why not)."""
+        if self.listener is None:
+            raise FailedPrecondition("this server offers no direct step channel (step_channel = false, or TLS)")
+        if on_channel:
+            raise FailedPrecondition("this step stream is on a direct channel already")
+        self.core.state.worker(request.worker_id)  # UnknownWorker unless registered
+        return stepframes.channel_offer(self.listener.port, self.listener.tickets.issue(request.worker_id))
 
     @translate_errors
     def ReportMetrics(self, request: ps.ReportMetricsRequest, context) -> ps.ReportMetricsResponse:
@@ -291,9 +330,14 @@ class JobServiceService:
                                      spec=messages.table_to_proto(spec))
 
 
-def handlers(core: ParameterServerCore) -> list[grpc.GenericRpcHandler]:
-    """The generic handlers for both services, ready for ``server.add_generic_rpc_handlers``."""
+def handlers(core: ParameterServerCore,
+             listener: Callable[[ParameterServerService], channel.Listener] | None = None
+             ) -> list[grpc.GenericRpcHandler]:
+    """The generic handlers for both services, ready for ``server.add_generic_rpc_handlers``;
+    ``listener`` makes the direct step channel's listener (psgrid.channel) around the service."""
     p, j = ParameterServerService(core), JobServiceService(core)
+    if listener is not None:
+        p.listener = listener(p)
     return [
         grpc.method_handlers_generic_handler("psgrid.v1.ParameterServer", {
             "RegisterWorker": unary_handler(p.RegisterWorker, ps.RegisterWorkerRequest, ps.RegisterWorkerResponse),

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import grpc
 import torch
 
-from psgrid import codec, messages, rpc, shm, sparse, stepframes
+from psgrid import channel, codec, messages, rpc, shm, sparse, stepframes
 from psgrid.backoff import Backoff
 from psgrid.codec import Layout, Pulled
 from psgrid.diagnose import REMIND_EVERY_S, Reminder
@@ -33,41 +33,92 @@ PULL_SLICE_S = 2.0
 _WATCHDOG = Watchdog()
 #: Step streams one client keeps open (one per worker id it pulls or pushes for).
 MAX_STREAMS = 8
+#: Longest the set-up of a direct step channel may take (the offer, the connection).
+CHANNEL_SETUP_S = 10.0
 
 
 class StepStream:
     """One worker's step stream to one server (:mod:`psgrid.stepframes`): requests
     go out in order, answers come back in order. Opened on first use and again
     after it broke. Callers hold ``lock`` around every use.
+
+    With ``channel_host``, each time it opens it asks the server for a direct
+    channel (:mod:`psgrid.channel`) and goes on there; when the server offers
+    none, or the channel cannot be reached, it stays on gRPC (``say`` tells why).
     """
 
-    def __init__(self, method: Callable, watchdog: Watchdog):
+    def __init__(self, method: Callable, watchdog: Watchdog, worker_id: str = "",
+                 channel_host: str | None = None, say: Callable[[str], None] | None = None):
         self._method = method
         self._watchdog = watchdog
+        self.worker_id = worker_id
+        self.channel_host = channel_host
+        self._say = say or logger.info
         self.lock = threading.Lock()
+        #: The gRPC call, or the direct channel (psgrid.channel.Connection: then ``_out`` is None).
         self._call = None
         self._out: queue.SimpleQueue | None = None
+        self._retired = None  # the gRPC call a direct channel replaced
         #: The key of a pull sent ahead (with a push) whose answer is not read yet.
         self.prefetched: tuple | None = None
         #: Shared memory (psgrid.shm): the push and pull segments, for ``shm_job``.
         self.shm: tuple[shm.Segment, shm.Segment] | None = None
         self.shm_job = ""
 
+    @property
+    def ended(self) -> bool:
+        """Whether the stream ended while idle (a server restart, say)."""
+        return self._call is not None and self._call.done()
+
     def check(self) -> None:
-        """Forget a stream that ended while idle (a server restart, say): the next send opens another."""
-        if self._call is not None and self._call.done():
+        """Forget a stream that ended while idle: the next send opens another."""
+        if self.ended:
             self.reset()
+
+    @property
+    def on_channel(self) -> bool:
+        return self._call is not None and self._out is None
 
     def send(self, frames: Iterable[bytes]) -> None:
         if self._call is None:
-            out = self._out = queue.SimpleQueue()
-
-            def requests():
-                while (frame := out.get()) is not None:
-                    yield frame
-            self._call = self._method(requests())
+            self._open()
+        if self._out is None:
+            self._call.send(frames)  # the direct channel: on the socket, from this thread
+            return
         for frame in frames:
             self._out.put(frame)
+
+    def _open(self) -> None:
+        out = self._out = queue.SimpleQueue()
+
+        def requests():
+            while (frame := out.get()) is not None:
+                yield frame
+        self._call = self._method(requests())
+        if self.channel_host is not None and self.worker_id:
+            self._enter_channel(CHANNEL_SETUP_S)
+
+    def _enter_channel(self, timeout: float) -> None:
+        """Ask for a direct channel on the gRPC stream just opened and move there; stay on
+        gRPC when the server offers none or it cannot be reached."""
+        self._out.put(stepframes.channel_open(self.worker_id))
+        try:
+            offer = self.answer(None, timeout)  # a broken stream raises: the caller's retry opens another
+        except PsgridError as exc:
+            self._say(f"no direct step channel, staying on gRPC: {exc}")
+            return
+        try:
+            connection = channel.connect(self.channel_host, offer.port, offer.ticket, timeout)
+        except OSError as exc:
+            self._say(f"the direct step channel at {self.channel_host}:{offer.port} cannot be reached, "
+                      f"staying on gRPC: {exc}")
+            return
+        # The gRPC stream ends with a half-close (the server's handler returns); the call is
+        # kept until then, as dropping it would cancel it.
+        self._retired, out = self._call, self._out
+        self._call, self._out = connection, None
+        out.put(None)
+        logger.debug("step stream of %s on a direct channel to %s:%d", self.worker_id, self.channel_host, offer.port)
 
     def answer(self, buffer_for: Callable[[int], torch.Tensor] | None, timeout: float):
         """The answer to the oldest request not answered yet (its error raised).
@@ -125,7 +176,8 @@ class StepStream:
         call, out, self._call, self._out = self._call, self._out, None, None
         if call is not None:
             call.cancel()
-            out.put(None)
+            if out is not None:
+                out.put(None)
 
 
 class ParameterServerClient(rpc.ServiceClient):
@@ -140,7 +192,7 @@ class ParameterServerClient(rpc.ServiceClient):
 
     def __init__(self, address: str, timeout_s: float = 30.0, retry_for_s: float = 60.0,
                  security: Security | None = None, stop: threading.Event | None = None,
-                 shared_memory: bool = True, wait_for_server: bool = False):
+                 shared_memory: bool = True, wait_for_server: bool = False, direct_channel: bool = True):
         super().__init__(address, timeout_s, retry_for_s, security)
         self.stop = stop or threading.Event()
         #: A worker process's own server: registration waits for it however long it
@@ -151,6 +203,9 @@ class ParameterServerClient(rpc.ServiceClient):
         #: Try the shared-memory path of the step stream: only when the server's address is
         #: one of this host's (the nonce check in psgrid.shm then confirms it).
         self.shared_memory = shared_memory and shm.is_local(address)
+        #: Ask for direct step channels (psgrid.channel) on the server's host; never under TLS.
+        self.channel_host = address.rsplit(":", 1)[0].strip("[]") if direct_channel and not self.security.tls else None
+        self._channel_said = False
         unary = self._unary
         self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)
         self._heartbeat = unary("Heartbeat", ps.HeartbeatRequest, ps.HeartbeatResponse)
@@ -178,11 +233,17 @@ class ParameterServerClient(rpc.ServiceClient):
         with self._streams_lock:
             stream = self._streams.get(worker_id)
             if stream is None:
-                stream = self._streams[worker_id] = StepStream(self._step, self._watchdog)
+                stream = self._streams[worker_id] = StepStream(self._step, self._watchdog, worker_id,
+                                                               self.channel_host, self._say_channel)
                 while len(self._streams) > MAX_STREAMS:
                     self._streams.popitem(last=False)[1].reset()
             self._streams.move_to_end(worker_id)
             return stream
+
+    def _say_channel(self, message: str) -> None:
+        """Why a stream stays on gRPC: once at INFO, then at DEBUG."""
+        (logger.debug if self._channel_said else logger.info)("%s: %s", self.address, message)
+        self._channel_said = True
 
     def close_streams(self) -> None:
         """End every step stream (a job ended: the server frees their handlers)."""

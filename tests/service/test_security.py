@@ -164,3 +164,19 @@ def test_a_job_outside_the_allow_list_is_refused_at_submit(server):
         jobs.submit(spec(model="os.path:join"))
     assert info.value.grpc_code == grpc.StatusCode.PERMISSION_DENIED and "allow-list" in str(info.value)
     assert jobs.list() == []
+
+
+def test_the_direct_step_channel_is_only_got_with_the_token_and_never_under_tls(secured, pki):
+    """A ticket for the direct step channel (psgrid.channel) comes only on a step stream the
+    token let through (every_rpc's Step: UNAUTHENTICATED without it); a TLS server offers
+    none, so that no frame of its travels in the clear."""
+    plain = secured(Security.from_files(token=TOKEN))
+    rig = make_rig(plain.port, spec(num_workers=1, staleness=None), security=Security.from_files(token=TOKEN))
+    rig.pull(0, 0)
+    assert rig.ps.stream(rig.workers[0]).on_channel
+    server = secured(tls(pki["good"], "server", pki["good"], token=TOKEN))
+    assert server.listener is None
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None),
+                   security=tls(pki["good"], "client", pki["good"], token=TOKEN))
+    rig.pull(0, 0)
+    assert not rig.ps.stream(rig.workers[0]).on_channel

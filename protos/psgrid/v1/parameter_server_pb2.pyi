@@ -258,16 +258,32 @@ class PushRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("push", "chunk", "pull", "shm_open")
+    __slots__ = ("push", "chunk", "pull", "shm_open", "channel_open")
     PUSH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
     SHM_OPEN_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_OPEN_FIELD_NUMBER: _ClassVar[int]
     push: PushHeader
     chunk: bytes
     pull: PullRequest
     shm_open: ShmOpen
-    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., shm_open: _Optional[_Union[ShmOpen, _Mapping]] = ...) -> None: ...
+    channel_open: ChannelOpen
+    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ..., shm_open: _Optional[_Union[ShmOpen, _Mapping]] = ..., channel_open: _Optional[_Union[ChannelOpen, _Mapping]] = ...) -> None: ...
+
+class ChannelOpen(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class ChannelOffer(_message.Message):
+    __slots__ = ("port", "ticket")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class ShmOpen(_message.Message):
     __slots__ = ("job_id", "worker_id", "decline")
@@ -294,18 +310,20 @@ class ShmOffer(_message.Message):
     def __init__(self, push_path: _Optional[str] = ..., push_nonce: _Optional[bytes] = ..., pull_path: _Optional[str] = ..., pull_nonce: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("pull", "chunk", "pushed", "error", "shm_offer")
+    __slots__ = ("pull", "chunk", "pushed", "error", "shm_offer", "channel_offer")
     PULL_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     PUSHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_OFFER_FIELD_NUMBER: _ClassVar[int]
     pull: PullHeader
     chunk: bytes
     pushed: PushResponse
     error: StepError
     shm_offer: ShmOffer
-    def __init__(self, pull: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pushed: _Optional[_Union[PushResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., shm_offer: _Optional[_Union[ShmOffer, _Mapping]] = ...) -> None: ...
+    channel_offer: ChannelOffer
+    def __init__(self, pull: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., pushed: _Optional[_Union[PushResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., shm_offer: _Optional[_Union[ShmOffer, _Mapping]] = ..., channel_offer: _Optional[_Union[ChannelOffer, _Mapping]] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "error", "message")

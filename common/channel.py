@@ -1,0 +1,247 @@
+"""The direct step channel: a step stream's frames on a plain socket, beside gRPC.
+
+A worker's step stream (:mod:`psgrid.stepframes`) costs, on gRPC's Python
+stack, a hand-off between threads for every message on both ends (the
+request iterator's thread, the server's polling thread, the handler), about
+a millisecond each on a busy host. The same frames on a socket cost a
+``sendall`` and a ``recv_into``: one thread per end, no hand-off.
+
+How one is set up (docs/design.md, "The direct step channel"):
+
+1. The worker asks on its gRPC step stream, which the cluster token (or TLS)
+   already authenticated: a ``channel_open`` frame.
+2. The server answers with a port on its host and a ticket: 32 random bytes,
+   good for one connection within :data:`TICKET_TTL_S` and bound to that
+   worker (:class:`Tickets`).
+3. The worker connects, sends the ticket, and the stream goes on there, frame
+   by frame as on gRPC: each frame a 4-byte little-endian length and its
+   bytes. The gRPC stream is closed.
+
+A connection whose first 32 bytes are not a live ticket, within
+:data:`TICKET_WAIT_S`, is closed before anything else is read. A server with
+TLS offers no channel (its frames would travel in the clear); its workers stay
+on gRPC, as they do when anything in the set-up fails. A broken channel raises
+:class:`ChannelBroken`, a ``grpc.RpcError`` with code UNAVAILABLE, so that the
+callers' retries treat it as a broken gRPC stream.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+TICKET_BYTES = 32
+#: A ticket is good for a connection this long after it was issued.
+TICKET_TTL_S = 30.0
+#: A connection must present its ticket within this long.
+TICKET_WAIT_S = 5.0
+#: The largest frame either end reads: a 2 MiB chunk or inline payload and its header, with room.
+FRAME_LIMIT = 8 << 20
+#: Connections one server keeps at once (a worker has one per server and job it trains).
+MAX_CONNECTIONS = 1024
+
+
+class ChannelBroken(grpc.RpcError):
+    """The channel ended or failed: for callers, a gRPC stream that became UNAVAILABLE."""
+
+    def __init__(self, details: str):
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buffer = bytearray(n)
+    view, got = memoryview(buffer), 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:])
+        except OSError as exc:
+            raise ChannelBroken(f"step channel: {exc}") from None
+        if k == 0:
+            raise ChannelBroken("step channel: the other end closed it")
+        got += k
+    return buffer
+
+
+class Connection:
+    """One end of a channel: frames in, frames out."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._closed = False
+        self._send_lock = threading.Lock()
+
+    def send(self, frames: Iterable[bytes]) -> None:
+        with self._send_lock:
+            try:
+                for frame in frames:
+                    self._sock.sendall(len(frame).to_bytes(4, "little"))
+                    self._sock.sendall(frame)
+            except OSError as exc:
+                raise ChannelBroken(f"step channel: {exc}") from None
+
+    def __iter__(self) -> "Connection":
+        return self
+
+    def __next__(self) -> bytes:
+        """The next frame; ChannelBroken when the channel ends (mid-frame or between frames)."""
+        n = int.from_bytes(_recv_exact(self._sock, 4), "little")
+        if n > FRAME_LIMIT:
+            self.cancel()
+            raise ChannelBroken(f"step channel: a frame of {n} bytes (at most {FRAME_LIMIT})")
+        return bytes(_recv_exact(self._sock, n)) if n else b""
+
+    def done(self) -> bool:
+        """Whether the channel ended (closed here, or by the other end while idle)."""
+        if self._closed:
+            return True
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+            if readable and not self._sock.recv(1, socket.MSG_PEEK):
+                return True
+        except (OSError, ValueError):
+            return True
+        return False
+
+    def cancel(self) -> None:
+        """End the channel: a read blocked on it, here or at the other end, ends."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def time_remaining(self) -> None:
+        """As a gRPC call without a deadline (the server's handlers ask)."""
+        return None
+
+
+def connect(host: str, port: int, ticket: bytes, timeout: float) -> Connection:
+    """The worker's end: connect and present ``ticket`` (OSError when that fails)."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.sendall(ticket)
+        sock.settimeout(None)
+    except OSError:
+        sock.close()
+        raise
+    return Connection(sock)
+
+
+class Tickets:
+    """One-use tickets for channel connections, each bound to a worker."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._live: dict[bytes, tuple[str, float]] = {}  # sha256(ticket) -> (worker, expiry)
+
+    def issue(self, worker_id: str) -> bytes:
+        ticket = secrets.token_bytes(TICKET_BYTES)
+        now = self._clock()
+        with self._lock:
+            self._live = {k: v for k, v in self._live.items() if v[1] > now}
+            self._live[hashlib.sha256(ticket).digest()] = (worker_id, now + TICKET_TTL_S)
+        return ticket
+
+    def redeem(self, ticket: bytes) -> str | None:
+        """The worker ``ticket`` was issued to, once, while it lives; None otherwise."""
+        with self._lock:
+            entry = self._live.pop(hashlib.sha256(ticket).digest(), None)
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return entry[0]
+
+
+class Listener:
+    """The server's end: accepts channel connections and hands each, once its ticket is
+    redeemed, to ``serve(connection, worker_id)`` on a thread of its own."""
+
+    def __init__(self, host: str, tickets: Tickets, serve: Callable[[Connection, str], None]):
+        self.tickets = tickets
+        self._serve = serve
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host.strip("[]"), 0))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="step-channel", daemon=True)
+
+    def start(self) -> "Listener":
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, peer = self._sock.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                if self._closed or len(self._open) >= MAX_CONNECTIONS:
+                    sock.close()
+                    continue
+                self._open.add(sock)
+            threading.Thread(target=self._handle, args=(sock, peer), name="step-channel-conn",
+                             daemon=True).start()
+
+    def _handle(self, sock: socket.socket, peer) -> None:
+        try:
+            sock.settimeout(TICKET_WAIT_S)
+            try:
+                ticket = bytes(_recv_exact(sock, TICKET_BYTES))
+            except (ChannelBroken, OSError):
+                ticket = b""
+            worker_id = self.tickets.redeem(ticket) if ticket else None
+            if worker_id is None:
+                logger.info("refused a step channel connection from %s: no valid ticket", peer)
+                return
+            sock.settimeout(None)
+            connection = Connection(sock)
+            try:
+                self._serve(connection, worker_id)
+            finally:
+                connection.cancel()
+        finally:
+            with self._lock:
+                self._open.discard(sock)
+            sock.close()
+
+    def close(self) -> None:
+        """Stop accepting and end every connection (their handlers see the channel end)."""
+        with self._lock:
+            self._closed = True
+            open_now = list(self._open)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self._sock.close()
+        for sock in open_now:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -1,0 +1,138 @@
+"""The direct step channel (psgrid.channel): a worker's step stream on a plain socket
+beside gRPC, entered with a one-use ticket got on the authenticated gRPC stream."""
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+
+import pytest
+import torch
+
+from psgrid import channel, stepframes
+from psgrid.errors import UnknownWorker
+from psgrid.worker.ps_client import ParameterServerClient
+
+from helpers.inproc import make_rig, spec
+from helpers.wait import wait_until
+
+
+def grads(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 3), value), "b": torch.full((4,), value)}
+
+
+def train_bsp(rig, steps: int) -> None:
+    for seq in range(steps):
+        for worker in (0, 1):
+            rig.pull(worker, seq)
+        for worker in (0, 1):
+            rig.push(worker, seq, grads(0.1 * (seq + 1) * (worker + 1)))
+
+
+def grpc_only(rig, port: int) -> ParameterServerClient:
+    return ParameterServerClient(f"127.0.0.1:{port}", timeout_s=10, retry_for_s=0, direct_channel=False)
+
+
+def ticket(rig, port: int, worker: int = 0) -> bytes:
+    """A ticket, asked for on a gRPC step stream as a worker would."""
+    client = grpc_only(rig, port)
+    stream = client.stream(rig.workers[worker])
+    with stream.lock:
+        stream.send([stepframes.channel_open(rig.workers[worker])])
+        offer = stream.answer(None, 10)
+    client.close()
+    return offer.ticket
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 10) -> bool:
+    """Whether the server closed ``sock`` (an EOF within ``timeout``), reading nothing else."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_a_step_stream_moves_to_the_channel_and_trains_bit_for_bit_as_on_grpc(server_factory):
+    results = {}
+    for offered in (True, False):
+        server = server_factory(step_channel=offered)
+        rig = make_rig(server.port, spec(num_workers=2, staleness=0))
+        train_bsp(rig, 6)
+        assert rig.ps.stream(rig.workers[0]).on_channel is offered
+        assert (server.listener is not None) is offered
+        results[offered] = rig.params()
+    assert results[True].keys() == results[False].keys()
+    assert all(torch.equal(results[True][k], results[False][k]) for k in results[True])
+
+
+def test_without_a_channel_the_worker_stays_on_grpc_and_says_why_once(server_factory, caplog):
+    server = server_factory(step_channel=False)
+    rig = make_rig(server.port, spec(num_workers=2, staleness=0))
+    rig.ps = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0)
+    with caplog.at_level(logging.DEBUG, logger="psgrid.worker.ps_client"):
+        train_bsp(rig, 3)
+        rig.ps.close_streams()  # a new stream asks again: said at DEBUG now
+        train_bsp(rig, 1)
+    said = [r for r in caplog.records if "no direct step channel" in r.getMessage()]
+    assert [r.levelno for r in said][:1] == [logging.INFO], said
+    assert all(r.levelno == logging.DEBUG for r in said[1:])
+    assert "step_channel = false" in said[0].getMessage()
+
+
+def test_a_connection_without_a_live_ticket_is_closed_unread_and_a_ticket_serves_once(server):
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    port = server.listener.port
+    with socket.create_connection(("127.0.0.1", port)) as stranger:
+        stranger.sendall(secrets.token_bytes(channel.TICKET_BYTES))
+        assert closed_by_server(stranger)
+    good = ticket(rig, server.port)
+    with socket.create_connection(("127.0.0.1", port)) as first:
+        first.sendall(good)
+        conn = channel.Connection(first)
+        conn.send([stepframes.pull_request(rig.job_id, rig.workers[0], 0, False, 1.0)])
+        assert next(conn)  # answered: the stream goes on here
+        with socket.create_connection(("127.0.0.1", port)) as again:
+            again.sendall(good)  # the same ticket: used up
+            assert closed_by_server(again)
+
+
+def test_a_ticket_is_only_for_a_registered_worker(server):
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    client = grpc_only(rig, server.port)
+    stream = client.stream(rig.workers[0])
+    with stream.lock:
+        stream.send([stepframes.channel_open("w-0000000000")])
+        with pytest.raises(UnknownWorker):
+            stream.answer(None, 10)
+    client.close()
+
+
+def test_an_oversized_or_undecodable_frame_ends_the_channel(server):
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    for bad in ((channel.FRAME_LIMIT + 1).to_bytes(4, "little"), (3).to_bytes(4, "little") + b"\xff\xff\xff"):
+        with socket.create_connection(("127.0.0.1", server.listener.port)) as sock:
+            sock.sendall(ticket(rig, server.port) + bad)
+            sock.settimeout(10)
+            data = b""
+            while chunk := sock.recv(1 << 16):
+                data += chunk  # an error frame may come first, then the end
+            assert b"" == sock.recv(1)
+    # the server goes on: the worker still trains
+    rig.pull(0, 0)
+    assert rig.push(0, 0, grads(0.1)) == (1, False)
+
+
+def test_a_broken_channel_is_left_for_a_new_stream_and_training_goes_on(server):
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    rig.pull(0, 0)
+    rig.push(0, 0, grads(0.1))
+    stream = rig.ps.stream(rig.workers[0])
+    assert stream.on_channel
+    server.listener.close()  # every channel ends, and no new one can be reached
+    wait_until(lambda: stream.ended, timeout=10, message="the channel seen ended")
+    rig.pull(0, 1)  # a new stream: offered a channel it cannot reach, so gRPC
+    assert rig.push(0, 1, grads(0.2)) == (2, False)
+    assert not rig.ps.stream(rig.workers[0]).on_channel

@@ -1,0 +1,28 @@
+"""Tickets of the direct step channel (psgrid.channel), on a scripted clock."""
+from __future__ import annotations
+
+from psgrid.channel import TICKET_BYTES, TICKET_TTL_S, Tickets
+
+
+def test_a_ticket_names_its_worker_once_and_only_while_it_lives():
+    now = [100.0]
+    tickets = Tickets(clock=lambda: now[0])
+    a, b, c = tickets.issue("w-a"), tickets.issue("w-b"), tickets.issue("w-c")
+    assert len({a, b, c}) == 3 and all(len(t) == TICKET_BYTES for t in (a, b, c))
+    assert tickets.redeem(b) == "w-b"
+    assert tickets.redeem(b) is None  # used
+    assert tickets.redeem(bytes(TICKET_BYTES)) is None  # never issued
+    now[0] += TICKET_TTL_S - 0.01
+    assert tickets.redeem(a) == "w-a"
+    now[0] += 0.02
+    assert tickets.redeem(c) is None  # expired
+
+
+def test_expired_tickets_are_forgotten_as_new_ones_are_issued():
+    now = [0.0]
+    tickets = Tickets(clock=lambda: now[0])
+    for _ in range(100):
+        tickets.issue("w")
+    now[0] += TICKET_TTL_S + 1
+    tickets.issue("w")
+    assert len(tickets._live) == 1
