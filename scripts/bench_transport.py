@@ -4,15 +4,19 @@ Both sides run in separate processes on loopback and do the same work per
 step: the server receives a gradient into a reused buffer and applies an
 in-place SGD update (push), or sends the parameters back (pull). psgrid is
 driven through the worker's own path (``ShardLinks`` over the public
-``ParameterServerClient.push``/``pull``, i.e. the step stream). Prints the
-median time and GB/s of each, and the ratio psgrid / socket; the last line is
-one JSON object of the figures (issue 11):
+``ParameterServerClient.push``/``pull``, i.e. the step stream) three ways:
+over TCP on the direct step channel (psgrid.channel, the default), over TCP
+on gRPC (``grpc`` rows: a client with ``direct_channel=False``), and on the
+shared-memory path (``shm`` rows). Prints the median time and GB/s of each,
+and the ratio psgrid / socket; the last line is one JSON object of the figures
+(issue 11):
 
 - ``tcp_both_ratio_128MiB``: psgrid push+pull throughput at 128 MiB / the socket's
-  (1 shard, TCP);
+  (1 shard, TCP, the direct channel); ``grpc_both_ratio_128MiB`` the same on gRPC;
 - ``shm_time_vs_socket_128MiB``: psgrid push+pull time at 128 MiB on the shared-memory path
   (worker and server on this host, psgrid.shm) / the socket's (< 1: faster);
-- ``pull_1MiB_vs_socket``: psgrid's 1 MiB pull time / the socket's (> 1: slower).
+- ``pull_1MiB_vs_socket``: psgrid's 1 MiB pull time / the socket's (> 1: slower), on
+  the direct channel; ``grpc_pull_1MiB_vs_socket`` on gRPC.
 
     python scripts/bench_transport.py [--sizes-mib 1 16 128] [--reps 15] [--shards 1 2 4]
                                       [--omp-wait-policy passive|active|default]
@@ -113,9 +117,10 @@ def _wait_port(path: pathlib.Path, proc: subprocess.Popen) -> int:
 # --- psgrid ---------------------------------------------------------------------------
 
 
-def psgrid_rig(address: str, nbytes: int, shared_memory: bool = False):
+def psgrid_rig(address: str, nbytes: int, shared_memory: bool = False, direct_channel: bool = True):
     """A one-worker async job on a running cluster, driven through the worker's own shard links,
-    over TCP or (``shared_memory``) the shared-memory path of the step stream."""
+    over TCP (on the direct step channel, or on gRPC) or (``shared_memory``) the shared-memory
+    path of the step stream."""
     from psgrid.client.job_client import JobServiceClient
     from psgrid.codec import Layout
     from psgrid.partition import partition
@@ -124,7 +129,7 @@ def psgrid_rig(address: str, nbytes: int, shared_memory: bool = False):
     from psgrid.worker.shards import ShardLinks
     import torch
 
-    ps = ParameterServerClient(address, shared_memory=shared_memory)
+    ps = ParameterServerClient(address, shared_memory=shared_memory, direct_channel=direct_channel)
     jobs = JobServiceClient(address)
     name = f"bench-{nbytes}-{time.monotonic_ns()}"
     worker, _ = ps.register(name, "localhost", os.getpid(), "cpu")
@@ -164,18 +169,22 @@ def psgrid_rig(address: str, nbytes: int, shared_memory: bool = False):
 
     pull()
     pull()  # the shared-memory path, when asked for, opens after the first pull
-    _check_path(links, shared_memory)
+    _check_path(links, shared_memory, direct_channel)
     return push, pull, step, full.total_bytes
 
 
-def _check_path(links, shared_memory: bool) -> None:
+def _check_path(links, shared_memory: bool, direct_channel: bool) -> None:
     """Refuse to go on unless every step stream moves the tensors the way asked: TCP for
-    psgrid's rows and ``tcp_*`` figures, shared memory for the ``shm`` ones."""
+    psgrid's rows and ``tcp_*`` figures (on the direct channel, or on gRPC for the ``grpc``
+    ones), shared memory for the ``shm`` ones."""
     for shard in range(links.count):
-        uses = links.client(shard).stream(links.worker_id(shard)).shm is not None
-        if uses != shared_memory:
+        stream = links.client(shard).stream(links.worker_id(shard))
+        if (stream.shm is not None) != shared_memory:
             raise RuntimeError(f"shard {shard}'s step stream {'does not use' if shared_memory else 'uses'} "
                                "shared memory (see the server's and this script's log lines)")
+        if stream.on_channel != direct_channel:
+            raise RuntimeError(f"shard {shard}'s step stream {'is not' if direct_channel else 'is'} on a direct "
+                               "channel (see the server's and this script's log lines)")
 
 
 def timed_interleaved(fns: dict, reps: int) -> dict[str, float]:
@@ -223,11 +232,13 @@ def measure_sizes(sock: SocketClient, address: str, sizes_mib: list[int], reps: 
     rows = []
     for mib in sizes_mib:
         push, pull, step, nbytes = psgrid_rig(address, mib * MiB)
+        grpc_push, grpc_pull, grpc_step, _ = psgrid_rig(address, mib * MiB, direct_channel=False)
         shm_push, shm_pull, shm_step, _ = psgrid_rig(address, mib * MiB, shared_memory=True)
         theirs = socket_fns(sock, nbytes)
         rows.append((mib, nbytes, timed_interleaved({
             "psgrid push": push, "socket push": theirs["socket push"],
             "psgrid pull": pull, "socket pull": theirs["socket pull"], "psgrid step": step,
+            "grpc push": grpc_push, "grpc pull": grpc_pull, "grpc step": grpc_step,
             "shm push": shm_push, "shm pull": shm_pull, "shm step": shm_step,
         }, max(reps, int(64 / mib)))))
     return rows
@@ -254,6 +265,10 @@ def print_sizes(rows: list[tuple]) -> None:
         lines = [(op, r[f"psgrid {op}"], r[f"socket {op}"], nbytes) for op in ("push", "pull")]
         lines += [("both", r["psgrid push"] + r["psgrid pull"], both_theirs, 2 * nbytes),
                   ("step", r["psgrid step"], both_theirs, 2 * nbytes),
+                  ("grpc push", r["grpc push"], r["socket push"], nbytes),
+                  ("grpc pull", r["grpc pull"], r["socket pull"], nbytes),
+                  ("grpc both", r["grpc push"] + r["grpc pull"], both_theirs, 2 * nbytes),
+                  ("grpc step", r["grpc step"], both_theirs, 2 * nbytes),
                   ("shm push", r["shm push"], r["socket push"], nbytes),
                   ("shm pull", r["shm pull"], r["socket pull"], nbytes),
                   ("shm both", r["shm push"] + r["shm pull"], both_theirs, 2 * nbytes),
@@ -261,6 +276,7 @@ def print_sizes(rows: list[tuple]) -> None:
         for op, ours, theirs, moved in lines:
             print(f"{mib:>5}MiB {op:>8} {ours * 1e3:>10.1f} {moved / ours / 1e9:>6.2f} "
                   f"{theirs * 1e3:>10.1f} {moved / theirs / 1e9:>6.2f} {theirs / ours:>6.2f}")
+    print("push, pull: on the direct step channel (TCP, psgrid.channel); grpc = the same on gRPC")
     print("both = a push and a pull, each on its own; step = what a worker does each step: the push with "
           "the next pull sent right behind it on the step stream, then that pull read (socket: push + pull)")
     print("shm = the same on the shared-memory path (worker and server on this host): only the "
@@ -287,9 +303,12 @@ def summary(rows: list[tuple], shard_rows: list[tuple], reps: int, omp_wait_poli
     by_size = {mib: r for mib, _, r in rows}
     both = {mib: (r["socket push"] + r["socket pull"]) / (r["psgrid push"] + r["psgrid pull"])
             for mib, r in by_size.items()}
+    grpc_both = {mib: (r["socket push"] + r["socket pull"]) / (r["grpc push"] + r["grpc pull"])
+                 for mib, r in by_size.items()}
     sizes = {f"{mib}MiB": {
         "push_ratio": r["socket push"] / r["psgrid push"], "pull_ratio": r["socket pull"] / r["psgrid pull"],
         "both_ratio": both[mib], "step_ratio": (r["socket push"] + r["socket pull"]) / r["psgrid step"],
+        "grpc_both_ratio": grpc_both[mib],
         "shm_both_time_vs_socket": (r["shm push"] + r["shm pull"]) / (r["socket push"] + r["socket pull"]),
         "ms": {k.replace(" ", "_"): v * 1e3 for k, v in r.items()},
     } for mib, r in by_size.items()}
@@ -299,6 +318,8 @@ def summary(rows: list[tuple], shard_rows: list[tuple], reps: int, omp_wait_poli
         "tcp_both_ratio_128MiB": both.get(128),
         "shm_time_vs_socket_128MiB": sizes["128MiB"]["shm_both_time_vs_socket"] if 128 in by_size else None,
         "pull_1MiB_vs_socket": by_size[1]["psgrid pull"] / by_size[1]["socket pull"] if 1 in by_size else None,
+        "grpc_both_ratio_128MiB": grpc_both.get(128),
+        "grpc_pull_1MiB_vs_socket": by_size[1]["grpc pull"] / by_size[1]["socket pull"] if 1 in by_size else None,
         "sizes": sizes, "shards_at_max_size": shards, "reps": reps, "omp_wait_policy": omp_wait_policy,
     })
 

@@ -72,7 +72,8 @@ class ParameterServerApp:
                 name="ps-checkpoint", daemon=True))
 
     def _make_listener(self, service) -> channel.Listener:
-        self.listener = channel.Listener(self.config.host, channel.Tickets(), service.serve_channel)
+        self.listener = channel.Listener(self.config.host, channel.Tickets(), service.serve_channel,
+                                         idle_s=self.config.connection_idle_s)
         return self.listener
 
     def _tick(self) -> None:

@@ -33,8 +33,11 @@ PULL_SLICE_S = 2.0
 _WATCHDOG = Watchdog()
 #: Step streams one client keeps open (one per worker id it pulls or pushes for).
 MAX_STREAMS = 8
-#: Longest the set-up of a direct step channel may take (the offer, the connection).
+#: Longest the server may take to answer a request for a direct step channel.
 CHANNEL_SETUP_S = 10.0
+#: Longest a connection to a direct step channel may take: on a LAN, milliseconds; a
+#: port a firewall drops is given up after this, once per client (its streams stay on gRPC).
+CHANNEL_CONNECT_S = 3.0
 
 
 class StepStream:
@@ -42,18 +45,21 @@ class StepStream:
     go out in order, answers come back in order. Opened on first use and again
     after it broke. Callers hold ``lock`` around every use.
 
-    With ``channel_host``, each time it opens it asks the server for a direct
-    channel (:mod:`psgrid.channel`) and goes on there; when the server offers
-    none, or the channel cannot be reached, it stays on gRPC (``say`` tells why).
+    While ``channel_host()`` names a host, each time it opens it asks the server
+    for a direct channel (:mod:`psgrid.channel`) there and goes on on it; when the
+    server offers none it stays on gRPC (``say`` tells why), and when the channel
+    cannot be reached too (``unreachable`` tells why).
     """
 
     def __init__(self, method: Callable, watchdog: Watchdog, worker_id: str = "",
-                 channel_host: str | None = None, say: Callable[[str], None] | None = None):
+                 channel_host: Callable[[], str | None] = lambda: None,
+                 say: Callable[[str], None] | None = None, unreachable: Callable[[str], None] | None = None):
         self._method = method
         self._watchdog = watchdog
         self.worker_id = worker_id
-        self.channel_host = channel_host
+        self._channel_host = channel_host
         self._say = say or logger.info
+        self._unreachable = unreachable or self._say
         self.lock = threading.Lock()
         #: The gRPC call, or the direct channel (psgrid.channel.Connection: then ``_out`` is None).
         self._call = None
@@ -95,10 +101,11 @@ class StepStream:
             while (frame := out.get()) is not None:
                 yield frame
         self._call = self._method(requests())
-        if self.channel_host is not None and self.worker_id:
-            self._enter_channel(CHANNEL_SETUP_S)
+        host = self._channel_host()
+        if host is not None and self.worker_id:
+            self._enter_channel(host, CHANNEL_SETUP_S)
 
-    def _enter_channel(self, timeout: float) -> None:
+    def _enter_channel(self, host: str, timeout: float) -> None:
         """Ask for a direct channel on the gRPC stream just opened and move there; stay on
         gRPC when the server offers none or it cannot be reached."""
         self._out.put(stepframes.channel_open(self.worker_id))
@@ -108,17 +115,17 @@ class StepStream:
             self._say(f"no direct step channel, staying on gRPC: {exc}")
             return
         try:
-            connection = channel.connect(self.channel_host, offer.port, offer.ticket, timeout)
+            connection = channel.connect(host, offer.port, offer.ticket, CHANNEL_CONNECT_S)
         except OSError as exc:
-            self._say(f"the direct step channel at {self.channel_host}:{offer.port} cannot be reached, "
-                      f"staying on gRPC: {exc}")
+            self._unreachable(f"the direct step channel at {host}:{offer.port} cannot be reached, "
+                              f"staying on gRPC: {exc}")
             return
         # The gRPC stream ends with a half-close (the server's handler returns); the call is
         # kept until then, as dropping it would cancel it.
         self._retired, out = self._call, self._out
         self._call, self._out = connection, None
         out.put(None)
-        logger.debug("step stream of %s on a direct channel to %s:%d", self.worker_id, self.channel_host, offer.port)
+        logger.debug("step stream of %s on a direct channel to %s:%d", self.worker_id, host, offer.port)
 
     def answer(self, buffer_for: Callable[[int], torch.Tensor] | None, timeout: float):
         """The answer to the oldest request not answered yet (its error raised).
@@ -233,8 +240,9 @@ class ParameterServerClient(rpc.ServiceClient):
         with self._streams_lock:
             stream = self._streams.get(worker_id)
             if stream is None:
-                stream = self._streams[worker_id] = StepStream(self._step, self._watchdog, worker_id,
-                                                               self.channel_host, self._say_channel)
+                stream = self._streams[worker_id] = StepStream(
+                    self._step, self._watchdog, worker_id, lambda: self.channel_host, self._say_channel,
+                    self._channel_unreachable)
                 while len(self._streams) > MAX_STREAMS:
                     self._streams.popitem(last=False)[1].reset()
             self._streams.move_to_end(worker_id)
@@ -244,6 +252,11 @@ class ParameterServerClient(rpc.ServiceClient):
         """Why a stream stays on gRPC: once at INFO, then at DEBUG."""
         (logger.debug if self._channel_said else logger.info)("%s: %s", self.address, message)
         self._channel_said = True
+
+    def _channel_unreachable(self, message: str) -> None:
+        """A channel's port cannot be reached from here: no stream of this client asks again."""
+        self.channel_host = None
+        self._say_channel(message)
 
     def close_streams(self) -> None:
         """End every step stream (a job ended: the server frees their handlers)."""

@@ -73,6 +73,7 @@ def test_without_a_channel_the_worker_stays_on_grpc_and_says_why_once(server_fac
     rig = make_rig(server.port, spec(num_workers=2, staleness=0))
     rig.ps = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0)
     with caplog.at_level(logging.DEBUG, logger="psgrid.worker.ps_client"):
+        caplog.clear()  # make_rig's own client said it too
         train_bsp(rig, 3)
         rig.ps.close_streams()  # a new stream asks again: said at DEBUG now
         train_bsp(rig, 1)
@@ -136,3 +137,28 @@ def test_a_broken_channel_is_left_for_a_new_stream_and_training_goes_on(server):
     rig.pull(0, 1)  # a new stream: offered a channel it cannot reach, so gRPC
     assert rig.push(0, 1, grads(0.2)) == (2, False)
     assert not rig.ps.stream(rig.workers[0]).on_channel
+
+
+def test_a_channel_port_that_cannot_be_reached_is_given_up_once_for_the_client(server, caplog, monkeypatch):
+    from psgrid.worker import ps_client
+
+    def unreachable(host, port, ticket, timeout):
+        raise ConnectionRefusedError(f"no route to {host}:{port} (this test)")
+    monkeypatch.setattr(ps_client.channel, "connect", unreachable)
+    rig = make_rig(server.port, spec(num_workers=2, staleness=0))
+    rig.ps = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0)
+    with caplog.at_level(logging.DEBUG, logger="psgrid.worker.ps_client"):
+        caplog.clear()
+        train_bsp(rig, 2)
+    said = [r for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO, said  # not asked again by the second stream
+    assert rig.ps.channel_host is None
+    assert not any(rig.ps.stream(w).on_channel for w in rig.workers)
+
+
+def test_a_channel_that_stays_silent_is_closed_after_connection_idle_s(server_factory):
+    server = server_factory(connection_idle_s=0.5)
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    with socket.create_connection(("127.0.0.1", server.listener.port)) as sock:
+        sock.sendall(ticket(rig, server.port))
+        assert closed_by_server(sock, timeout=10)
