@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -125,6 +126,14 @@ class UpProcess:
         self.stop()
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for a port-0 bind (Linux; 32768 elsewhere)."""
+    try:
+        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def consecutive_free_ports(count: int) -> int:
     """The first of ``count`` consecutive loopback ports that were free a moment ago.
 
@@ -132,21 +141,27 @@ def consecutive_free_ports(count: int) -> int:
     coordinator by fixed addresses (other machines dial a shard before it
     starts), so a cluster file with ``servers = N`` needs fixed ports: tests and
     benchmarks that play every machine on one take them from here. It binds
-    port-0 sockets and closes them just before `psgrid up` binds the same ports;
-    another process could take a port in between.
+    them and closes them just before `psgrid up` binds the same ports; another
+    process could take a port in between. They are drawn from below the
+    kernel's ephemeral range, so that no port-0 bind in between (a shard's
+    direct step channel, any client) can be handed one of them.
     """
+    low, high = 10000, _ephemeral_low() - count
     for _ in range(100):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            base = first.getsockname()[1]
-            others = [socket.socket() for _ in range(1, count)]
-            try:
-                for offset, sock in enumerate(others, start=1):
-                    sock.bind(("127.0.0.1", base + offset))
-            except OSError:
-                continue
-            finally:
-                for sock in others:
-                    sock.close()
-            return base
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            if high > low:
+                base = random.randrange(low, high)
+                socks[0].bind(("127.0.0.1", base))
+            else:  # no room below the ephemeral range: any free port first
+                socks[0].bind(("127.0.0.1", 0))
+                base = socks[0].getsockname()[1]
+            for offset, sock in enumerate(socks[1:], start=1):
+                sock.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
     raise RuntimeError(f"found no {count} consecutive free ports")
