@@ -191,11 +191,16 @@ class Cluster:
             raise
 
     def wait_idle(self) -> None:
-        """Until every worker is registered, alive and holds no job."""
+        """Until every worker is registered, alive and holds no job (and, first, until the
+        coordinator answers: in the fixed-port form its address is known before it serves)."""
+        from psgrid.errors import ServerNotRunning, Unavailable
         from psgrid.supervisor.launch import wait_for
 
         def idle():
-            return sum(1 for w in self.client.workers() if not w.job_id and not w.lost) >= WORKERS
+            try:
+                return sum(1 for w in self.client.workers() if not w.job_id and not w.lost) >= WORKERS
+            except (ServerNotRunning, Unavailable):
+                return False
         wait_for(idle, 120, "idle workers", self.up.alive, interval=0.05)
 
     def run(self, spec: JobSpec) -> Run:
