@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from psgrid.codec import Pieces
+
 logger = logging.getLogger(__name__)
 
 TICKET_BYTES = 32
@@ -102,6 +104,10 @@ class Connection:
         with self._send_lock:
             try:
                 for frame in frames:
+                    if isinstance(frame, Pieces):  # a payload's view: sent where it lies, not copied
+                        self._sock.sendall(frame.nbytes.to_bytes(4, "little") + b"".join(frame[:-1]))
+                        self._sock.sendall(frame[-1])
+                        continue
                     length = len(frame).to_bytes(4, "little")
                     if len(frame) < LARGE_FRAME:
                         self._sock.sendall(length + frame)  # one segment

@@ -283,24 +283,39 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def chunk_frames(flat: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Slice a contiguous uint8 CPU buffer into serialized ``chunk`` frames."""
+class Pieces(tuple):
+    """A frame as its pieces (bytes, then a view of a payload), for a sender that writes
+    them one after the other (psgrid.channel) instead of copying them into one."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(piece) for piece in self)
+
+
+def _frame(pieces: tuple, as_pieces: bool) -> bytes | Pieces:
+    return Pieces((b"".join(pieces[:-1]), pieces[-1])) if as_pieces else b"".join(pieces)
+
+
+def chunk_frames(flat: torch.Tensor, chunk_bytes: int = CHUNK_BYTES, pieces: bool = False) -> Iterator[bytes]:
+    """Slice a contiguous uint8 CPU buffer into serialized ``chunk`` frames (``pieces``:
+    each as :class:`Pieces`, its payload a view of ``flat``)."""
     view = memoryview(flat.numpy()) if flat.numel() else memoryview(b"")
     for start in range(0, len(view), chunk_bytes):
         piece = view[start : start + chunk_bytes]
-        yield b"".join((bytes((_CHUNK_TAG,)), _varint(len(piece)), piece))
+        yield _frame((bytes((_CHUNK_TAG,)), _varint(len(piece)), piece), pieces)
 
 
-def header_frame(header_bytes: bytes, payload: torch.Tensor | None) -> bytes:
+def header_frame(header_bytes: bytes, payload: torch.Tensor | None, pieces: bool = False) -> bytes:
     """A frame whose field 1 is the serialized header, with ``payload`` (a uint8 CPU
     tensor) appended as the header's ``payload`` field: protobuf merges appended
-    fields, so this is the message a parser sees, built with one copy of the payload."""
+    fields, so this is the message a parser sees, built with one copy of the payload
+    (``pieces``: none, a :class:`Pieces` whose last piece is a view of ``payload``)."""
     if payload is None or not payload.numel():
         return b"".join((bytes((_HEADER_TAG,)), _varint(len(header_bytes)), header_bytes))
     view = memoryview(payload.numpy())
     field = (bytes((_PAYLOAD_TAG,)), _varint(len(view)))
     inner = len(header_bytes) + sum(map(len, field)) + len(view)
-    return b"".join((bytes((_HEADER_TAG,)), _varint(inner), header_bytes, *field, view))
+    return _frame((bytes((_HEADER_TAG,)), _varint(inner), header_bytes, *field, view), pieces)
 
 
 def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
@@ -434,9 +449,11 @@ class Pulled:
 
 def encode_pull(state: JobState, version: int, step: int, layout: Layout | None,
                 payload: torch.Tensor | None, clock: int = 0,
-                ranks: tuple[int, ...] = (), lineage: str = "", shm: bool = False) -> Iterator[bytes]:
+                ranks: tuple[int, ...] = (), lineage: str = "", shm: bool = False,
+                pieces: bool = False) -> Iterator[bytes]:
     """Frames of a pull stream: the header, then the payload (if any) inline or in chunks;
-    ``shm``: the payload is in the stream's shared-memory segment instead."""
+    ``shm``: the payload is in the stream's shared-memory segment instead; ``pieces``:
+    frames that carry payload as :class:`Pieces` (views of ``payload``, sent as they are)."""
     header = parameter_server_pb2.PullHeader(
         job_state=state_to_proto(state), version=version, step=step, clock=clock, ranks=ranks,
         lineage=lineage, shm=shm)
@@ -444,9 +461,9 @@ def encode_pull(state: JobState, version: int, step: int, layout: Layout | None,
         header.tensors.CopyFrom(layout_to_proto(layout))
     sent = payload[: layout.total_bytes] if layout is not None and payload is not None else None
     inline = sent is not None and sent.numel() <= INLINE_BYTES
-    yield header_frame(header.SerializeToString(), sent if inline else None)
+    yield header_frame(header.SerializeToString(), sent if inline else None, pieces)
     if sent is not None and not inline:
-        yield from chunk_frames(sent)
+        yield from chunk_frames(sent, pieces=pieces)
 
 
 def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tensor],
@@ -471,14 +488,15 @@ def decode_pull(frames: Iterable[bytes], buffer_for: Callable[[int], torch.Tenso
 
 
 def encode_push(header: parameter_server_pb2.PushHeader, payload: torch.Tensor,
-                chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+                chunk_bytes: int = CHUNK_BYTES, pieces: bool = False) -> Iterator[bytes]:
     """Frames of a push stream: ``header`` (with its tensors set) and the payload: inside
-    the header's frame when it fits in one (INLINE_BYTES), else in chunk frames after it."""
+    the header's frame when it fits in one (INLINE_BYTES), else in chunk frames after it
+    (``pieces``: as :class:`Pieces`, views of ``payload``)."""
     sent = payload[: header.payload_bytes or header.tensors.total_bytes]
     inline = sent.numel() <= min(chunk_bytes, INLINE_BYTES)
-    yield header_frame(header.SerializeToString(), sent if inline else None)
+    yield header_frame(header.SerializeToString(), sent if inline else None, pieces)
     if not inline:
-        yield from chunk_frames(sent, chunk_bytes)
+        yield from chunk_frames(sent, chunk_bytes, pieces)
 
 
 def _parse(message_cls, frame: bytes):

@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 _PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhase.DESCRIPTOR.values}
 
 
-def pull_frames(result: PullResult, shm: bool = False) -> Iterator[bytes]:
+def pull_frames(result: PullResult, shm: bool = False, pieces: bool = False) -> Iterator[bytes]:
     return codec.encode_pull(result.state, result.version, result.step, result.layout,
-                             result.payload, result.clock, result.ranks, result.lineage, shm=shm)
+                             result.payload, result.clock, result.ranks, result.lineage, shm=shm, pieces=pieces)
 
 
 def _push_payload(shm: bool, header: PushHeader, inline: memoryview | None, frames: Iterator[bytes],
@@ -170,7 +170,7 @@ class ParameterServerService:
                         into.copy_(result.payload[: result.layout.total_bytes])
                     yield from pull_frames(dataclasses.replace(result, payload=None), shm=True)
                 else:
-                    yield from pull_frames(result)
+                    yield from pull_frames(result, pieces=on_channel)  # a channel sends the payload's views
                 continue
             if kind == "shm_open":
                 try:

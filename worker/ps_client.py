@@ -372,7 +372,7 @@ class ParameterServerClient(rpc.ServiceClient):
                     frames_header.shm = True
                     stream.send([codec.header_frame(frames_header.SerializeToString(), None)])
                 else:
-                    stream.send(codec.encode_push(frames_header, payload))
+                    stream.send(codec.encode_push(frames_header, payload, pieces=stream.on_channel))
                 if then_pull_s is not None:
                     stream.send([stepframes.pull_request(header.job_id, header.worker_id, header.seq + 1, False,
                                                          then_pull_s, shm=segments is not None)])
