@@ -95,15 +95,18 @@ class StepStream:
             self._out.put(frame)
 
     def _open(self) -> None:
+        self._open_grpc()
+        host = self._channel_host()
+        if host is not None and self.worker_id:
+            self._enter_channel(host, CHANNEL_SETUP_S)
+
+    def _open_grpc(self) -> None:
         out = self._out = queue.SimpleQueue()
 
         def requests():
             while (frame := out.get()) is not None:
                 yield frame
         self._call = self._method(requests())
-        host = self._channel_host()
-        if host is not None and self.worker_id:
-            self._enter_channel(host, CHANNEL_SETUP_S)
 
     def _enter_channel(self, host: str, timeout: float) -> None:
         """Ask for a direct channel on the gRPC stream just opened and move there; stay on
@@ -113,6 +116,14 @@ class StepStream:
             offer = self.answer(None, timeout)  # a broken stream raises: the caller's retry opens another
         except PsgridError as exc:
             self._say(f"no direct step channel, staying on gRPC: {exc}")
+            return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # A server from before the channel ends the stream at the frame it does not know.
+            self._unreachable(f"the server does not know the direct step channel (an older psgrid?), "
+                              f"staying on gRPC: {exc.details()}")
+            self._open_grpc()
             return
         try:
             connection = channel.connect(host, offer.port, offer.ticket, CHANNEL_CONNECT_S)
@@ -181,6 +192,7 @@ class StepStream:
         self.prefetched = None
         self.shm, self.shm_job = None, ""  # the server unlinks them with the stream; the mappings go with us
         call, out, self._call, self._out = self._call, self._out, None, None
+        self._retired = None
         if call is not None:
             call.cancel()
             if out is not None:

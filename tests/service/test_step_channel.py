@@ -162,3 +162,24 @@ def test_a_channel_that_stays_silent_is_closed_after_connection_idle_s(server_fa
     with socket.create_connection(("127.0.0.1", server.listener.port)) as sock:
         sock.sendall(ticket(rig, server.port))
         assert closed_by_server(sock, timeout=10)
+
+
+def test_a_server_from_before_the_channel_leaves_the_worker_on_grpc(server, monkeypatch, caplog):
+    """Such a server ends the stream at the frame it does not know (INVALID_ARGUMENT): the
+    worker says so once, opens a plain stream and trains on."""
+    from psgrid.errors import MalformedRequest
+
+    known = stepframes.read_request
+
+    def before_the_channel(frame):
+        request, inline = known(frame)
+        if request.WhichOneof("frame") == "channel_open":
+            raise MalformedRequest("a step request starts with a pull, a push header or shm_open")
+        return request, inline
+    monkeypatch.setattr(stepframes, "read_request", before_the_channel)
+    with caplog.at_level(logging.INFO, logger="psgrid.worker.ps_client"):
+        rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+        rig.pull(0, 0)
+        assert rig.push(0, 0, grads(0.1)) == (1, False)
+    assert not rig.ps.stream(rig.workers[0]).on_channel and rig.ps.channel_host is None
+    assert [r.getMessage() for r in caplog.records if "does not know the direct step channel" in r.getMessage()]
