@@ -11,14 +11,15 @@ How one is set up (docs/design.md, "The direct step channel"):
 1. The worker asks on its gRPC step stream, which the cluster token (or TLS)
    already authenticated: a ``channel_open`` frame.
 2. The server answers with a port on its host and a ticket: 32 random bytes,
-   good for one connection within :data:`TICKET_TTL_S` and bound to that
-   worker (:class:`Tickets`).
-3. The worker connects, sends the ticket, and the stream goes on there, frame
-   by frame as on gRPC: each frame a 4-byte little-endian length and its
-   bytes. The gRPC stream is closed.
+   good for one connection within :data:`TICKET_TTL_S`, issued for that
+   registered worker (:class:`Tickets`).
+3. The worker connects, sends the ticket, waits for the server's one-byte
+   acceptance, and the stream goes on there, frame by frame as on gRPC: each
+   frame a 4-byte little-endian length and its bytes. The gRPC stream is closed.
 
-A connection whose first 32 bytes are not a live ticket, within
-:data:`TICKET_WAIT_S`, is closed before anything else is read. A server with
+A connection whose first 32 bytes are not a live ticket, all within
+:data:`TICKET_WAIT_S`, is closed before anything else is read; at most
+:data:`MAX_UNPROVEN` connections wait to present one at once. A server with
 TLS offers no channel (its frames would travel in the clear); its workers stay
 on gRPC, as they do when anything in the set-up fails. A broken channel raises
 :class:`ChannelBroken`, a ``grpc.RpcError`` with code UNAVAILABLE, so that the
@@ -44,8 +45,12 @@ logger = logging.getLogger(__name__)
 TICKET_BYTES = 32
 #: A ticket is good for a connection this long after it was issued.
 TICKET_TTL_S = 30.0
-#: A connection must present its ticket within this long.
+#: A connection must present its whole ticket within this long.
 TICKET_WAIT_S = 5.0
+#: Connections still to present a ticket, at once; more are closed as they come.
+MAX_UNPROVEN = 64
+#: The byte the server sends once a ticket is taken: the worker leaves gRPC only then.
+ACCEPTED = b"\x01"
 #: The largest frame either end reads: a 2 MiB chunk or inline payload and its header, with room.
 FRAME_LIMIT = 8 << 20
 #: Connections one server keeps at once (a worker has one per server and job it trains).
@@ -70,13 +75,20 @@ class ChannelBroken(grpc.RpcError):
         return self._details
 
 
-def _recv_exact(sock: socket.socket, n: int, buffer: bytearray | None = None) -> bytearray:
-    """``n`` bytes from ``sock`` (into ``buffer``'s start when given); ChannelBroken when it ends first."""
+def _recv_exact(sock: socket.socket, n: int, buffer: bytearray | None = None,
+                deadline: float | None = None) -> bytearray:
+    """``n`` bytes from ``sock`` (into ``buffer``'s start when given); ChannelBroken when it
+    ends first, or (``deadline``, monotonic) when they are not all in by then."""
     buffer = bytearray(n) if buffer is None else buffer
     view, got = memoryview(buffer), 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelBroken("step channel: too slow")
+            sock.settimeout(left)
         try:
-            k = sock.recv_into(view[got:])
+            k = sock.recv_into(view[got:n])
         except OSError as exc:
             raise ChannelBroken(f"step channel: {exc}") from None
         if k == 0:
@@ -95,6 +107,10 @@ class Connection:
 
     def __init__(self, sock: socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):  # a peer gone without a word is noticed in ~90 s, as gRPC's keepalive
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         self._sock = sock
         self._closed = False
         self._send_lock = threading.Lock()
@@ -134,26 +150,30 @@ class Connection:
         return memoryview(self._buffer)[:n]
 
     def done(self) -> bool:
-        """Whether the channel ended (closed here, or by the other end while idle)."""
+        """Whether the channel ended (cancelled here, or closed by the other end while idle)."""
         if self._closed:
             return True
         try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
-            if readable and not self._sock.recv(1, socket.MSG_PEEK):
-                return True
-        except (OSError, ValueError):
+            poller = select.poll()  # not select.select: no limit on the descriptor's number
+            poller.register(self._sock, select.POLLIN)
+            if not poller.poll(0):
+                return False  # open, nothing to read
+            return not self._sock.recv(1, socket.MSG_PEEK)  # readable: data, or the end
+        except OSError:
             return True
-        return False
 
     def cancel(self) -> None:
-        """End the channel: a read blocked on it, here or at the other end, ends."""
-        if self._closed:
-            return
+        """End the channel: a read or send blocked on it, here or at the other end, ends.
+        Safe from any thread: the socket is shut down, and closed only by :meth:`close`."""
         self._closed = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        """Cancel and free the socket (its owner, once nothing reads or sends on it)."""
+        self.cancel()
         self._sock.close()
 
     def time_remaining(self) -> None:
@@ -161,12 +181,20 @@ class Connection:
         return None
 
 
-def connect(host: str, port: int, ticket: bytes, timeout: float) -> Connection:
-    """The worker's end: connect and present ``ticket`` (OSError when that fails)."""
+def connect(host: str, port: int, ticket: bytes, timeout: float, io_timeout: float | None = None) -> Connection:
+    """The worker's end: connect, present ``ticket`` and wait for the server to take it,
+    all within ``timeout`` (OSError when anything fails: a port that is not a psgrid
+    channel, a refused ticket). ``io_timeout``: the longest any later send or read blocks."""
+    deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         sock.sendall(ticket)
-        sock.settimeout(None)
+        if bytes(_recv_exact(sock, len(ACCEPTED), deadline=deadline)) != ACCEPTED:
+            raise ConnectionError("not a psgrid step channel")
+        sock.settimeout(io_timeout)
+    except ChannelBroken as exc:
+        sock.close()
+        raise ConnectionError(f"the ticket was not taken: {exc.details()}") from None
     except OSError:
         sock.close()
         raise
@@ -216,7 +244,9 @@ class Listener:
         self.port = self._sock.getsockname()[1]
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._unproven = 0  # of them, still to present a ticket
         self._closed = False
+        self._refused = 0
         self._thread = threading.Thread(target=self._accept, name="step-channel", daemon=True)
 
     def start(self) -> "Listener":
@@ -227,35 +257,53 @@ class Listener:
         while True:
             try:
                 sock, peer = self._sock.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._closed:
+                    return
+                logger.warning("step channel: accept failed (%s); accepting again in 0.1 s", exc)
+                time.sleep(0.1)  # out of file descriptors, say: it passes
+                continue
             with self._lock:
-                if self._closed or len(self._open) >= MAX_CONNECTIONS:
+                if self._closed or len(self._open) >= MAX_CONNECTIONS or self._unproven >= MAX_UNPROVEN:
                     sock.close()
                     continue
                 self._open.add(sock)
+                self._unproven += 1
             threading.Thread(target=self._handle, args=(sock, peer), name="step-channel-conn",
                              daemon=True).start()
 
     def _handle(self, sock: socket.socket, peer) -> None:
+        proven = False
         try:
-            sock.settimeout(TICKET_WAIT_S)
             try:
-                ticket = bytes(_recv_exact(sock, TICKET_BYTES))
+                ticket = bytes(_recv_exact(sock, TICKET_BYTES, deadline=time.monotonic() + TICKET_WAIT_S))
             except (ChannelBroken, OSError):
                 ticket = b""
             worker_id = self.tickets.redeem(ticket) if ticket else None
-            if worker_id is None:
-                logger.info("refused a step channel connection from %s: no valid ticket", peer)
+            with self._lock:
+                self._unproven -= 1
+                proven = True
+                if worker_id is None:
+                    self._refused += 1
+                    refused = self._refused
+            if worker_id is None:  # said once, then every 100th: a stranger's loop must not flood the log
+                if refused == 1 or refused % 100 == 0:
+                    logger.info("refused a step channel connection from %s: no valid ticket (%d so far)",
+                                peer, refused)
                 return
             sock.settimeout(self.idle_s)
+            sock.sendall(ACCEPTED)
             connection = Connection(sock)
             try:
                 self._serve(connection, worker_id)
             finally:
                 connection.cancel()
+        except OSError as exc:
+            logger.debug("step channel from %s ended: %s", peer, exc)
         finally:
             with self._lock:
+                if not proven:
+                    self._unproven -= 1
                 self._open.discard(sock)
             sock.close()
 

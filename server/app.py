@@ -58,6 +58,9 @@ class ParameterServerApp:
         self.server = make_server("ps-rpc", SERVICES, security, config.admission())
         self.listener: channel.Listener | None = None
         offer = config.step_channel and not security.tls  # under TLS its frames would travel in the clear
+        # A token without TLS only ever travels to loopback (psgrid.security), so its workers are
+        # all on this host: the channel listens there alone.
+        self._channel_host = "127.0.0.1" if security.token is not None else config.host
         self.server.add_generic_rpc_handlers(handlers(self.core, self._make_listener if offer else None))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = security.add_port(self.server, f"{config.host}:{config.port}")
@@ -72,7 +75,7 @@ class ParameterServerApp:
                 name="ps-checkpoint", daemon=True))
 
     def _make_listener(self, service) -> channel.Listener:
-        self.listener = channel.Listener(self.config.host, channel.Tickets(), service.serve_channel,
+        self.listener = channel.Listener(self._channel_host, channel.Tickets(), service.serve_channel,
                                          idle_s=self.config.connection_idle_s)
         return self.listener
 

@@ -17,8 +17,8 @@ import grpc
 import torch
 
 from psgrid import channel, codec, messages, shm, sparse, stepframes
-from psgrid.errors import (FailedPrecondition, InvalidArgument, MalformedPayload, MalformedRequest, PayloadTooLarge,
-                           PsgridError)
+from psgrid.errors import (FailedPrecondition, Internal, InvalidArgument, MalformedPayload, MalformedRequest,
+                           PayloadTooLarge, PsgridError)
 from psgrid.limits import quote
 from psgrid.rpc import stream_handler, translate_errors, unary_handler, unary_stream_handler
 from psgrid.server.core import ParameterServerCore
@@ -146,13 +146,20 @@ class ParameterServerService:
             logger.debug("[ps] step channel of %s ended: %s", worker_id, exc)
         except PsgridError as exc:  # out of step, or a frame it cannot take: the stream ends with it, as on gRPC
             logger.info("[ps] step channel of %s ended: %s: %s", worker_id, type(exc).__name__, exc)
-            try:
-                connection.send([stepframes.error(exc)])
-            except channel.ChannelBroken:
-                pass
+            self._last_word(connection, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: said in full, and INTERNAL to the worker, as on gRPC
+            logger.exception("[ps] step channel of %s failed", worker_id)
+            self._last_word(connection, Internal(f"{type(exc).__name__}: {exc}"))
         finally:
             for segment in segments:
                 segment.unlink()
+
+    @staticmethod
+    def _last_word(connection: channel.Connection, exc: PsgridError) -> None:
+        try:
+            connection.send([stepframes.error(exc)])
+        except channel.ChannelBroken:
+            pass
 
     def _step(self, frames: Iterator[bytes], context, segments: list, on_channel: bool = False) -> Iterator[bytes]:
         for frame in frames:

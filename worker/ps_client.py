@@ -35,9 +35,13 @@ _WATCHDOG = Watchdog()
 MAX_STREAMS = 8
 #: Longest the server may take to answer a request for a direct step channel.
 CHANNEL_SETUP_S = 10.0
-#: Longest a connection to a direct step channel may take: on a LAN, milliseconds; a
-#: port a firewall drops is given up after this, once per client (its streams stay on gRPC).
+#: Longest a connection to a direct step channel may take, ticket taken: on a LAN,
+#: milliseconds; a port a firewall drops is given up after this, once per client (its
+#: streams stay on gRPC).
 CHANNEL_CONNECT_S = 3.0
+#: Longest a send or read on a direct channel may block (a server host gone without a
+#: word); answers have their own deadlines (the watchdog), all shorter.
+CHANNEL_IO_S = 180.0
 
 
 class StepStream:
@@ -89,7 +93,11 @@ class StepStream:
         if self._call is None:
             self._open()
         if self._out is None:
-            self._call.send(frames)  # the direct channel: on the socket, from this thread
+            try:
+                self._call.send(frames)  # the direct channel: on the socket, from this thread
+            except channel.ChannelBroken:
+                self.reset()
+                raise
             return
         for frame in frames:
             self._out.put(frame)
@@ -126,10 +134,14 @@ class StepStream:
             self._open_grpc()
             return
         try:
-            connection = channel.connect(host, offer.port, offer.ticket, CHANNEL_CONNECT_S)
-        except OSError as exc:
+            connection = channel.connect(host, offer.port, offer.ticket, CHANNEL_CONNECT_S, CHANNEL_IO_S)
+        except TimeoutError as exc:  # dropped on the way: a firewall, most likely, and it will stay
             self._unreachable(f"the direct step channel at {host}:{offer.port} cannot be reached, "
-                              f"staying on gRPC: {exc}")
+                              f"staying on gRPC: {exc or 'timed out'}")
+            return
+        except OSError as exc:
+            self._say(f"the direct step channel at {host}:{offer.port} did not take this stream, "
+                      f"staying on gRPC: {exc}")
             return
         # The gRPC stream ends with a half-close (the server's handler returns); the call is
         # kept until then, as dropping it would cancel it.
@@ -193,10 +205,13 @@ class StepStream:
         self.shm, self.shm_job = None, ""  # the server unlinks them with the stream; the mappings go with us
         call, out, self._call, self._out = self._call, self._out, None, None
         self._retired = None
-        if call is not None:
-            call.cancel()
-            if out is not None:
-                out.put(None)
+        if call is None:
+            return
+        if out is None:  # the direct channel: this thread owns it
+            call.close()
+            return
+        call.cancel()
+        out.put(None)
 
 
 class ParameterServerClient(rpc.ServiceClient):

@@ -44,6 +44,13 @@ def ticket(rig, port: int, worker: int = 0) -> bytes:
     return offer.ticket
 
 
+def enter(sock: socket.socket, good_ticket: bytes) -> None:
+    """Present a ticket as a worker does; the server says it took it."""
+    sock.sendall(good_ticket)
+    sock.settimeout(10)
+    assert sock.recv(1) == channel.ACCEPTED
+
+
 def closed_by_server(sock: socket.socket, timeout: float = 10) -> bool:
     """Whether the server closed ``sock`` (an EOF within ``timeout``), reading nothing else."""
     sock.settimeout(timeout)
@@ -91,7 +98,7 @@ def test_a_connection_without_a_live_ticket_is_closed_unread_and_a_ticket_serves
         assert closed_by_server(stranger)
     good = ticket(rig, server.port)
     with socket.create_connection(("127.0.0.1", port)) as first:
-        first.sendall(good)
+        enter(first, good)
         conn = channel.Connection(first)
         conn.send([stepframes.pull_request(rig.job_id, rig.workers[0], 0, False, 1.0)])
         assert next(conn)  # answered: the stream goes on here
@@ -115,8 +122,8 @@ def test_an_oversized_or_undecodable_frame_ends_the_channel(server):
     rig = make_rig(server.port, spec(num_workers=1, staleness=None))
     for bad in ((channel.FRAME_LIMIT + 1).to_bytes(4, "little"), (3).to_bytes(4, "little") + b"\xff\xff\xff"):
         with socket.create_connection(("127.0.0.1", server.listener.port)) as sock:
-            sock.sendall(ticket(rig, server.port) + bad)
-            sock.settimeout(10)
+            enter(sock, ticket(rig, server.port))
+            sock.sendall(bad)
             data = b""
             while chunk := sock.recv(1 << 16):
                 data += chunk  # an error frame may come first, then the end
@@ -140,10 +147,11 @@ def test_a_broken_channel_is_left_for_a_new_stream_and_training_goes_on(server):
 
 
 def test_a_channel_port_that_cannot_be_reached_is_given_up_once_for_the_client(server, caplog, monkeypatch):
+    """A connection that times out (a firewall dropping the port): no stream of the client asks again."""
     from psgrid.worker import ps_client
 
-    def unreachable(host, port, ticket, timeout):
-        raise ConnectionRefusedError(f"no route to {host}:{port} (this test)")
+    def unreachable(host, port, ticket, timeout, io_timeout=None):
+        raise TimeoutError(f"no answer from {host}:{port} (this test)")
     monkeypatch.setattr(ps_client.channel, "connect", unreachable)
     rig = make_rig(server.port, spec(num_workers=2, staleness=0))
     rig.ps = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0)
@@ -160,7 +168,7 @@ def test_a_channel_that_stays_silent_is_closed_after_connection_idle_s(server_fa
     server = server_factory(connection_idle_s=0.5)
     rig = make_rig(server.port, spec(num_workers=1, staleness=None))
     with socket.create_connection(("127.0.0.1", server.listener.port)) as sock:
-        sock.sendall(ticket(rig, server.port))
+        enter(sock, ticket(rig, server.port))
         assert closed_by_server(sock, timeout=10)
 
 
@@ -183,3 +191,24 @@ def test_a_server_from_before_the_channel_leaves_the_worker_on_grpc(server, monk
         assert rig.push(0, 0, grads(0.1)) == (1, False)
     assert not rig.ps.stream(rig.workers[0]).on_channel and rig.ps.channel_host is None
     assert [r.getMessage() for r in caplog.records if "does not know the direct step channel" in r.getMessage()]
+
+
+def test_a_stranger_who_drips_a_ticket_is_cut_off_and_many_do_not_crowd_out_workers(server, monkeypatch):
+    """The whole ticket must come within TICKET_WAIT_S, however slowly it drips, and
+    connections still to prove themselves have a bound of their own: workers get in."""
+    monkeypatch.setattr(channel, "TICKET_WAIT_S", 1.0)
+    rig = make_rig(server.port, spec(num_workers=1, staleness=None))
+    port = server.listener.port
+    strangers = [socket.create_connection(("127.0.0.1", port)) for _ in range(channel.MAX_UNPROVEN + 8)]
+    try:
+        for sock in strangers[:4]:
+            sock.sendall(b"x")  # one byte of 32, then nothing
+        assert all(closed_by_server(sock, timeout=10) for sock in strangers[:4])
+    finally:
+        for sock in strangers:
+            sock.close()
+    client = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0)
+    rig.ps = client
+    rig.pull(0, 0)
+    assert rig.push(0, 0, grads(0.1)) == (1, False)
+    assert client.stream(rig.workers[0]).on_channel
