@@ -236,11 +236,17 @@ class Listener:
         self._serve = serve
         #: A connection that sends nothing (nor takes what is sent) for this long is closed.
         self.idle_s = idle_s
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # The host's first address, IPv4 or IPv6, as getaddrinfo resolves it (a name too).
+        family, _, _, _, address = socket.getaddrinfo(host.strip("[]") or None, 0, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
         self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host.strip("[]"), 0))
-        self._sock.listen(128)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(address)
+            self._sock.listen(128)
+        except OSError:
+            self._sock.close()
+            raise
         self.port = self._sock.getsockname()[1]
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()

@@ -74,9 +74,12 @@ class ParameterServerApp:
                 target=self._every, args=(config.checkpoint_interval_s, self._checkpoint),
                 name="ps-checkpoint", daemon=True))
 
-    def _make_listener(self, service) -> channel.Listener:
-        self.listener = channel.Listener(self._channel_host, channel.Tickets(), service.serve_channel,
-                                         idle_s=self.config.connection_idle_s)
+    def _make_listener(self, service) -> channel.Listener | None:
+        try:
+            self.listener = channel.Listener(self._channel_host, channel.Tickets(), service.serve_channel,
+                                             idle_s=self.config.connection_idle_s)
+        except OSError as exc:  # the channel is an optimisation: the server serves without it
+            logger.warning("[ps] no direct step channel: cannot listen on %s: %s", self._channel_host, exc)
         return self.listener
 
     def _tick(self) -> None:

@@ -214,6 +214,18 @@ class StepStream:
         out.put(None)
 
 
+def _host_of(address: str) -> str | None:
+    """The host a gRPC target names ("host:port", "[v6]:port", "dns:///host:port"); None
+    for one that names no TCP host (a Unix socket)."""
+    if address.startswith("unix:"):
+        return None
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if address.startswith(scheme):
+            address = address[len(scheme):]
+            break
+    return address.rsplit(":", 1)[0].strip("[]") or None
+
+
 class ParameterServerClient(rpc.ServiceClient):
     """Calls a parameter server; every call has a deadline and retries UNAVAILABLE.
 
@@ -238,7 +250,7 @@ class ParameterServerClient(rpc.ServiceClient):
         #: one of this host's (the nonce check in psgrid.shm then confirms it).
         self.shared_memory = shared_memory and shm.is_local(address)
         #: Ask for direct step channels (psgrid.channel) on the server's host; never under TLS.
-        self.channel_host = address.rsplit(":", 1)[0].strip("[]") if direct_channel and not self.security.tls else None
+        self.channel_host = _host_of(address) if direct_channel and not self.security.tls else None
         self._channel_said = False
         unary = self._unary
         self._register = unary("RegisterWorker", ps.RegisterWorkerRequest, ps.RegisterWorkerResponse)

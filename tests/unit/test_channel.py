@@ -26,3 +26,13 @@ def test_expired_tickets_are_forgotten_as_new_ones_are_issued():
     now[0] += TICKET_TTL_S + 1
     tickets.issue("w")
     assert len(tickets._live) == 1
+
+
+def test_the_channel_is_asked_of_the_host_a_grpc_target_names():
+    from psgrid.worker.ps_client import _host_of
+
+    assert _host_of("10.0.0.5:7070") == "10.0.0.5"
+    assert _host_of("[::1]:7070") == "::1"
+    assert _host_of("dns:///ps-0.cluster.local:7070") == "ps-0.cluster.local"
+    assert _host_of("ipv4:127.0.0.1:7070") == "127.0.0.1"
+    assert _host_of("unix:/run/psgrid.sock") is None
