@@ -179,15 +179,10 @@ class ParameterServerService:
                 else:
                     yield from pull_frames(result, pieces=on_channel)  # a channel sends the payload's views
                 continue
-            if kind == "shm_open":
+            if kind in ("shm_open", "channel_open"):  # an offer of another path, or why not
                 try:
-                    yield self._offer(request.shm_open, segments)
-                except PsgridError as exc:
-                    yield stepframes.error(exc)
-                continue
-            if kind == "channel_open":
-                try:
-                    yield self._channel_offer(request.channel_open, on_channel)
+                    yield (self._offer(request.shm_open, segments) if kind == "shm_open"
+                           else self._channel_offer(request.channel_open, on_channel))
                 except PsgridError as exc:
                     yield stepframes.error(exc)
                 continue
