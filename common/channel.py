@@ -117,19 +117,28 @@ class Connection:
         self._buffer = bytearray()
 
     def send(self, frames: Iterable[bytes]) -> None:
+        """Send ``frames``: small ones together, in one system call with whatever follows
+        them up to a large frame's payload (every send on loopback wakes the reader,
+        which may take the CPU from the sender before its next send)."""
         with self._send_lock:
             try:
+                small: list[bytes] = []
                 for frame in frames:
                     if isinstance(frame, Pieces):  # a payload's view: sent where it lies, not copied
-                        self._sock.sendall(frame.nbytes.to_bytes(4, "little") + b"".join(frame[:-1]))
+                        small += (frame.nbytes.to_bytes(4, "little"), *frame[:-1])
+                        self._sock.sendall(b"".join(small))
+                        small = []
                         self._sock.sendall(frame[-1])
                         continue
-                    length = len(frame).to_bytes(4, "little")
+                    small.append(len(frame).to_bytes(4, "little"))
                     if len(frame) < LARGE_FRAME:
-                        self._sock.sendall(length + frame)  # one segment
+                        small.append(frame)
                     else:
-                        self._sock.sendall(length)
+                        self._sock.sendall(b"".join(small))
+                        small = []
                         self._sock.sendall(frame)
+                if small:
+                    self._sock.sendall(b"".join(small))
             except OSError as exc:
                 raise ChannelBroken(f"step channel: {exc}") from None
 

@@ -12,6 +12,7 @@ encodes and decodes it by hand: one copy of the payload on send (a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import threading
@@ -110,6 +111,29 @@ class Layout:
     def names(self) -> list[str]:
         return [m.name for m in self.tensors]
 
+    @functools.cached_property
+    def flat_dtype(self) -> torch.dtype | None:
+        """The dtype of every tensor when they all share it and lie end to end from the
+        payload's start (so one flat tensor covers them, and an elementwise op over all
+        of them is one call, not one per tensor); else None."""
+        if not self.tensors:
+            return None
+        dtype, offset = self.tensors[0].dtype, 0
+        for m in self.tensors:
+            if m.dtype != dtype or m.offset != offset:
+                return None
+            offset += m.nbytes
+        return dtype
+
+    def flat(self, buffer: torch.Tensor) -> torch.Tensor | None:
+        """Every tensor of uint8 ``buffer`` as one flat tensor (see :attr:`flat_dtype`); None
+        when they are not laid out as one."""
+        dtype = self.flat_dtype
+        if dtype is None:
+            return None
+        last = self.tensors[-1]
+        return buffer[: last.offset + last.nbytes].view(dtype)
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed, shaped views into a uint8 buffer of at least ``total_bytes``."""
         out = {}
@@ -164,7 +188,10 @@ class Layout:
 # --- tensor sets <-> protobuf -------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def layout_to_proto(layout: Layout) -> tensor_pb2.TensorSetHeader:
+    """``layout`` as a header message, made once per layout (a worker sends the same one
+    every step): the caller copies it into its own message and never changes it."""
     return tensor_pb2.TensorSetHeader(
         tensors=[
             tensor_pb2.TensorSpec(

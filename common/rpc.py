@@ -305,7 +305,6 @@ def call(fn: Callable[..., T], *args, timeout: float, retry_for: float = 0.0,
     sleep (which ``stop`` wakes), and for a call that failed meanwhile (whoever
     set ``stop`` may have closed the channel to cancel the calls in flight).
     """
-    backoff = backoff or Backoff(initial=0.05, maximum=2.0)
     give_up = time.monotonic() + retry_for
     name = getattr(fn, "__name__", fn)
     while True:
@@ -315,7 +314,8 @@ def call(fn: Callable[..., T], *args, timeout: float, retry_for: float = 0.0,
         except grpc.RpcError as exc:
             _check_stop(stop, name)
             code = exc.code() if hasattr(exc, "code") else None
-            delay = backoff.next_delay()
+            backoff = backoff or Backoff(initial=0.05, maximum=2.0)  # made on the first failure: a
+            delay = backoff.next_delay()  # call that succeeds (every step's) draws no seed
             if code in retry_codes and time.monotonic() + delay < give_up:
                 logger.debug("retrying %s after %s in %.2fs", name, code, delay)
                 if stop is None:

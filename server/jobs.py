@@ -332,6 +332,12 @@ class Job(GradientRounds):
             raise FailedPrecondition(f"job {self.job_id} has no embedding tables")
         return self.tables
 
+    @property
+    def threads(self) -> int:
+        """Threads for this job's tensor work (psgrid.device.use_threads): one for a
+        model of small tensors, torch's own count for large ones or embedding tables."""
+        return self.store.threads if self.store is not None and self.tables is None else 0
+
     def require_store(self) -> ParameterStore:
         if self.store is None:
             raise FailedPrecondition(f"job {self.job_id} has no parameters yet")

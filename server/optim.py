@@ -46,14 +46,29 @@ class Optimizer(abc.ABC):
     of a step whose predicted peak is far below the dtype's largest value.
     """
 
-    def __init__(self, spec: OptimizerSpec, params: Mapping[str, torch.Tensor]):
+    def __init__(self, spec: OptimizerSpec, params: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None):
         self.spec = spec
         self.params = dict(params)
+        #: The parameters as one flat tensor they are all views of (None: they are not).
+        self.flat = flat
         self.steps = 0
 
     @abc.abstractmethod
-    def step(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """Apply one update."""
+    def step(self, grads: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
+        """Apply one update; ``flat``: ``grads`` as one flat tensor laid out as the
+        parameters' (an optimizer may then update them all in one call per op)."""
+
+    def _state_like_params(self) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """A zeroed state tensor per parameter: views of one flat tensor when the
+        parameters are (then returned too), else each its own."""
+        if self.flat is None:
+            return None, {n: torch.zeros_like(p) for n, p in self.params.items()}
+        flat = torch.zeros_like(self.flat)
+        views = {}
+        for name, p in self.params.items():
+            start = (p.data_ptr() - self.flat.data_ptr()) // p.element_size()
+            views[name] = flat[start: start + p.numel()].view(p.shape)
+        return flat, views
 
     @abc.abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -73,28 +88,34 @@ class Optimizer(abc.ABC):
 class SGD(Optimizer):
     """torch.optim.SGD: weight decay, momentum with dampening, Nesterov."""
 
-    def __init__(self, spec: OptimizerSpec, params: Mapping[str, torch.Tensor]):
-        super().__init__(spec, params)
+    def __init__(self, spec: OptimizerSpec, params: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None):
+        super().__init__(spec, params, flat)
         self.momentum_buffers: dict[str, torch.Tensor] = {}
+        self._flat_momentum: torch.Tensor | None = None
         if spec.momentum:
-            self.momentum_buffers = {n: torch.zeros_like(p) for n, p in self.params.items()}
+            self._flat_momentum, self.momentum_buffers = self._state_like_params()
 
-    def step(self, grads: Mapping[str, torch.Tensor]) -> None:
-        s = self.spec
+    def step(self, grads: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
         first = self.steps == 0
+        if flat is not None and self.flat is not None:  # the same ops, over every parameter at once
+            self._update(self.flat, flat, self._flat_momentum, first)
+            self.steps += 1
+            return
         for name, p in self.params.items():
-            d_p = grads[name]
-            if s.weight_decay:
-                d_p = d_p.add(p, alpha=s.weight_decay)
-            if s.momentum:
-                buf = self.momentum_buffers[name]
-                if first:
-                    buf.copy_(d_p)
-                else:
-                    buf.mul_(s.momentum).add_(d_p, alpha=1 - s.dampening)
-                d_p = d_p.add(buf, alpha=s.momentum) if s.nesterov else buf
-            p.add_(d_p, alpha=-s.lr)
+            self._update(p, grads[name], self.momentum_buffers.get(name), first)
         self.steps += 1
+
+    def _update(self, p: torch.Tensor, d_p: torch.Tensor, buf: torch.Tensor | None, first: bool) -> None:
+        s = self.spec
+        if s.weight_decay:
+            d_p = d_p.add(p, alpha=s.weight_decay)
+        if s.momentum:
+            if first:
+                buf.copy_(d_p)
+            else:
+                buf.mul_(s.momentum).add_(d_p, alpha=1 - s.dampening)
+            d_p = d_p.add(buf, alpha=s.momentum) if s.nesterov else buf
+        p.add_(d_p, alpha=-s.lr)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"momentum_buffer.{n}": b for n, b in self.momentum_buffers.items()}
@@ -118,33 +139,42 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay) and, with ``decoupled``, AdamW."""
 
-    def __init__(self, spec: OptimizerSpec, params: Mapping[str, torch.Tensor], decoupled: bool):
-        super().__init__(spec, params)
+    def __init__(self, spec: OptimizerSpec, params: Mapping[str, torch.Tensor], decoupled: bool,
+                 flat: torch.Tensor | None = None):
+        super().__init__(spec, params, flat)
         self.decoupled = decoupled
-        self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self._flat_exp_avg, self.exp_avg = self._state_like_params()
+        self._flat_exp_avg_sq, self.exp_avg_sq = self._state_like_params()
 
-    def step(self, grads: Mapping[str, torch.Tensor]) -> None:
-        s = self.spec
-        beta1, beta2 = s.betas
+    def step(self, grads: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
+        beta1, beta2 = self.spec.betas
         step = self.steps + 1
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        step_size = s.lr / bias_correction1
+        step_size = self.spec.lr / bias_correction1
         bias_correction2_sqrt = math.sqrt(bias_correction2)
-        for name, p in self.params.items():
-            grad = grads[name]
-            if s.weight_decay:
-                if self.decoupled:
-                    p.mul_(1 - s.lr * s.weight_decay)
-                else:
-                    grad = grad.add(p, alpha=s.weight_decay)
-            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(s.eps)
-            p.addcdiv_(exp_avg, denom, value=-step_size)
+        if flat is not None and self.flat is not None:  # the same ops, over every parameter at once
+            self._update(self.flat, flat, self._flat_exp_avg, self._flat_exp_avg_sq, step_size,
+                         bias_correction2_sqrt)
+        else:
+            for name, p in self.params.items():
+                self._update(p, grads[name], self.exp_avg[name], self.exp_avg_sq[name], step_size,
+                             bias_correction2_sqrt)
         self.steps = step
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                step_size: float, bias_correction2_sqrt: float) -> None:
+        s = self.spec
+        beta1, beta2 = s.betas
+        if s.weight_decay:
+            if self.decoupled:
+                p.mul_(1 - s.lr * s.weight_decay)
+            else:
+                grad = grad.add(p, alpha=s.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(s.eps)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"exp_avg.{n}": t for n, t in self.exp_avg.items()}
@@ -173,10 +203,12 @@ class Adam(Optimizer):
         return {"param": param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, peak
 
 
-def make_optimizer(spec: OptimizerSpec, params: Mapping[str, torch.Tensor]) -> Optimizer:
-    """The optimizer ``spec`` names, over ``params`` (updated in place)."""
+def make_optimizer(spec: OptimizerSpec, params: Mapping[str, torch.Tensor],
+                   flat: torch.Tensor | None = None) -> Optimizer:
+    """The optimizer ``spec`` names, over ``params`` (updated in place; ``flat``: one
+    tensor they are all views of, end to end, when they are)."""
     if spec.name == "sgd":
-        return SGD(spec, params)
+        return SGD(spec, params, flat)
     if spec.name in ("adam", "adamw"):
-        return Adam(spec, params, decoupled=spec.name == "adamw")
+        return Adam(spec, params, decoupled=spec.name == "adamw", flat=flat)
     raise ValueError(f"unknown optimizer {spec.name!r}")

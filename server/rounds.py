@@ -51,6 +51,8 @@ class _Last:
     grad_max: float | None
     #: Its embedding-table row gradients ({table: (ids, grads)}; None: the job has no tables).
     rows: dict | None = None
+    #: ``grads`` as one flat tensor (codec.Layout.flat); None when they are not one.
+    flat: torch.Tensor | None = None
 
 
 class GradientRounds:
@@ -63,10 +65,11 @@ class GradientRounds:
     def accept_gradient(self, worker_id: str, seq: int, base_version: int, base_step: int,
                         grads: dict[str, torch.Tensor], samples: int = 1,
                         grad_max: float | None = None, ranks: tuple[int, ...] = (),
-                        rows: dict | None = None) -> UpdateRecord:
+                        rows: dict | None = None, flat: torch.Tensor | None = None) -> UpdateRecord:
         """Apply (or, in BSP, accumulate weighted by ``samples``) one validated gradient push
         whose values are at most ``grad_max`` in magnitude (None: not known), with its
-        embedding-table ``rows`` ({table: (unique ids, gradient rows)}, checked).
+        embedding-table ``rows`` ({table: (unique ids, gradient rows)}, checked); ``flat``:
+        ``grads`` as one flat tensor, when they are one (codec.Layout.flat).
 
         Raises NonFiniteGradient when the update it makes (BSP: the round it completes)
         would not be finite; then nothing changed.
@@ -82,9 +85,9 @@ class GradientRounds:
                                 "came back); pull again")
             weight = max(1, samples)
             if steps.active <= steps.arrived | {worker_id}:  # the round's last gradient: apply them all
-                self._apply_round(_Last(worker_id, seq, grads, weight, grad_max, rows))
+                self._apply_round(_Last(worker_id, seq, grads, weight, grad_max, rows, flat))
             else:
-                self.accumulator.add(grads, weight, grad_max)
+                self.accumulator.add(grads, weight, grad_max, flat)
                 if self.tables is not None:
                     self.tables.stage(worker_id, seq, weight, rows or {}, checked=True)
                 steps.accept(worker_id, seq)
@@ -93,12 +96,15 @@ class GradientRounds:
             scale = 1.0
             if self.spec.scale_stale and seq > base_step:  # computed on weights seq - base_step steps old
                 scale = 1.0 / (1 + seq - base_step)
-                for g in grads.values():
-                    g.mul_(scale)
+                if flat is not None:
+                    flat.mul_(scale)
+                else:
+                    for g in grads.values():
+                        g.mul_(scale)
                 grad_max = None if grad_max is None else grad_max * scale
             # the rows' update is computed and checked first, written once the dense one is in
             write_rows = self.tables.prepare_now(rows, scale) if self.tables is not None and rows else None
-            store.apply(grads, grad_max)
+            store.apply(grads, grad_max, flat)
             if write_rows is not None:
                 write_rows()
             steps.accept(worker_id, seq)
@@ -158,8 +164,8 @@ class GradientRounds:
         grads, weight, grad_max = last.grads, last.weight, last.grad_max
         bound = acc.mean_bound(grad_max, weight) if grad_max is not None else math.inf
         if acc.fits(grad_max, weight) and store.predict(bound) is not None:
-            acc.add(grads, weight, grad_max)
-            store.apply(acc.mean(), bound)
+            acc.add(grads, weight, grad_max, last.flat)
+            store.apply(acc.mean(), bound, acc.flat)
         else:
             store.apply(acc.mean_aside(grads, weight))
         acc.reset()

@@ -16,6 +16,7 @@ import torch
 
 from psgrid.codec import Layout, PayloadAssembler
 from psgrid.compression import PULL_DTYPES, cast_layout, decode, wire_layout
+from psgrid.device import use_threads
 from psgrid.errors import InvalidArgument, MalformedPayload, NotReady, PsgridError, PushAhead
 from psgrid.limits import check_count, check_rows_reply, quote
 from psgrid.server.jobs import Job
@@ -97,6 +98,7 @@ class StepPath:
         job, worker = self.state.member(job_id, worker_id)
         worker.last_seen = self.state.clock()
         self.state.mark_back(worker)
+        use_threads(job.threads)  # for the copies here and the caller's
         with job.cond:
             if not job.cond.wait_for(lambda: job.ready_for(worker_id, clock, final), timeout_s):
                 raise NotReady(f"step {clock} of {worker_id} is not ready yet")
@@ -175,6 +177,7 @@ class StepPath:
             if isinstance(payload, torch.Tensor):
                 payload = [memoryview(payload.numpy())]
             return self._push_init(job, header, payload)
+        use_threads(job.threads)
         with job.cond:
             job.require_running()
             job.require_store().layout.check_identical(header.layout)  # before a byte is allocated
@@ -196,8 +199,8 @@ class StepPath:
                 self._check_order(job, header)  # again: the job may have moved while the bytes came
             if header.encoding.lossy:  # InvalidArgument for scales or indices a decoder must not trust
                 decode(header.layout, header.encoding, received, buffer)
-            grads = header.layout.views(buffer)
-            grad_max = check_finite(grads)
+            grads, flat = header.layout.views(buffer), header.layout.flat(buffer)
+            grad_max = check_finite(grads, flat=flat)
             started = time.perf_counter()
             with job.cond:
                 job.require_running()
@@ -206,7 +209,7 @@ class StepPath:
                 rows = _staged_rows(job, header)
                 record = job.accept_gradient(
                     header.worker_id, header.seq, header.base_version, header.base_step, grads,
-                    header.samples, grad_max, header.ranks, rows,
+                    header.samples, grad_max, header.ranks, rows, flat,
                 )
                 job.pending_rows.pop(header.worker_id, None)
                 job.traffic.pushes += 1
@@ -257,6 +260,7 @@ class StepPath:
         """The current rows of ``ids`` of ``table`` on this server, and the job's version."""
         job, worker = self.state.member(job_id, worker_id)
         worker.last_seen = self.state.clock()
+        use_threads(job.threads)
         with job.cond:  # read-only: in any state (the evaluator reads them after training)
             t = job.require_tables().table(table)
             check_rows_reply(ids.numel(), t.spec)
@@ -274,6 +278,7 @@ class StepPath:
             raise InvalidArgument(f"part {part} of {parts}: parts must be 1..{MAX_PARTS} and part < parts")
         job, worker = self.state.member(job_id, worker_id)
         worker.last_seen = self.state.clock()
+        use_threads(job.threads)
         with job.cond:
             job.require_running()
             job.require_tables().check(rows)

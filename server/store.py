@@ -19,6 +19,7 @@ import torch
 
 from psgrid.codec import Layout
 from psgrid.errors import DtypeMismatch, NonFiniteGradient
+from psgrid.device import threads_for
 from psgrid.limits import quote
 from psgrid.server.optim import Bounds, magnitude, make_optimizer
 from psgrid.spec import OptimizerSpec
@@ -26,9 +27,15 @@ from psgrid.spec import OptimizerSpec
 TRAINABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], what: str = "gradient") -> float:
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str = "gradient",
+                 flat: torch.Tensor | None = None) -> float:
     """Raise NonFiniteGradient naming the first tensor that holds NaN or Inf; else
-    return the largest magnitude in ``tensors`` (one pass, as fast as a sum)."""
+    return the largest magnitude in ``tensors`` (one pass, as fast as a sum).
+    ``flat``: all of them as one tensor (codec.Layout.flat), checked in one call."""
+    if flat is not None and flat.is_floating_point():
+        peak = magnitude((flat,))
+        if math.isfinite(peak):
+            return peak  # else the loop below names the tensor
     peak = 0.0
     for name, t in tensors.items():
         if not t.is_floating_point() or t.numel() == 0:
@@ -54,10 +61,14 @@ class ParameterStore:
             if m.dtype not in TRAINABLE_DTYPES:
                 raise DtypeMismatch(f"parameter {m.name!r} has non-trainable dtype {m.dtype}")
         self.layout = layout
+        #: Threads worth putting on this job's tensors (psgrid.device.threads_for).
+        self.threads = threads_for(max((m.nbytes for m in layout.tensors), default=0))
         self.flat = initial
         self.params = layout.views(self.flat)
-        check_finite(self.params, what="initial parameter")
-        self.optimizer = make_optimizer(optimizer, self.params)
+        #: The parameters as one flat tensor (codec.Layout.flat); None when they are not one.
+        self.flat_params = layout.flat(self.flat)
+        check_finite(self.params, what="initial parameter", flat=self.flat_params)
+        self.optimizer = make_optimizer(optimizer, self.params, self.flat_params)
         self.version = 0
         self._limit = _overflow_limit(m.dtype for m in layout.tensors)
         #: Upper bounds on the magnitudes in the parameters and optimizer state (None:
@@ -69,21 +80,26 @@ class ParameterStore:
     def nbytes(self) -> int:
         return self.layout.total_bytes
 
-    def apply(self, grads: Mapping[str, torch.Tensor], grad_max: float | None = None) -> None:
+    def apply(self, grads: Mapping[str, torch.Tensor], grad_max: float | None = None,
+              flat: torch.Tensor | None = None) -> None:
         """One optimizer step with ``grads`` (cast to each parameter's dtype).
 
         Raises NonFiniteGradient, with nothing changed, when ``grads`` hold NaN or Inf
         or the step would leave a parameter or a piece of optimizer state non-finite.
         ``grad_max``: a bound on every |value| of ``grads`` when the caller knows one.
+        ``flat``: ``grads`` as one flat tensor (codec.Layout.flat), when they are one.
         """
-        cast = {n: grads[n].to(p.dtype) for n, p in self.params.items()}
+        if flat is not None and self.flat_params is not None and flat.dtype == self.flat_params.dtype:
+            cast = grads  # their dtype already: a cast would give them back as they are
+        else:
+            cast, flat = {n: grads[n].to(p.dtype) for n, p in self.params.items()}, None
         if grad_max is None:
-            grad_max = check_finite(cast)
+            grad_max = check_finite(cast, flat=flat)
         after = self.predict(grad_max)
         if after is None:
             self._step_checked(cast)
         else:
-            self.optimizer.step(cast)
+            self.optimizer.step(cast, flat)
             self._bounds, self._measured = after, False
         self.version += 1
 
@@ -134,10 +150,20 @@ class GradientAccumulator:
     """
 
     def __init__(self, layout: Layout):
-        self.sums = {
-            m.name: torch.zeros(m.shape, dtype=torch.float64 if m.dtype == torch.float64 else torch.float32)
-            for m in layout.tensors
-        }
+        def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+            return torch.float64 if dtype == torch.float64 else torch.float32
+
+        #: The sums as one flat tensor, when the gradients come as one (codec.Layout.flat).
+        self.flat: torch.Tensor | None = None
+        if layout.flat_dtype is not None and layout.flat_dtype.is_floating_point:
+            self.flat = torch.zeros(sum(math.prod(m.shape) for m in layout.tensors),
+                                    dtype=sum_dtype(layout.flat_dtype))
+            self.sums, start = {}, 0
+            for m in layout.tensors:
+                self.sums[m.name] = self.flat[start: start + math.prod(m.shape)].view(m.shape)
+                start += math.prod(m.shape)
+        else:
+            self.sums = {m.name: torch.zeros(m.shape, dtype=sum_dtype(m.dtype)) for m in layout.tensors}
         self.count = 0
         self.weight = 0
         self.bound = 0.0
@@ -148,14 +174,19 @@ class GradientAccumulator:
         weighted by ``weight`` surely leaves every sum finite."""
         return grad_max is not None and self.bound + weight * grad_max < self._limit
 
-    def add(self, grads: Mapping[str, torch.Tensor], weight: int = 1, grad_max: float | None = None) -> None:
-        """Add a gradient averaged over ``weight`` examples (|values| <= ``grad_max``).
+    def add(self, grads: Mapping[str, torch.Tensor], weight: int = 1, grad_max: float | None = None,
+            flat: torch.Tensor | None = None) -> None:
+        """Add a gradient averaged over ``weight`` examples (|values| <= ``grad_max``);
+        ``flat``: the same gradient as one flat tensor, when it is one.
 
         NonFiniteGradient, with nothing changed, when a sum would overflow.
         """
         if self.fits(grad_max, weight):
-            for name, acc in self.sums.items():
-                acc.add_(grads[name], alpha=weight)
+            if flat is not None and self.flat is not None:
+                self.flat.add_(flat, alpha=weight)
+            else:
+                for name, acc in self.sums.items():
+                    acc.add_(grads[name], alpha=weight)
             self.bound += weight * grad_max
         else:
             summed, bound = self._summed(grads, weight)
@@ -171,6 +202,9 @@ class GradientAccumulator:
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The example-weighted mean, computed in place; equal weights give the plain mean."""
+        if self.flat is not None:
+            self.flat.div_(self.weight)
+            return self.sums
         for acc in self.sums.values():
             acc.div_(self.weight)
         return self.sums
@@ -193,8 +227,11 @@ class GradientAccumulator:
         return summed, check_finite(summed, what="the sum of this round's gradients in")
 
     def reset(self) -> None:
-        for acc in self.sums.values():
-            acc.zero_()
+        if self.flat is not None:
+            self.flat.zero_()
+        else:
+            for acc in self.sums.values():
+                acc.zero_()
         self.count = 0
         self.weight = 0
         self.bound = 0.0

@@ -409,12 +409,14 @@ class ParameterServerClient(rpc.ServiceClient):
                     frames_header = ps.PushHeader()
                     frames_header.CopyFrom(header)
                     frames_header.shm = True
-                    stream.send([codec.header_frame(frames_header.SerializeToString(), None)])
+                    frames = [codec.header_frame(frames_header.SerializeToString(), None)]
                 else:
-                    stream.send(codec.encode_push(frames_header, payload, pieces=stream.on_channel))
+                    frames = list(codec.encode_push(frames_header, payload, pieces=stream.on_channel))
+                if then_pull_s is not None:  # in the same send: one wake-up of the server, not two
+                    frames.append(stepframes.pull_request(header.job_id, header.worker_id, header.seq + 1, False,
+                                                          then_pull_s, shm=segments is not None))
+                stream.send(frames)
                 if then_pull_s is not None:
-                    stream.send([stepframes.pull_request(header.job_id, header.worker_id, header.seq + 1, False,
-                                                         then_pull_s, shm=segments is not None)])
                     stream.prefetched = (header.job_id, False)
                 return stream.answer(None, timeout)
 

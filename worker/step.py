@@ -39,6 +39,12 @@ class GradientStep:
         self.grad_buffers = [torch.zeros(l.total_bytes, dtype=torch.uint8, pin_memory=pin) for l in self.layouts]
         self.weight_buffers = [torch.zeros(l.total_bytes, dtype=torch.uint8, pin_memory=pin) for l in self.layouts]
         self._grad_views = [l.views(b) for l, b in zip(self.layouts, self.grad_buffers)]
+        #: Per shard, the buffer the model's parameters are views of, laid out as the
+        #: shard's payload (None: they are not; see _bind_to_buffers).
+        self._model_buffers: list[torch.Tensor | None] = [None] * len(self.layouts)
+        #: (parameter, its view in the gradient buffers) while gradients land there directly.
+        self._grad_binds: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._bind_to_buffers()
         x, y = dataset.train_x, dataset.train_y
         self._x, self._y = x.to(device), y.to(device)
         #: The model's embedding tables (psgrid.sparse), by name: their rows live on the servers.
@@ -47,6 +53,25 @@ class GradientStep:
         self.row_source: sparse.RowSource | None = None
         #: The row gradients of the step just computed: {table: (unique ids, summed rows)}.
         self.row_grads: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _bind_to_buffers(self) -> None:
+        """On the CPU, when no tensor is split between shards: make every parameter a view
+        of one buffer per shard, laid out as that shard's payload, and every gradient a
+        view of the shard's gradient buffer. A pull then loads with one copy, and
+        backward leaves the gradients where the push sends them from (a step otherwise
+        copies each tensor both ways, one Python call each)."""
+        if self.device.type != "cpu" or not all(p.whole for pieces in self.partition.pieces for p in pieces):
+            return
+        for shard, (layout, pieces) in enumerate(zip(self.layouts, self.partition.pieces)):
+            flat = torch.zeros(layout.total_bytes, dtype=torch.uint8)
+            views, grads = layout.views(flat), self._grad_views[shard]
+            for piece in pieces:
+                param = self._by_name[piece.tensor]
+                views[piece.name].copy_(param)
+                param.data = views[piece.name]
+                self._grad_binds.append((param, grads[piece.name]))
+            self._model_buffers[shard] = flat
 
     def buffer_for(self, shard: int) -> Callable[[int], torch.Tensor]:
         """Where a pull of shard ``shard`` lands (its reused weight buffer)."""
@@ -66,6 +91,10 @@ class GradientStep:
     @torch.no_grad()
     def load(self, shard: int, layout: Layout, buffer: torch.Tensor) -> None:
         """Copy one shard's pulled weights into the model (converted when they came in 16 bits)."""
+        flat = self._model_buffers[shard]
+        if flat is not None and layout == self.layouts[shard]:
+            flat.copy_(buffer[: layout.total_bytes])  # the same bytes, laid out the same: one copy
+            return
         self.layouts[shard].check_matches(layout, cast=True)
         views = layout.views(buffer)
         for piece in self.partition.pieces[shard]:
@@ -122,26 +151,51 @@ class GradientStep:
         """Gradients of the mean loss over rows ``idx``: copied into the grad buffers,
         or (``accumulate``) added to them weighted by the rows."""
         idx = idx.to(self.device)
-        for _, p in self.params:
-            p.grad = None
+        direct = bool(self._grad_binds) and not accumulate
+        if direct:  # backward adds each gradient into its zeroed place in the buffers
+            for buffer in self.grad_buffers:
+                buffer.zero_()
+            for param, view in self._grad_binds:
+                param.grad = view
+        else:
+            for _, p in self.params:
+                p.grad = None
         with self.rows_bound() as used:
             loss = self.dataset.loss_fn(self.model(self._x[idx]), self._y[idx])
             loss.backward()
         self.row_grads = used.gradients() if used is not None else {}
-        with torch.no_grad():
-            for pieces, views in zip(self.partition.pieces, self._grad_views):
-                for piece in pieces:
-                    grad = self._by_name[piece.tensor].grad
-                    if accumulate:
-                        if grad is not None:
-                            views[piece.name].add_(piece_view(grad, piece), alpha=len(idx))
-                    elif grad is None:
-                        views[piece.name].zero_()
-                    else:
-                        views[piece.name].copy_(piece_view(grad, piece), non_blocking=True)
+        if direct:
+            self._check_grads_in_place()
+        else:
+            self._copy_grads(accumulate, len(idx))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return loss.item(), len(idx)
+
+    def _check_grads_in_place(self) -> None:
+        """Backward added into the gradients it found (it does, without create_graph);
+        should a model's hook have put another tensor there, copy that one in."""
+        with torch.no_grad():
+            for param, view in self._grad_binds:
+                if param.grad is not view:
+                    if param.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(param.grad)
+
+    @torch.no_grad()
+    def _copy_grads(self, accumulate: bool, rows: int) -> None:
+        """Copy the gradients into the grad buffers, or (``accumulate``) add them weighted by ``rows``."""
+        for pieces, views in zip(self.partition.pieces, self._grad_views):
+            for piece in pieces:
+                grad = self._by_name[piece.tensor].grad
+                if accumulate:
+                    if grad is not None:
+                        views[piece.name].add_(piece_view(grad, piece), alpha=rows)
+                elif grad is None:
+                    views[piece.name].zero_()
+                else:
+                    views[piece.name].copy_(piece_view(grad, piece), non_blocking=True)
 
     @torch.no_grad()
     def _scale_grads(self, scale: Callable[[torch.Tensor], object]) -> None:

@@ -76,3 +76,33 @@ def test_updates_are_in_place():
     opt = make_optimizer(OptimizerSpec("sgd", lr=1.0), {"p": p})
     opt.step({"p": torch.ones(3)})
     assert p.tolist() == [-1.0, -1.0, -1.0]
+
+
+def _end_to_end(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The tensors copied into one flat tensor, and views of it (as a job's store lays them out)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    views, start = {}, 0
+    for name, t in tensors.items():
+        views[name] = flat[start: start + t.numel()].view(t.shape)
+        start += t.numel()
+    return flat, views
+
+
+@pytest.mark.parametrize("spec", CONFIGS, ids=lambda s: f"{s.name}-m{s.momentum}-n{s.nesterov}-wd{s.weight_decay}")
+def test_one_flat_update_is_bit_for_bit_the_per_tensor_one(spec):
+    """Parameters lying end to end in one tensor are updated by one op per step of the
+    rule instead of one per tensor: the same values, to the bit, state included."""
+    g = torch.Generator().manual_seed(3)
+    init = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate([(5, 3), (7,), (), (4, 4)])}
+    per_tensor = {n: t.clone() for n, t in init.items()}
+    flat, views = _end_to_end(init)
+    plain, fused = make_optimizer(spec, per_tensor), make_optimizer(spec, views, flat)
+    for _ in range(12):
+        grads = {n: torch.randn(t.shape, generator=g) for n, t in init.items()}
+        grad_flat, grad_views = _end_to_end(grads)
+        plain.step(grads)
+        fused.step(grad_views, grad_flat)
+    for n in init:
+        assert torch.equal(per_tensor[n], views[n]), n
+    for (n, a), (_, b) in zip(plain.state_tensors().items(), fused.state_tensors().items()):
+        assert torch.equal(a, b), n
