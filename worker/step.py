@@ -19,6 +19,12 @@ from psgrid.dataset import Dataset, ShardSampler
 from psgrid.build import trainable
 
 
+#: Models up to this size get their gradients straight in the push buffers (backward
+#: adds into zeroed buffers). Above it the zeroing pass, and the read of the buffer
+#: the add makes, cost more memory traffic than the per-tensor copies they save.
+DIRECT_GRADS_BYTES = 8 << 20
+
+
 class GradientStep:
     """Computes this worker's gradient for a step into reusable host buffers, one per shard."""
 
@@ -59,8 +65,9 @@ class GradientStep:
         """On the CPU, when no tensor is split between shards: make every parameter a view
         of one buffer per shard, laid out as that shard's payload, and every gradient a
         view of the shard's gradient buffer. A pull then loads with one copy, and
-        backward leaves the gradients where the push sends them from (a step otherwise
-        copies each tensor both ways, one Python call each)."""
+        backward leaves the gradients of a small model (DIRECT_GRADS_BYTES) where the
+        push sends them from (a step otherwise copies each tensor both ways, one
+        Python call each)."""
         if self.device.type != "cpu" or not all(p.whole for pieces in self.partition.pieces for p in pieces):
             return
         for shard, (layout, pieces) in enumerate(zip(self.layouts, self.partition.pieces)):
@@ -70,7 +77,8 @@ class GradientStep:
                 param = self._by_name[piece.tensor]
                 views[piece.name].copy_(param)
                 param.data = views[piece.name]
-                self._grad_binds.append((param, grads[piece.name]))
+                if self.full_layout.total_bytes <= DIRECT_GRADS_BYTES:
+                    self._grad_binds.append((param, grads[piece.name]))
             self._model_buffers[shard] = flat
 
     def buffer_for(self, shard: int) -> Callable[[int], torch.Tensor]:

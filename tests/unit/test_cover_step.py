@@ -44,3 +44,29 @@ def test_covering_a_rank_gives_the_round_the_fault_free_gradients_bit_for_bit():
     fault_free = server_mean([(g0, r0), (grads(w1), r1)])
     assert rows == r0 + r1
     assert all(torch.equal(a, b) for a, b in zip(covered, fault_free))
+
+
+def test_gradients_straight_in_the_push_buffers_are_the_copied_ones(monkeypatch):
+    """A small model's backward adds into its push buffers (worker/step.py,
+    DIRECT_GRADS_BYTES); a large one's gradients are copied there: the same bytes."""
+    import psgrid.worker.step as step_module
+
+    torch.set_num_threads(1)
+    for shards in (1, 2):
+        direct = step_for(0, shards)
+        monkeypatch.setattr(step_module, "DIRECT_GRADS_BYTES", 0)
+        copied = step_for(0, shards)
+        monkeypatch.undo()
+        assert not copied._grad_binds
+        if shards == 1:  # (two shards split this model's first weight: no views there)
+            assert direct._grad_binds
+        for step in (3, 4):
+            direct.run(step)
+            copied.run(step)
+            assert all(torch.equal(a, b) for a, b in zip(grads(direct), grads(copied)))
+        # the weights a pull brings are loaded into the model either way
+        for step in (direct, copied):
+            for shard, (layout, buf) in enumerate(zip(step.layouts, step.weight_buffers)):
+                buf.fill_(0)
+                step.load(shard, layout, buf)
+            assert all(not p.detach().any() for _, p in step.params)
