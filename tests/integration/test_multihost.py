@@ -106,14 +106,24 @@ def wait_done(net: Network, job_id: str, timeout: float = 180) -> dict:
                       timeout, interval=0.5, message=f"job {job_id} to end")
 
 
-def test_training_converges_across_hosts_as_on_loopback(hosts, client):
+#: Length of the digits jobs across the hosts (the fault-free one and the one that loses a host).
+EPOCHS = 12
+
+
+@pytest.fixture(scope="module")
+def fault_free(hosts) -> dict:
+    """A digits job across the hosts without faults: what both tests compare with."""
     wait_until(lambda: len(json.loads(psgrid(hosts, "status", "--json").stdout or "{}").get("nodes", [])) >= 3,
                90, interval=0.5, message="both workers registered")
-    info = wait_done(hosts, submit(hosts, epochs=12))
+    return wait_done(hosts, submit(hosts, epochs=EPOCHS))
+
+
+def test_training_converges_across_hosts_as_on_loopback(fault_free, client):
+    info = fault_free
     assert info["state"] == "SUCCEEDED" and len(info["shards"]) == 1
     assert info["metrics"]["test_accuracy"] >= 0.95
     # the same job on the loopback cluster of the integration tier (one server)
-    spec = JobSpec.from_toml(spec_path("digits")).replace(epochs=12, seed=3)
+    spec = JobSpec.from_toml(spec_path("digits")).replace(epochs=EPOCHS, seed=3)
     loopback = client.submit(spec).wait(timeout=180, progress=False)
     assert abs(info["metrics"]["test_accuracy"] - loopback.metrics["test_accuracy"]) <= 1 / 360
 
@@ -125,9 +135,9 @@ def workers(net: Network) -> dict:
     return {n["name"]: n for n in json.loads(out.stdout)["nodes"] if n.get("role") == "worker"}
 
 
-def test_a_whole_worker_host_dies_and_the_job_still_finishes_then_the_host_rejoins(hosts):
-    fault_free = wait_done(hosts, submit(hosts, epochs=20))
-    job_id = submit(hosts, epochs=20)
+def test_a_whole_worker_host_dies_and_the_job_still_finishes_then_the_host_rejoins(hosts, fault_free):
+    assert fault_free["state"] == "SUCCEEDED", fault_free
+    job_id = submit(hosts, epochs=EPOCHS)
     wait_until(lambda: (i := job_info(hosts, job_id))["total_steps"] and i["step"] >= 0.3 * i["total_steps"],
                120, interval=0.2, message="30% of the job")
     killed = hosts.kill_host("gpu2")  # its supervisor, its worker: everything at once

@@ -1,4 +1,4 @@
-"""`psgrid serve` as a real process: 20 s of steady load while three new versions roll in."""
+"""`psgrid serve` as a real process: 10 s of steady load while three new versions roll in."""
 from __future__ import annotations
 
 import os
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 SPEC = JobSpec(model="psgrid.examples.models:mlp", dataset="psgrid.examples.datasets:digits",
                model_kwargs={"in_features": 8, "hidden": 64, "classes": 4}, steps=1)
 JOB = "job-rollout"
-LOAD_S = 20.0
-ROLLOUTS = (5.0, 10.0, 15.0)  # seconds into the load when versions 2, 3, 4 appear
+LOAD_S = 10.0
+ROLLOUTS = (2.5, 5.0, 7.5)  # seconds into the load when versions 2, 3, 4 appear
 
 
 def publish(store: CheckpointStore, version: int) -> dict[str, torch.Tensor]:

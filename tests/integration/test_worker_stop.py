@@ -93,7 +93,15 @@ def start(tmp_path):
             wait_until(lambda: "registered with" in proc.text(), 60, interval=0.05, message=f"{name} to register")
         return proc
 
-    start.server, start.worker = server, worker
+    def workers(address: str, *names: str, env: dict[str, str] | None = None) -> list[Proc]:
+        """Start several workers at once (their start-ups overlap); wait until each has registered."""
+        started = [worker(address, name, registered=False, env=env) for name in names]
+        for proc in started:
+            wait_until(lambda: "registered with" in proc.text(), 60, interval=0.05,
+                       message=f"{proc.name} to register")
+        return started
+
+    start.server, start.worker, start.workers = server, worker, workers
     yield start
     for proc in reversed(procs):
         proc.kill()
@@ -129,7 +137,7 @@ def test_sigterm_while_training(start):
 
 def test_sigterm_while_blocked_at_the_barrier(start):
     _, address = start.server()
-    worker, other = start.worker(address, "worker-0"), start.worker(address, "worker-1")
+    worker, other = start.workers(address, "worker-0", "worker-1")
     with Client(address) as client:
         job = client.submit(digits(2))
         wait_step(job, 0.01)
@@ -166,7 +174,7 @@ def test_sigterm_while_the_server_is_frozen(start):
 def test_sigterm_while_blocked_at_the_barrier_of_a_sharded_job(start):
     _, shard = start.server()
     _, address = start.server("--shards", shard)
-    worker, other = start.worker(address, "worker-0"), start.worker(address, "worker-1")
+    worker, other = start.workers(address, "worker-0", "worker-1")
     with Client(address) as client:
         job = client.submit(digits(2))
         wait_step(job, 0.01)
@@ -208,8 +216,7 @@ def test_sigterm_while_idle(start):
 def test_sigterm_while_waiting_for_the_end_of_training(start):
     _, address = start.server()
     lagging = {"PSGRID_TEST_SLOW": "worker-1"}
-    worker = start.worker(address, "worker-0", env=lagging)
-    start.worker(address, "worker-1", env=lagging)
+    worker, _ = start.workers(address, "worker-0", "worker-1", env=lagging)
     spec = JobSpec(model="helpers.models:slow_mlp", model_kwargs={"delay_s": 0.1, "hidden": 32},
                    dataset="psgrid.examples.datasets:digits", steps=200, batch_size=16,
                    staleness=None, num_workers=2, seed=5, optimizer=OptimizerSpec("sgd", lr=0.05))
@@ -221,8 +228,7 @@ def test_sigterm_while_waiting_for_the_end_of_training(start):
 
 def test_a_stopped_worker_told_to_stop_does_not_rejoin_the_barrier(start):
     server, address = start.server("--heartbeat-timeout", "3")
-    start.worker(address, "worker-0")
-    stopped = start.worker(address, "worker-1")
+    _, stopped = start.workers(address, "worker-0", "worker-1")
     with Client(address) as client:
         job = client.submit(digits(2, epochs=2000))
         wait_step(job, 0.002)
