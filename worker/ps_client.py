@@ -87,12 +87,14 @@ class StepStream:
 
     @property
     def on_channel(self) -> bool:
-        return self._call is not None and self._out is None
+        return isinstance(self._call, channel.Connection)
 
     def send(self, frames: Iterable[bytes]) -> None:
+        if self._call is not None and not self.on_channel and self._out is None:
+            self.reset()  # half torn down by a reset from another thread (stopping): start afresh
         if self._call is None:
             self._open()
-        if self._out is None:
+        if self.on_channel:
             try:
                 self._call.send(frames)  # the direct channel: on the socket, from this thread
             except channel.ChannelBroken:
@@ -109,11 +111,12 @@ class StepStream:
             self._enter_channel(host, CHANNEL_SETUP_S)
 
     def _open_grpc(self) -> None:
-        out = self._out = queue.SimpleQueue()
+        out = queue.SimpleQueue()
 
         def requests():
             while (frame := out.get()) is not None:
                 yield frame
+        self._out = out
         self._call = self._method(requests())
 
     def _enter_channel(self, host: str, timeout: float) -> None:
@@ -207,11 +210,12 @@ class StepStream:
         self._retired = None
         if call is None:
             return
-        if out is None:  # the direct channel: this thread owns it
+        if isinstance(call, channel.Connection):  # the direct channel: this thread owns it
             call.close()
             return
         call.cancel()
-        out.put(None)
+        if out is not None:  # (None: a reset from another thread came between the two)
+            out.put(None)
 
 
 def _host_of(address: str) -> str | None:
