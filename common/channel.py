@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from psgrid.codec import Pieces
+from psgrid.codec import Head, Pieces, split_head
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ MAX_CONNECTIONS = 1024
 #: memory per frame costs page faults: a 1 MiB pull spent ~2 ms there) and sent without
 #: being joined to their length.
 LARGE_FRAME = 64 << 10
+#: Bytes of a large frame read first by next_head, to find where its payload starts.
+HEAD_BYTES = 4096
 
 
 class ChannelBroken(grpc.RpcError):
@@ -147,16 +149,44 @@ class Connection:
 
     def __next__(self) -> bytes | memoryview:
         """The next frame; ChannelBroken when the channel ends (mid-frame or between frames)."""
+        n = self._frame_length()
+        if n < LARGE_FRAME:
+            return bytes(_recv_exact(self._sock, n)) if n else b""
+        return self._rest_of_frame(n, b"")
+
+    def next_head(self) -> bytes | memoryview | Head:
+        """The next frame, as ``next``; but a large header frame whose inline payload is its
+        last field comes as a :class:`~psgrid.codec.Head`, its payload left on the socket
+        but for what the first HEAD_BYTES brought: the reader receives the rest where it
+        belongs (a pull's weights: into the worker's buffer, not copied out of this one)."""
+        n = self._frame_length()
+        if n < LARGE_FRAME:
+            return bytes(_recv_exact(self._sock, n)) if n else b""
+        first = memoryview(_recv_exact(self._sock, HEAD_BYTES))
+        split = split_head(first, n)
+        if split is None:
+            return self._rest_of_frame(n, first)
+        header, start = split
+        return Head(header, n - start, first[start:], self._receive_into)
+
+    def _frame_length(self) -> int:
         n = int.from_bytes(_recv_exact(self._sock, 4), "little")
         if n > FRAME_LIMIT:
             self.cancel()
             raise ChannelBroken(f"step channel: a frame of {n} bytes (at most {FRAME_LIMIT})")
-        if n < LARGE_FRAME:
-            return bytes(_recv_exact(self._sock, n)) if n else b""
+        return n
+
+    def _rest_of_frame(self, n: int, first: bytes | memoryview) -> memoryview:
+        """A large frame of ``n`` bytes, ``first`` of them read already, in the reused buffer."""
         if len(self._buffer) < n:
             self._buffer = bytearray(n)
-        _recv_exact(self._sock, n, self._buffer)
-        return memoryview(self._buffer)[:n]
+        view = memoryview(self._buffer)
+        view[: len(first)] = first
+        _recv_exact(self._sock, n - len(first), view[len(first): n])
+        return view[:n]
+
+    def _receive_into(self, view: memoryview) -> None:
+        _recv_exact(self._sock, len(view), view)
 
     def done(self) -> bool:
         """Whether the channel ended (cancelled here, or closed by the other end while idle)."""

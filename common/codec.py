@@ -420,6 +420,55 @@ def chunk_payload(frame: bytes) -> memoryview | None:
     return memoryview(frame)[pos:]
 
 
+def split_head(prefix: bytes | bytearray | memoryview, frame_bytes: int) -> tuple[bytes, int] | None:
+    """For a frame of ``frame_bytes`` whose first bytes are ``prefix``: when it is a
+    header frame whose inline ``payload`` is its last field and starts within
+    ``prefix``, the header's bytes without it and the offset where the payload starts
+    (the rest of it can then be received where it belongs, not into the frame);
+    else None."""
+    if not prefix or prefix[0] != _HEADER_TAG:
+        return None
+    try:
+        length, pos = _varint_at(prefix, 1)
+        if pos + length != frame_bytes:
+            return None
+        parts = []
+        while pos < len(prefix):
+            start = pos
+            key, pos = _varint_at(prefix, pos)
+            wire = key & 7
+            if key == _PAYLOAD_TAG:
+                n, pos = _varint_at(prefix, pos)
+                return (b"".join(parts), pos) if pos + n == frame_bytes else None
+            if wire == 0:
+                _, pos = _varint_at(prefix, pos)
+            elif wire == 2:
+                n, pos = _varint_at(prefix, pos)
+                pos += n
+            elif wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+            else:
+                return None
+            if pos > len(prefix):
+                return None
+            parts.append(bytes(prefix[start:pos]))
+    except IndexError:
+        return None
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """A header frame read up to its inline payload (psgrid.channel.Connection.next_head):
+    the header's bytes, the payload's length, the part of it already read; the rest
+    is still to be received (``receive_into``) where it belongs."""
+
+    header: bytes
+    payload_bytes: int
+    got: memoryview
+    receive_into: Callable[[memoryview], None]
+
+
 def _as_tensor(payload: memoryview | bytes) -> torch.Tensor:
     """A zero-copy uint8 view of received bytes (read-only: never written to)."""
     view = memoryview(payload)

@@ -19,7 +19,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from psgrid.codec import PayloadAssembler, Pulled, chunk_payload, layout_from_proto, split_header
+from psgrid.codec import Head, PayloadAssembler, Pulled, chunk_payload, layout_from_proto, split_header
 from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, MalformedPayload, MalformedRequest, PsgridError
 from psgrid.messages import state_from_proto
 from psgrid.spec import JobState
@@ -128,9 +128,12 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
     """The server's answer to the oldest request: a Pulled, a PushResponse, or the error
     the request failed with (returned: the stream is still in step). MalformedPayload
     (raised) when the frames break the protocol."""
-    frame = next(frames, None)
+    next_head = getattr(frames, "next_head", None)  # a direct channel: a payload lands where it belongs
+    frame = next_head() if next_head is not None else next(frames, None)
     if frame is None:
         raise MalformedPayload("the step stream ended before its answer")
+    if isinstance(frame, Head):
+        return _pull_in_place(frame, buffer_for, max_bytes)
     split = split_header(frame)
     try:
         if split is not None:  # a pull's header: parsed without its payload (codec.split_header)
@@ -166,4 +169,25 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
     for piece in [inline] if inline is not None else Payload(frames, layout.total_bytes):
         assembler.feed(piece)
     assembler.finish()
+    return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks), h.lineage)
+
+
+def _pull_in_place(head: Head, buffer_for: Callable[[int], torch.Tensor] | None, max_bytes: int) -> Pulled:
+    """A pull's answer read up to its inline payload: the payload received straight into
+    the buffer ``buffer_for`` gives (one copy fewer than through the frame)."""
+    try:
+        h = ps.PullHeader.FromString(head.header)
+    except DecodeError as exc:
+        raise MalformedPayload(f"undecodable step reply: {exc}") from None
+    if not h.HasField("tensors") or h.shm or buffer_for is None:
+        raise MalformedPayload("a payload where none was asked for")
+    layout = layout_from_proto(h.tensors, max_bytes)
+    if head.payload_bytes != layout.total_bytes:
+        raise MalformedPayload(f"a payload of {head.payload_bytes} bytes for tensors of {layout.total_bytes}")
+    buffer = buffer_for(layout.total_bytes)
+    view = memoryview(buffer.numpy())[: layout.total_bytes]
+    got = len(head.got)
+    view[:got] = head.got
+    head.receive_into(view[got:])
+    state = state_from_proto(h.job_state) or JobState.RUNNING
     return Pulled(state, h.version, h.step, layout, buffer, h.clock, tuple(h.ranks), h.lineage)

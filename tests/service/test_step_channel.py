@@ -212,3 +212,35 @@ def test_a_stranger_who_drips_a_ticket_is_cut_off_and_many_do_not_crowd_out_work
     rig.pull(0, 0)
     assert rig.push(0, 0, grads(0.1)) == (1, False)
     assert client.stream(rig.workers[0]).on_channel
+
+
+def test_a_pulls_weights_on_a_channel_land_in_the_workers_buffer_byte_for_byte():
+    """A large pull answer is read up to its inline payload, the rest received straight into
+    the worker's buffer (Connection.next_head); small frames and chunked payloads as before."""
+    import socket
+    import threading
+
+    import torch
+
+    from psgrid import codec, stepframes
+    from psgrid.channel import Connection
+    from psgrid.spec import JobState
+
+    for numel in (30_000, 1 << 18, 3 << 19):  # under and over the 64 KiB large frame; over 2 MiB: chunks
+        layout = codec.Layout.of([("w", torch.float32, (numel - 7,)), ("b", torch.float32, (7,))])
+        weights = torch.arange(layout.total_bytes, dtype=torch.uint8)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            a = socket.create_connection(listener.getsockname())
+            b, _ = listener.accept()
+        sender, receiver = Connection(a), Connection(b)
+        frames = list(codec.encode_pull(JobState.RUNNING, 3, 4, layout, weights, clock=4, pieces=True))
+        thread = threading.Thread(target=sender.send, args=(frames,))
+        thread.start()
+        into = torch.zeros(layout.total_bytes + 64, dtype=torch.uint8)
+        pulled = stepframes.read_reply(receiver, lambda n: into)
+        thread.join()
+        assert (pulled.version, pulled.step, pulled.clock, pulled.layout) == (3, 4, 4, layout)
+        assert pulled.buffer is into and torch.equal(into[: layout.total_bytes], weights)
+        sender.close()
+        receiver.close()
+

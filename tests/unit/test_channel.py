@@ -36,3 +36,17 @@ def test_the_channel_is_asked_of_the_host_a_grpc_target_names():
     assert _host_of("dns:///ps-0.cluster.local:7070") == "ps-0.cluster.local"
     assert _host_of("ipv4:127.0.0.1:7070") == "127.0.0.1"
     assert _host_of("unix:/run/psgrid.sock") is None
+
+
+def test_split_head_finds_a_last_inline_payload_within_the_prefix_only():
+    import torch
+
+    from psgrid import codec
+
+    payload = torch.ones(100_000, dtype=torch.uint8)
+    frame = codec.header_frame(b"\x08\x05", payload)  # a header of one varint field, then the payload
+    header, start = codec.split_head(frame[:4096], len(frame))
+    assert header == b"\x08\x05" and len(frame) - start == 100_000
+    assert codec.split_head(frame[:3], len(frame)) is None  # cut inside the header
+    assert codec.split_head(frame[:4096], len(frame) + 1) is None  # not the frame's length
+    assert codec.split_head(codec.header_frame(b"\x08\x05", None), 4) is None  # no payload
