@@ -125,6 +125,11 @@ class Layout:
             offset += m.nbytes
         return dtype
 
+    def lazy_views(self, buffer: torch.Tensor) -> "LazyViews":
+        """:meth:`views`, made when first looked into: a caller on the :meth:`flat` path
+        may never need them (making them costs two ``view`` calls a tensor)."""
+        return LazyViews(self, buffer)
+
     def flat(self, buffer: torch.Tensor) -> torch.Tensor | None:
         """Every tensor of uint8 ``buffer`` as one flat tensor (see :attr:`flat_dtype`); None
         when they are not laid out as one."""
@@ -183,6 +188,28 @@ class Layout:
     def dense(self) -> "Layout":
         """The same tensors laid out as :meth:`of` lays them out (no gaps, no padding)."""
         return Layout.of((m.name, m.dtype, m.shape) for m in self.tensors)
+
+
+class LazyViews(Mapping):
+    """A layout's typed views of a buffer (Layout.views), made on first access."""
+
+    def __init__(self, layout: Layout, buffer: torch.Tensor):
+        self._layout, self._buffer = layout, buffer
+        self._views: dict[str, torch.Tensor] | None = None
+
+    def _made(self) -> dict[str, torch.Tensor]:
+        if self._views is None:
+            self._views = self._layout.views(self._buffer)
+        return self._views
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._made()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return len(self._layout.tensors)
 
 
 # --- tensor sets <-> protobuf -------------------------------------------------

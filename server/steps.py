@@ -199,7 +199,7 @@ class StepPath:
                 self._check_order(job, header)  # again: the job may have moved while the bytes came
             if header.encoding.lossy:  # InvalidArgument for scales or indices a decoder must not trust
                 decode(header.layout, header.encoding, received, buffer)
-            grads, flat = header.layout.views(buffer), header.layout.flat(buffer)
+            grads, flat = header.layout.lazy_views(buffer), header.layout.flat(buffer)
             grad_max = check_finite(grads, flat=flat)
             started = time.perf_counter()
             with job.cond:

@@ -56,3 +56,12 @@ def test_the_flat_accumulator_sums_and_averages_as_the_per_tensor_one():
             assert torch.equal(value, plain_mean[name]), name
     flat_acc.reset()
     assert flat_acc.count == 0 and not flat_acc.flat.any()
+
+
+def test_lazy_views_are_the_views_made_on_first_look():
+    buffer = torch.arange(END_TO_END.total_bytes, dtype=torch.uint8)
+    lazy = END_TO_END.lazy_views(buffer)
+    assert len(lazy) == 3 and lazy._views is None  # not made by counting them
+    made = END_TO_END.views(buffer)
+    assert list(lazy) == list(made) and all(torch.equal(lazy[n], made[n]) for n in made)
+    assert check_finite(lazy) == check_finite(made)
