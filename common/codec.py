@@ -385,6 +385,33 @@ def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _header_fields(buf: bytes | bytearray | memoryview, frame_bytes: int) -> Iterator[tuple[int, int, int, int]]:
+    """The fields inside a header frame (field 1) of ``frame_bytes`` bytes, of which ``buf``
+    holds the first ones: (key, field start, value start, field end) each, as far as
+    ``buf`` reaches (a field may end past it). IndexError when it is not such a frame."""
+    if not buf or buf[0] != _HEADER_TAG:
+        raise IndexError("not a header frame")
+    length, pos = _varint_at(buf, 1)
+    if pos + length != frame_bytes:
+        raise IndexError("the header is not the whole frame")
+    while pos < min(len(buf), frame_bytes):
+        start = pos
+        key, pos = _varint_at(buf, pos)
+        wire, value = key & 7, pos
+        if wire == 0:
+            _, pos = _varint_at(buf, pos)
+        elif wire == 2:
+            n, value = _varint_at(buf, pos)
+            pos = value + n
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise IndexError(f"wire type {wire}")
+        if pos > frame_bytes:
+            raise IndexError("a field past the frame's end")
+        yield key, start, value, pos
+
+
 def split_header(frame: bytes) -> tuple[bytes, memoryview | None] | None:
     """For a frame whose one field is field 1 (a header), the header's bytes without its
     inline ``payload``, and the payload as a view into ``frame``; None for any other frame.
@@ -393,34 +420,13 @@ def split_header(frame: bytes) -> tuple[bytes, memoryview | None] | None:
     parse, then the field's access), and fresh memory costs page faults: a 1 MiB
     pull spent most of its client time there. The header, small, is parsed alone.
     """
-    if not frame or frame[0] != _HEADER_TAG:
-        return None
-    view = memoryview(frame)
+    view, parts, payload = memoryview(frame) if frame else None, [], None
     try:
-        length, pos = _varint_at(frame, 1)
-        end = pos + length
-        if end != len(frame):
-            return None
-        parts, payload = [], None
-        while pos < end:
-            start = pos
-            key, pos = _varint_at(frame, pos)
-            wire = key & 7
-            if wire == 0:
-                _, pos = _varint_at(frame, pos)
-            elif wire == 2:
-                n, pos = _varint_at(frame, pos)
-                value, pos = pos, pos + n
-            elif wire in (1, 5):
-                pos += 8 if wire == 1 else 4
-            else:
-                return None
-            if pos > end:
-                return None
+        for key, start, value, end in _header_fields(frame, len(frame) if frame else 0):
             if key == _PAYLOAD_TAG:
-                payload = view[value:pos]  # protobuf: the last one wins
+                payload = view[value:end]  # protobuf: the last one wins
             else:
-                parts.append(view[start:pos])
+                parts.append(view[start:end])
     except IndexError:
         return None
     return b"".join(parts), payload
@@ -453,32 +459,14 @@ def split_head(prefix: bytes | bytearray | memoryview, frame_bytes: int) -> tupl
     ``prefix``, the header's bytes without it and the offset where the payload starts
     (the rest of it can then be received where it belongs, not into the frame);
     else None."""
-    if not prefix or prefix[0] != _HEADER_TAG:
-        return None
+    parts = []
     try:
-        length, pos = _varint_at(prefix, 1)
-        if pos + length != frame_bytes:
-            return None
-        parts = []
-        while pos < len(prefix):
-            start = pos
-            key, pos = _varint_at(prefix, pos)
-            wire = key & 7
+        for key, start, value, end in _header_fields(prefix, frame_bytes):
             if key == _PAYLOAD_TAG:
-                n, pos = _varint_at(prefix, pos)
-                return (b"".join(parts), pos) if pos + n == frame_bytes else None
-            if wire == 0:
-                _, pos = _varint_at(prefix, pos)
-            elif wire == 2:
-                n, pos = _varint_at(prefix, pos)
-                pos += n
-            elif wire in (1, 5):
-                pos += 8 if wire == 1 else 4
-            else:
-                return None
-            if pos > len(prefix):
-                return None
-            parts.append(bytes(prefix[start:pos]))
+                return (b"".join(parts), value) if end == frame_bytes else None
+            if end > len(prefix):
+                return None  # the header goes on past what was read
+            parts.append(bytes(prefix[start:end]))
     except IndexError:
         return None
     return None
