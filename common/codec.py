@@ -539,18 +539,23 @@ class Pulled:
     ranks: tuple[int, ...] = ()
     #: BSP: digest of who contributed to each round so far (equal on every shard).
     lineage: str = ""
+    #: ``buffer`` is the server's own parameters (psgrid.shm.SharedStore): whether nothing
+    #: wrote them since this answer, to ask once they are copied out (None: a copy, always intact).
+    intact: Callable[[], bool] | None = dataclasses.field(default=None, compare=False)
 
 
 def encode_pull(state: JobState, version: int, step: int, layout: Layout | None,
                 payload: torch.Tensor | None, clock: int = 0,
                 ranks: tuple[int, ...] = (), lineage: str = "", shm: bool = False,
-                pieces: bool = False) -> Iterator[bytes]:
+                pieces: bool = False, store_seq: int | None = None) -> Iterator[bytes]:
     """Frames of a pull stream: the header, then the payload (if any) inline or in chunks;
-    ``shm``: the payload is in the stream's shared-memory segment instead; ``pieces``:
-    frames that carry payload as :class:`Pieces` (views of ``payload``, sent as they are)."""
+    ``shm``: the payload is in the stream's shared-memory segment instead; ``store_seq``:
+    it is the job's parameters in shared memory, at that write sequence number
+    (psgrid.shm.SharedStore); ``pieces``: frames that carry payload as :class:`Pieces`
+    (views of ``payload``, sent as they are)."""
     header = parameter_server_pb2.PullHeader(
         job_state=state_to_proto(state), version=version, step=step, clock=clock, ranks=ranks,
-        lineage=lineage, shm=shm)
+        lineage=lineage, shm=shm, shm_store=store_seq is not None, store_seq=store_seq or 0)
     if layout is not None:
         header.tensors.CopyFrom(layout_to_proto(layout))
     sent = payload[: layout.total_bytes] if layout is not None and payload is not None else None

@@ -13,6 +13,7 @@ which the stream goes on. A frame out of this order ends the stream
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -22,6 +23,7 @@ from google.protobuf.message import DecodeError
 from psgrid.codec import Head, PayloadAssembler, Pulled, chunk_payload, layout_from_proto, split_header
 from psgrid.errors import ERROR_BY_CODE, ERRORS_BY_NAME, MalformedPayload, MalformedRequest, PsgridError
 from psgrid.messages import state_from_proto
+from psgrid.shm import SharedStore
 from psgrid.spec import JobState
 from psgrid.v1 import parameter_server_pb2 as ps
 
@@ -33,8 +35,8 @@ def pull_request(job_id: str, worker_id: str, clock: int, final: bool, max_wait_
 
 
 def shm_open(job_id: str, worker_id: str, decline: bool = False) -> bytes:
-    return ps.StepRequest(shm_open=ps.ShmOpen(job_id=job_id, worker_id=worker_id,
-                                              decline=decline)).SerializeToString()
+    return ps.StepRequest(shm_open=ps.ShmOpen(job_id=job_id, worker_id=worker_id, decline=decline,
+                                              store=not decline)).SerializeToString()
 
 
 def channel_open(worker_id: str) -> bytes:
@@ -50,11 +52,13 @@ def pushed(version: int, duplicate: bool) -> bytes:
     return ps.StepResponse(pushed=ps.PushResponse(version=version, duplicate=duplicate)).SerializeToString()
 
 
-def offer(push, pull, nbytes: int) -> bytes:
-    """The answer to ``shm_open``: the stream's two segments (psgrid.shm.Segment)."""
+def offer(push, pull, nbytes: int, store=None) -> bytes:
+    """The answer to ``shm_open``: the stream's two segments (psgrid.shm.Segment), and the
+    name of the job's parameters in shared memory (``store``, when offered)."""
     return ps.StepResponse(shm_offer=ps.ShmOffer(
         push_path=str(push.path), push_nonce=push.nonce, pull_path=str(pull.path), pull_nonce=pull.nonce,
-        nbytes=nbytes)).SerializeToString()
+        nbytes=nbytes, store_path=str(store.path) if store else "",
+        store_nonce=store.nonce if store else b"")).SerializeToString()
 
 
 def error(exc: PsgridError) -> bytes:
@@ -123,11 +127,12 @@ class Payload:
 
 
 def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor] | None,
-               max_bytes: int = 1 << 62, shm: torch.Tensor | None = None
+               max_bytes: int = 1 << 62, shm: torch.Tensor | None = None, store: SharedStore | None = None
                ) -> Pulled | ps.PushResponse | ps.ShmOffer | ps.ChannelOffer | PsgridError:
     """The server's answer to the oldest request: a Pulled, a PushResponse, or the error
     the request failed with (returned: the stream is still in step). MalformedPayload
-    (raised) when the frames break the protocol."""
+    (raised) when the frames break the protocol. ``shm``: the stream's pull segment;
+    ``store``: the job's parameters mapped from the server (psgrid.shm.SharedStore)."""
     next_head = getattr(frames, "next_head", None)  # a direct channel: a payload lands where it belongs
     frame = next_head() if next_head is not None else next(frames, None)
     if frame is None:
@@ -158,6 +163,12 @@ def read_reply(frames: Iterator[bytes], buffer_for: Callable[[int], torch.Tensor
     if not h.HasField("tensors"):
         return Pulled(state, h.version, h.step, None, None, h.clock, tuple(h.ranks), h.lineage)
     layout = layout_from_proto(h.tensors, max_bytes)
+    if h.shm_store:  # the weights are the server's parameters themselves
+        if store is None or store.data.numel() != layout.total_bytes:
+            raise MalformedPayload("weights in the server's shared parameters on a stream without them, "
+                                   "or of another size")
+        return Pulled(state, h.version, h.step, layout, store.data, h.clock, tuple(h.ranks), h.lineage,
+                      functools.partial(store.unchanged, h.store_seq))
     if h.shm:  # the weights are in the stream's pull segment
         if shm is None or shm.numel() != layout.total_bytes:
             raise MalformedPayload("weights in shared memory on a stream without it, or of another size")

@@ -20,6 +20,7 @@ acts on it: plain arguments here, a push's header when it is built
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -35,8 +36,11 @@ from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState, WorkerRecord
 from psgrid.server.steps import PullResult, PushHeader, StepPath
 from psgrid.server.views import Views
+from psgrid.shm import SharedStore, Unavailable
 from psgrid.sparse import TableSpec
 from psgrid.spec import Assignment, HistoryRow, JobEvent, JobInfo, JobSpec, JobState, RestorePoints, WorkerStatus
+
+logger = logging.getLogger(__name__)
 
 
 #: Longest an idle worker's heartbeat waits for a job (the rest of its wait_s is ignored).
@@ -132,6 +136,25 @@ class ParameterServerCore:
         job, _ = self.state.member(job_id, worker_id)
         with job.cond:
             return job.require_store().layout.total_bytes
+
+    def shared_store(self, job_id: str, worker_id: str) -> SharedStore | None:
+        """A running synchronous job's parameters in shared memory (moved there on the
+        first ask), for one of its workers on this host; None when they are not read
+        there (other jobs, 16-bit pulls, or no room: said once per job)."""
+        job, _ = self.state.member(job_id, worker_id)
+        with job.cond:
+            store = job.require_store()
+            if (not job.spec.synchronous or job.spec.pull_dtype != "full" or job.state.terminal
+                    or store.nbytes == 0):
+                return None
+            if store.shared is None and not job.unshareable:
+                try:
+                    store.share()
+                except (Unavailable, OSError) as exc:
+                    job.unshareable = True
+                    logger.info("[ps] job %s: its parameters stay in private memory, copied for each "
+                                "pull of a worker on this host: %s", job_id, exc)
+            return store.shared
 
     def push(self, header: PushHeader, payload: Iterable[memoryview] | torch.Tensor,
              cancel: Callable[[], object] | None = None) -> tuple[int, bool]:

@@ -127,6 +127,8 @@ class Job(GradientRounds):
         self._receivers: dict[str, _Receiver] = {}
         self.staging: dict[str, torch.Tensor] = {}
         self.snapshots: dict[str, torch.Tensor] = {}
+        #: Its parameters could not move into shared memory (psgrid.shm.SharedStore): not tried again.
+        self.unshareable = False
         #: Per worker: where its encoded pushes land (wire_buffer), its 16-bit pulls are built.
         self.wire: dict[str, torch.Tensor] = {}
         self.pulls16: dict[str, torch.Tensor] = {}
@@ -182,6 +184,8 @@ class Job(GradientRounds):
             self.error = error
         if state.terminal:
             self.pending_rows.clear()  # no push will take them now
+            if self.store is not None:
+                self.store.unshare()  # /dev/shm is often small: a finished job's weights leave it
         self.emit("state")
         return True
 

@@ -31,22 +31,49 @@ logger = logging.getLogger(__name__)
 _PHASES = {v.number: v.name.removeprefix("WORKER_PHASE_") for v in ps.WorkerPhase.DESCRIPTOR.values}
 
 
-def pull_frames(result: PullResult, shm: bool = False, pieces: bool = False) -> Iterator[bytes]:
+def pull_frames(result: PullResult, shm: bool = False, pieces: bool = False,
+                store_seq: int | None = None) -> Iterator[bytes]:
     return codec.encode_pull(result.state, result.version, result.step, result.layout,
-                             result.payload, result.clock, result.ranks, result.lineage, shm=shm, pieces=pieces)
+                             result.payload, result.clock, result.ranks, result.lineage, shm=shm, pieces=pieces,
+                             store_seq=store_seq)
+
+
+class StreamMemory:
+    """A step stream's shared memory (psgrid.shm): its push and pull segments, and the
+    job's parameters when the worker was offered them. Dropped with the stream."""
+
+    def __init__(self):
+        #: push, pull, then the name the parameters were offered under, if they were.
+        self.segments: list[shm.Segment] = []
+        #: The job's parameters (psgrid.shm.SharedStore) the worker maps, if any.
+        self.store: shm.SharedStore | None = None
+
+    @property
+    def push(self) -> shm.Segment | None:
+        return self.segments[0] if self.segments else None
+
+    @property
+    def pull(self) -> shm.Segment | None:
+        return self.segments[1] if self.segments else None
+
+    def drop(self) -> None:
+        for segment in self.segments:
+            segment.unlink()
+        self.segments.clear()
+        self.store = None
 
 
 def _push_payload(shm: bool, header: PushHeader, inline: memoryview | None, frames: Iterator[bytes],
-                  segments: list) -> tuple[object, stepframes.Payload]:
+                  memory: StreamMemory) -> tuple[object, stepframes.Payload]:
     """Where a step-stream push's payload is (what core.push takes), and the chunk frames
     still to come on the stream for it (none when inline or in shared memory)."""
     nbytes = header.wire_bytes
     payload = stepframes.Payload(frames, 0 if shm or inline is not None else nbytes)
     if not shm:
         return ([inline] if inline is not None else payload), payload
-    if not segments or nbytes > segments[0].data.numel():
+    if memory.push is None or nbytes > memory.push.data.numel():
         raise MalformedRequest("a push from shared memory on a stream without it, or larger than it")
-    return segments[0].data[:nbytes], payload  # the push segment; copied once, then checked (StepPath.push)
+    return memory.push.data[:nbytes], payload  # the push segment; copied once, then checked (StepPath.push)
 
 
 def _tables(h: ps.PushHeader) -> tuple:
@@ -128,19 +155,18 @@ class ParameterServerService:
         length is unknown) ends the stream with that error. The stream's shared
         memory segments (psgrid.shm), if any, end with it.
         """
-        segments: list[shm.Segment] = []
+        memory = StreamMemory()
         try:
-            yield from self._step(iter(request_iterator), context, segments)
+            yield from self._step(iter(request_iterator), context, memory)
         finally:
-            for segment in segments:
-                segment.unlink()
+            memory.drop()
 
     def serve_channel(self, connection: channel.Connection, worker_id: str) -> None:
         """A step stream carried on a direct channel (psgrid.channel), until it ends: the
         same frames and answers as :meth:`Step`, the same handling."""
-        segments: list[shm.Segment] = []
+        memory = StreamMemory()
         try:
-            for reply in self._step(connection, connection, segments, on_channel=True):
+            for reply in self._step(connection, connection, memory, on_channel=True):
                 connection.send([reply])
         except channel.ChannelBroken as exc:
             logger.debug("[ps] step channel of %s ended: %s", worker_id, exc)
@@ -151,8 +177,7 @@ class ParameterServerService:
             logger.exception("[ps] step channel of %s failed", worker_id)
             self._last_word(connection, Internal(f"{type(exc).__name__}: {exc}"))
         finally:
-            for segment in segments:
-                segment.unlink()
+            memory.drop()
 
     @staticmethod
     def _last_word(connection: channel.Connection, exc: PsgridError) -> None:
@@ -161,18 +186,23 @@ class ParameterServerService:
         except channel.ChannelBroken:
             pass
 
-    def _step(self, frames: Iterator[bytes], context, segments: list, on_channel: bool = False) -> Iterator[bytes]:
+    def _step(self, frames: Iterator[bytes], context, memory: StreamMemory,
+              on_channel: bool = False) -> Iterator[bytes]:
         for frame in frames:
             request, inline = stepframes.read_request(frame)
             kind = request.WhichOneof("frame")
             if kind == "pull":
-                into = segments[1].data if request.pull.shm and segments else None
+                into = memory.pull.data if request.pull.shm and memory.pull is not None else None
                 try:
                     result = self._pull(request.pull, context, into)
                 except PsgridError as exc:
                     yield stepframes.error(exc)
                     continue
                 if into is not None and result.payload is not None and result.layout.total_bytes == into.numel():
+                    if result.shared is not None and result.shared is memory.store:
+                        # BSP: the worker reads the parameters where they are (no copy here)
+                        yield from pull_frames(dataclasses.replace(result, payload=None), store_seq=result.seq)
+                        continue
                     if result.payload.data_ptr() != into.data_ptr():  # BSP: the store itself, unchanging now
                         into.copy_(result.payload[: result.layout.total_bytes])
                     yield from pull_frames(dataclasses.replace(result, payload=None), shm=True)
@@ -181,13 +211,13 @@ class ParameterServerService:
                 continue
             if kind in ("shm_open", "channel_open"):  # an offer of another path, or why not
                 try:
-                    yield (self._offer(request.shm_open, segments) if kind == "shm_open"
+                    yield (self._offer(request.shm_open, memory) if kind == "shm_open"
                            else self._channel_offer(request.channel_open, on_channel))
                 except PsgridError as exc:
                     yield stepframes.error(exc)
                 continue
             header = self._push_header(request.push)
-            pieces, payload = _push_payload(request.push.shm, header, inline, frames, segments)
+            pieces, payload = _push_payload(request.push.shm, header, inline, frames, memory)
             try:
                 version, duplicate = self.core.push(header, pieces, context.cancel)
             except (MalformedPayload, grpc.RpcError):
@@ -198,11 +228,10 @@ class ParameterServerService:
                 continue
             yield stepframes.pushed(version, duplicate)
 
-    def _offer(self, request: ps.ShmOpen, segments: list) -> bytes:
-        """Create this stream's two segments (FailedPrecondition saying why not)."""
-        for segment in segments:
-            segment.unlink()
-        segments.clear()
+    def _offer(self, request: ps.ShmOpen, memory: StreamMemory) -> bytes:
+        """Create this stream's two segments, and name the job's parameters in shared memory
+        when the worker can read them there (FailedPrecondition saying why not)."""
+        memory.drop()
         if request.decline:
             raise FailedPrecondition("shared memory declined: its segments are dropped")
         if not self.core.config.shared_memory:
@@ -210,14 +239,18 @@ class ParameterServerService:
         nbytes = self.core.payload_bytes(request.job_id, request.worker_id)
         try:
             shm.check_space(2 * nbytes)
-            segments.extend(shm.Segment.create(nbytes) for _ in range(2))
+            memory.segments.extend(shm.Segment.create(nbytes) for _ in range(2))
         except (shm.Unavailable, OSError) as exc:
-            for segment in segments:
-                segment.unlink()
-            segments.clear()
+            memory.drop()
             raise FailedPrecondition(f"no shared memory: {exc}") from None
-        push, pull = segments
-        return stepframes.offer(push, pull, nbytes)
+        store = self.core.shared_store(request.job_id, request.worker_id) if request.store else None
+        if store is not None:
+            try:
+                memory.segments.append(store.link())
+                memory.store = store
+            except shm.Unavailable as exc:
+                logger.info("[ps] job %s: %s; its pulls are copied", request.job_id, exc)
+        return stepframes.offer(memory.push, memory.pull, nbytes, memory.segments[2] if memory.store else None)
 
     def _channel_offer(self, request: ps.ChannelOpen, on_channel: bool) -> bytes:
         """A ticket for a direct step channel (FailedPrecondition saying why not)."""

@@ -23,6 +23,7 @@ from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState
 from psgrid.server.store import check_finite
+from psgrid.shm import SharedStore
 from psgrid.spec import Encoding, JobState
 from psgrid.server.tables import MAX_PARTS, Rows, StagedRows
 from psgrid.sparse import TableSpec
@@ -79,6 +80,10 @@ class PullResult:
     ranks: tuple[int, ...] = ()
     #: BSP: digest of who contributed to each round so far (see Job.lineage).
     lineage: str = ""
+    #: The payload is the job's parameters in shared memory (psgrid.shm.SharedStore), at
+    #: write sequence number ``seq``: a worker that mapped them reads them there.
+    shared: SharedStore | None = None
+    seq: int = 0
 
 
 class StepPath:
@@ -110,6 +115,7 @@ class StepPath:
                 # worker has steps to compute again: no weights in this reply.
                 return PullResult(job.state, job.store.version if job.store else 0, step, None, None, clock)
             store, layout = job.store, job.store.layout
+            shared, seq = None, 0
             if job.spec.pull_dtype != "full" and not final:
                 # Training pulls in 16 bits, converted under the lock (a consistent copy); the
                 # evaluator's final pull and every fetch get the full-precision master copy.
@@ -120,7 +126,8 @@ class StepPath:
                     views[name].copy_(value)
             elif job.spec.synchronous or final:
                 # Nothing writes the parameters until this worker pushes again.
-                payload = store.flat
+                payload, shared = store.flat, store.shared
+                seq = shared.seq if shared is not None else 0
             else:
                 if into is not None and into.numel() == store.layout.total_bytes:
                     payload = store.snapshot_into(into)
@@ -132,7 +139,7 @@ class StepPath:
                 job.traffic.pulls += 1
                 job.traffic.bytes_pulled += layout.total_bytes
             return PullResult(job.state, store.version, step, layout, payload, clock,
-                              tuple(job.coverage(worker_id)), job.lineage)
+                              tuple(job.coverage(worker_id)), job.lineage, shared, seq)
 
     def push(self, header: PushHeader, payload: Iterable[memoryview] | torch.Tensor,
              cancel: Callable[[], object] | None = None) -> tuple[int, bool]:

@@ -12,6 +12,7 @@ a step that might leave the dtype's range is checked exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -21,6 +22,7 @@ from psgrid.codec import Layout
 from psgrid.errors import DtypeMismatch, NonFiniteGradient
 from psgrid.device import threads_for
 from psgrid.limits import quote
+from psgrid.shm import SharedStore
 from psgrid.server.optim import Bounds, magnitude, make_optimizer
 from psgrid.spec import OptimizerSpec
 
@@ -63,10 +65,9 @@ class ParameterStore:
         self.layout = layout
         #: Threads worth putting on this job's tensors (psgrid.device.threads_for).
         self.threads = threads_for(max((m.nbytes for m in layout.tensors), default=0))
-        self.flat = initial
-        self.params = layout.views(self.flat)
-        #: The parameters as one flat tensor (codec.Layout.flat); None when they are not one.
-        self.flat_params = layout.flat(self.flat)
+        #: The parameters' buffer when it is in shared memory (:meth:`share`), else None.
+        self.shared: SharedStore | None = None
+        self._bind(initial)
         check_finite(self.params, what="initial parameter", flat=self.flat_params)
         self.optimizer = make_optimizer(optimizer, self.params, self.flat_params)
         self.version = 0
@@ -76,9 +77,37 @@ class ParameterStore:
         self._bounds: Bounds | None = None
         self._measured = False
 
+    def _bind(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+        self.params = self.layout.views(flat)
+        #: The parameters as one flat tensor (codec.Layout.flat); None when they are not one.
+        self.flat_params = self.layout.flat(flat)
+
     @property
     def nbytes(self) -> int:
         return self.layout.total_bytes
+
+    def share(self) -> SharedStore:
+        """Move the parameters into shared memory (psgrid.shm.SharedStore), once; return it.
+        Unavailable (nothing changed) when there is no room. The caller holds the job's lock."""
+        if self.shared is None:
+            shared = SharedStore.create(self.nbytes)
+            shared.data.copy_(self.flat)
+            self._move(shared.data)
+            self.shared = shared
+        return self.shared
+
+    def unshare(self) -> None:
+        """Back into private memory (the job is over: /dev/shm is often small); readers that
+        mapped the shared buffer keep what it holds."""
+        if self.shared is not None:
+            self._move(self.flat.clone())
+            self.shared = None
+
+    def _move(self, flat: torch.Tensor) -> None:
+        self._bind(flat)
+        self.optimizer.params = dict(self.params)
+        self.optimizer.flat = self.flat_params
 
     def apply(self, grads: Mapping[str, torch.Tensor], grad_max: float | None = None,
               flat: torch.Tensor | None = None) -> None:
@@ -96,11 +125,12 @@ class ParameterStore:
         if grad_max is None:
             grad_max = check_finite(cast, flat=flat)
         after = self.predict(grad_max)
-        if after is None:
-            self._step_checked(cast)
-        else:
-            self.optimizer.step(cast, flat)
-            self._bounds, self._measured = after, False
+        with self.shared.writing() if self.shared is not None else contextlib.nullcontext():
+            if after is None:
+                self._step_checked(cast)
+            else:
+                self.optimizer.step(cast, flat)
+                self._bounds, self._measured = after, False
         self.version += 1
 
     def predict(self, grad_max: float) -> Bounds | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import pathlib
 import queue
 import threading
 import time
@@ -74,6 +75,8 @@ class StepStream:
         #: Shared memory (psgrid.shm): the push and pull segments, for ``shm_job``.
         self.shm: tuple[shm.Segment, shm.Segment] | None = None
         self.shm_job = ""
+        #: ``shm_job``'s parameters as the server keeps them (psgrid.shm.SharedStore), if offered.
+        self.store: shm.SharedStore | None = None
 
     @property
     def ended(self) -> bool:
@@ -162,7 +165,8 @@ class StepStream:
         call = self._call
         alarm = self._watchdog.arm(call, timeout, "the answer on a step stream")
         try:
-            reply = stepframes.read_reply(call, buffer_for, shm=self.shm[1].data if self.shm else None)
+            reply = stepframes.read_reply(call, buffer_for, shm=self.shm[1].data if self.shm else None,
+                                          store=self.store)
         except grpc.RpcError:
             self.reset()
             if alarm.fired:
@@ -189,6 +193,8 @@ class StepStream:
         try:
             segments = (shm.Segment.attach(offer.push_path, offer.nbytes, offer.push_nonce),
                         shm.Segment.attach(offer.pull_path, offer.nbytes, offer.pull_nonce))
+            store = shm.SharedStore.attach(offer.store_path, offer.nbytes, offer.store_nonce) \
+                if offer.store_path else None
         except shm.Unavailable as exc:
             logger.info("job %s: no shared memory with the server, using the stream: %s", job_id, exc)
             self.send([stepframes.shm_open(job_id, worker_id, decline=True)])  # the server drops them
@@ -197,15 +203,16 @@ class StepStream:
             except PsgridError:
                 pass  # the expected answer: declined
             return
-        for segment in segments:
-            segment.unlink()  # mapped by both sides now: nothing is left behind, however they end
-        self.shm = segments
-        logger.info("job %s: tensors move through shared memory (%d bytes each way)", job_id, offer.nbytes)
+        for path in [s.path for s in segments] + ([pathlib.Path(offer.store_path)] if store else []):
+            path.unlink(missing_ok=True)  # mapped by both sides now: nothing is left behind, however they end
+        self.shm, self.store = segments, store
+        logger.info("job %s: tensors move through shared memory (%d bytes each way%s)", job_id, offer.nbytes,
+                    "; the weights read where the server keeps them" if store else "")
 
     def reset(self) -> None:
         """End the stream (the server's handler ends too); the next send opens another."""
         self.prefetched = None
-        self.shm, self.shm_job = None, ""  # the server unlinks them with the stream; the mappings go with us
+        self.shm, self.shm_job, self.store = None, "", None  # the server unlinks them with the stream; the mappings go with us
         call, out, self._call, self._out = self._call, self._out, None, None
         self._retired = None
         if call is None:

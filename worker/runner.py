@@ -298,20 +298,26 @@ class Worker:
         A BSP job whose shards serve different steps is put back in step first
         (every shard to a step all of them hold), then pulled again there.
         """
-        pulled = self._pull_watching(a, clock, step)
-        for _ in range(REALIGN_TRIES):
-            if any(p.layout is None for p in pulled):
-                raise JobStopped()
-            if not diverged(pulled, a.spec.synchronous):
-                break
-            clock = self.shards.realign(a.job_id)
+        while True:
             pulled = self._pull_watching(a, clock, step)
-        else:
-            raise ShardsDiverged(f"the shards of job {a.job_id} are still at steps "
-                                 f"{sorted({p.step for p in pulled})} after {REALIGN_TRIES} realignments")
-        for shard, p in enumerate(pulled):
-            step.load(shard, p.layout, p.buffer)
-        return pulled
+            for _ in range(REALIGN_TRIES):
+                if any(p.layout is None for p in pulled):
+                    raise JobStopped()
+                if not diverged(pulled, a.spec.synchronous):
+                    break
+                clock = self.shards.realign(a.job_id)
+                pulled = self._pull_watching(a, clock, step)
+            else:
+                raise ShardsDiverged(f"the shards of job {a.job_id} are still at steps "
+                                     f"{sorted({p.step for p in pulled})} after {REALIGN_TRIES} realignments")
+            for shard, p in enumerate(pulled):
+                step.load(shard, p.layout, p.buffer)
+            if all(p.intact is None or p.intact() for p in pulled):
+                return pulled
+            # Read where the server keeps them, and it wrote them meanwhile (a round applied
+            # without this worker, dropped from the barrier): what was copied may be torn.
+            logger.info("job %s: the weights of step %d changed while they were read; pulling again",
+                        a.job_id, clock)
 
     def _pull_watching(self, a: Assignment, clock: int, step: GradientStep, first: int = 0) -> list:
         """Pull every shard; a sharded BSP job's pull that waits past SPLIT_CHECK_S checks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import stat
 
 import pytest
@@ -46,6 +47,64 @@ def test_on_one_host_the_tensors_move_through_shared_memory_and_match_the_stream
         rig.ps.close()
     assert all(torch.equal(results[True][k], results[False][k]) for k in results[True])
     assert segments_of(os.getpid()) == []  # mapped, then unlinked at once
+
+
+def mapped_read_only(t: torch.Tensor) -> bool:
+    """Whether the memory at ``t`` is mapped without write permission in this process."""
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= t.data_ptr() < hi:
+            return line.split()[1].startswith("r-")
+    raise AssertionError("not mapped")
+
+
+@pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
+def test_a_bsp_worker_reads_the_weights_where_the_server_keeps_them(server_factory):
+    """No copy on the server: the pull's answer names the job's own parameters, mapped
+    read-only into the worker; the training is bit for bit that of the stream; the job's
+    parameters leave shared memory when it ends."""
+    results = {}
+    for shared in (True, False):
+        server = server_factory()
+        rig = make_rig(server.port, spec(num_workers=1, staleness=0))
+        rig.ps = ParameterServerClient(f"127.0.0.1:{server.port}", timeout_s=10, retry_for_s=0,
+                                       shared_memory=shared)
+        train(rig, 5)
+        stream = rig.ps.stream(rig.workers[0])
+        pulled = rig.pull(0, 5)
+        if shared:
+            assert stream.store is not None and pulled.buffer.data_ptr() == stream.store.data.data_ptr()
+            assert pulled.intact() and mapped_read_only(pulled.buffer)
+        else:
+            assert stream.store is None and pulled.intact is None
+        results[shared] = {k: v.clone() for k, v in rig.layout.views(pulled.buffer).items()}
+        assert all(torch.equal(results[shared][k], v) for k, v in rig.params().items())
+        job = server.core.state.job(rig.job_id)
+        assert (job.store.shared is not None) is shared
+        rig.jobs.cancel(rig.job_id)
+        assert job.store.shared is None  # over: back in private memory, the same weights
+        assert all(torch.equal(results[shared][k], v) for k, v in rig.params().items())
+        rig.ps.close()
+    assert all(torch.equal(results[True][k], results[False][k]) for k in results[True])
+    assert segments_of(os.getpid()) == []  # every name unlinked once mapped
+
+
+@pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
+def test_weights_written_while_a_worker_read_them_are_not_taken_as_read(server_factory):
+    """A round applied after a pull's answer (as one applied without a worker dropped from
+    the barrier) changes the write sequence number: that worker's copy counts as torn."""
+    server = server_factory()
+    rig = make_rig(server.port, spec(num_workers=2, staleness=0))
+    for worker in (0, 1):
+        rig.pull(worker, 0)  # the first pull opens the shared-memory path
+    held = rig.pull(0, 0)
+    assert held.intact is not None and held.intact()
+    rig.push(0, 0, grads(0.1))
+    assert held.intact()  # half a round: nothing written yet
+    rig.push(1, 0, grads(0.2))
+    assert not held.intact()
+    fresh = rig.pull(0, 1)
+    assert fresh.intact() and torch.equal(fresh.buffer, held.buffer)  # the same memory, now at step 1
 
 
 @pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")

@@ -108,7 +108,7 @@ class PullRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., final: _Optional[bool] = ..., max_wait_s: _Optional[float] = ..., shm: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("job_state", "version", "step", "tensors", "clock", "ranks", "lineage", "payload", "shm")
+    __slots__ = ("job_state", "version", "step", "tensors", "clock", "ranks", "lineage", "payload", "shm", "shm_store", "store_seq")
     JOB_STATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,8 @@ class PullHeader(_message.Message):
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    SHM_STORE_FIELD_NUMBER: _ClassVar[int]
+    STORE_SEQ_FIELD_NUMBER: _ClassVar[int]
     job_state: _job_pb2.JobState
     version: int
     step: int
@@ -127,7 +129,9 @@ class PullHeader(_message.Message):
     lineage: str
     payload: bytes
     shm: bool
-    def __init__(self, job_state: _Optional[_Union[_job_pb2.JobState, str]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., clock: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., lineage: _Optional[str] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ...) -> None: ...
+    shm_store: bool
+    store_seq: int
+    def __init__(self, job_state: _Optional[_Union[_job_pb2.JobState, str]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., clock: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., lineage: _Optional[str] = ..., payload: _Optional[bytes] = ..., shm: _Optional[bool] = ..., shm_store: _Optional[bool] = ..., store_seq: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -286,28 +290,34 @@ class ChannelOffer(_message.Message):
     def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class ShmOpen(_message.Message):
-    __slots__ = ("job_id", "worker_id", "decline")
+    __slots__ = ("job_id", "worker_id", "decline", "store")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DECLINE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     decline: bool
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., decline: _Optional[bool] = ...) -> None: ...
+    store: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., decline: _Optional[bool] = ..., store: _Optional[bool] = ...) -> None: ...
 
 class ShmOffer(_message.Message):
-    __slots__ = ("push_path", "push_nonce", "pull_path", "pull_nonce", "nbytes")
+    __slots__ = ("push_path", "push_nonce", "pull_path", "pull_nonce", "nbytes", "store_path", "store_nonce")
     PUSH_PATH_FIELD_NUMBER: _ClassVar[int]
     PUSH_NONCE_FIELD_NUMBER: _ClassVar[int]
     PULL_PATH_FIELD_NUMBER: _ClassVar[int]
     PULL_NONCE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_PATH_FIELD_NUMBER: _ClassVar[int]
+    STORE_NONCE_FIELD_NUMBER: _ClassVar[int]
     push_path: str
     push_nonce: bytes
     pull_path: str
     pull_nonce: bytes
     nbytes: int
-    def __init__(self, push_path: _Optional[str] = ..., push_nonce: _Optional[bytes] = ..., pull_path: _Optional[str] = ..., pull_nonce: _Optional[bytes] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    store_path: str
+    store_nonce: bytes
+    def __init__(self, push_path: _Optional[str] = ..., push_nonce: _Optional[bytes] = ..., pull_path: _Optional[str] = ..., pull_nonce: _Optional[bytes] = ..., nbytes: _Optional[int] = ..., store_path: _Optional[str] = ..., store_nonce: _Optional[bytes] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("pull", "chunk", "pushed", "error", "shm_offer", "channel_offer")
