@@ -29,9 +29,9 @@ from psgrid.v1 import parameter_server_pb2 as ps
 
 
 def pull_request(job_id: str, worker_id: str, clock: int, final: bool, max_wait_s: float,
-                 shm: bool = False) -> bytes:
+                 shm: bool = False, copy: bool = False) -> bytes:
     return ps.StepRequest(pull=ps.PullRequest(job_id=job_id, worker_id=worker_id, clock=clock, final=final,
-                                              max_wait_s=max_wait_s, shm=shm)).SerializeToString()
+                                              max_wait_s=max_wait_s, shm=shm, copy=copy)).SerializeToString()
 
 
 def shm_open(job_id: str, worker_id: str, decline: bool = False) -> bytes:

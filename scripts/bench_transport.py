@@ -159,7 +159,14 @@ def psgrid_rig(address: str, nbytes: int, shared_memory: bool = False, direct_ch
         state["seq"] += 1
 
     def pull():
-        links.pull(job_id, state["seq"], lambda shard: lambda n: receive[shard])
+        for pulled, into in zip(links.pull(job_id, state["seq"], lambda shard: lambda n: receive[shard]), receive):
+            if pulled.buffer.data_ptr() != into.data_ptr():
+                # In shared memory (a segment, or the server's parameters read in place): the
+                # worker copies its weights out, as it loads them; the socket's bytes land in
+                # its buffer too.
+                into.copy_(pulled.buffer[: into.numel()])
+            if pulled.intact is not None and not pulled.intact():
+                raise RuntimeError("the weights changed while they were read, in a one-worker job")
 
     def step():
         """A worker's step on the step stream: the push, with the next pull sent right behind it."""

@@ -34,7 +34,7 @@ from psgrid.server.durability import Durability
 from psgrid.server.jobs import Job
 from psgrid.server.scheduler import Scheduler
 from psgrid.server.state import ServerState, WorkerRecord
-from psgrid.server.steps import PullResult, PushHeader, StepPath
+from psgrid.server.steps import PullResult, PushHeader, StepPath, in_place
 from psgrid.server.views import Views
 from psgrid.shm import SharedStore, Unavailable
 from psgrid.sparse import TableSpec
@@ -125,11 +125,12 @@ class ParameterServerCore:
     # --- the step path ------------------------------------------------------------
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float,
-             into: torch.Tensor | None = None) -> PullResult:
+             into: torch.Tensor | None = None, mapped: SharedStore | None = None) -> PullResult:
         """Wait until the worker may compute step ``clock``, then hand it the weights
-        (``into``: where a needed copy goes, see StepPath.pull)."""
+        (``into``: where a needed copy goes; ``mapped``: the parameters the worker maps
+        in shared memory; see StepPath.pull)."""
         limits.check_count(clock, "clock")
-        return self._steps.pull(job_id, worker_id, clock, final, timeout_s, into)
+        return self._steps.pull(job_id, worker_id, clock, final, timeout_s, into, mapped)
 
     def payload_bytes(self, job_id: str, worker_id: str) -> int:
         """Bytes of the job's parameters on this server, for one of its workers."""
@@ -138,14 +139,13 @@ class ParameterServerCore:
             return job.require_store().layout.total_bytes
 
     def shared_store(self, job_id: str, worker_id: str) -> SharedStore | None:
-        """A running synchronous job's parameters in shared memory (moved there on the
-        first ask), for one of its workers on this host; None when they are not read
-        there (other jobs, 16-bit pulls, or no room: said once per job)."""
+        """A running job's parameters in shared memory (moved there on the first ask), for
+        one of its workers on this host; None when they are not read there (see
+        steps.in_place; or no room: said once per job)."""
         job, _ = self.state.member(job_id, worker_id)
         with job.cond:
             store = job.require_store()
-            if (not job.spec.synchronous or job.spec.pull_dtype != "full" or job.state.terminal
-                    or store.nbytes == 0):
+            if not in_place(job, False) or job.state.terminal or store.nbytes == 0:
                 return None
             if store.shared is None and not job.unshareable:
                 try:

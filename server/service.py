@@ -121,12 +121,13 @@ class ParameterServerService:
     def Pull(self, request: ps.PullRequest, context) -> Iterator[bytes]:
         yield from pull_frames(self._pull(request, context))
 
-    def _pull(self, request: ps.PullRequest, context, into: torch.Tensor | None = None) -> PullResult:
+    def _pull(self, request: ps.PullRequest, context, into: torch.Tensor | None = None,
+              mapped: shm.SharedStore | None = None) -> PullResult:
         if not math.isfinite(request.max_wait_s) or request.max_wait_s < 0:
             raise InvalidArgument(f"max_wait_s must be a finite number >= 0, got {request.max_wait_s}")
         remaining = context.time_remaining()
         wait = min(self.core.config.pull_wait_s, request.max_wait_s or 1e9, max(0.0, (remaining or 1e9) - 0.5))
-        return self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait, into)
+        return self.core.pull(request.job_id, request.worker_id, request.clock, request.final, wait, into, mapped)
 
     @translate_errors
     def Push(self, request_iterator: Iterator[bytes], context) -> ps.PushResponse:
@@ -193,16 +194,16 @@ class ParameterServerService:
             kind = request.WhichOneof("frame")
             if kind == "pull":
                 into = memory.pull.data if request.pull.shm and memory.pull is not None else None
+                mapped = memory.store if into is not None and not request.pull.copy else None
                 try:
-                    result = self._pull(request.pull, context, into)
+                    result = self._pull(request.pull, context, into, mapped)
                 except PsgridError as exc:
                     yield stepframes.error(exc)
                     continue
+                if result.shared is not None:  # the worker reads the parameters where they are: no copy
+                    yield from pull_frames(dataclasses.replace(result, payload=None), store_seq=result.seq)
+                    continue
                 if into is not None and result.payload is not None and result.layout.total_bytes == into.numel():
-                    if result.shared is not None and result.shared is memory.store:
-                        # BSP: the worker reads the parameters where they are (no copy here)
-                        yield from pull_frames(dataclasses.replace(result, payload=None), store_seq=result.seq)
-                        continue
                     if result.payload.data_ptr() != into.data_ptr():  # BSP: the store itself, unchanging now
                         into.copy_(result.payload[: result.layout.total_bytes])
                     yield from pull_frames(dataclasses.replace(result, payload=None), shm=True)

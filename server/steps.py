@@ -86,6 +86,16 @@ class PullResult:
     seq: int = 0
 
 
+def in_place(job: Job, final: bool) -> bool:
+    """Whether a worker on this host may read the job's parameters in shared memory where
+    they are (psgrid.shm.SharedStore) rather than get a copy. A BSP job's do not change
+    until the worker pushes again (but for a round applied without it, dropped from the
+    barrier), nor any job's while it is evaluated; others' do, and the worker checks its
+    copy out was not torn, so only a job whose workers read them once per pull: not local
+    SGD's, which reads them again at the end of its round."""
+    return job.spec.pull_dtype == "full" and (job.spec.synchronous or final or job.spec.sync_every == 1)
+
+
 class StepPath:
     """Pull, push and report for the workers of every job."""
 
@@ -94,12 +104,15 @@ class StepPath:
         self.scheduler = scheduler
 
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool, timeout_s: float,
-             into: torch.Tensor | None = None) -> PullResult:
+             into: torch.Tensor | None = None, mapped: SharedStore | None = None) -> PullResult:
         """Wait until the worker may compute step ``clock``, then hand it the weights.
 
         ``into``: where a copy of the weights goes when one is needed (asynchronous
         jobs: they change while the reply is sent): the worker's shared-memory
-        segment, so that the copy is the transfer. The result's payload is then it."""
+        segment, so that the copy is the transfer. The result's payload is then it.
+        ``mapped``: the job's parameters in shared memory as the worker maps them
+        (psgrid.shm.SharedStore): it then reads them in place, no copy at all (the
+        result's ``shared``), and checks no write tore what it copied out."""
         job, worker = self.state.member(job_id, worker_id)
         worker.last_seen = self.state.clock()
         self.state.mark_back(worker)
@@ -124,10 +137,11 @@ class StepPath:
                 views = layout.views(payload)
                 for name, value in store.params.items():
                     views[name].copy_(value)
+            elif mapped is not None and store.shared is mapped and in_place(job, final):
+                payload, shared, seq = store.flat, mapped, mapped.seq
             elif job.spec.synchronous or final:
                 # Nothing writes the parameters until this worker pushes again.
-                payload, shared = store.flat, store.shared
-                seq = shared.seq if shared is not None else 0
+                payload = store.flat
             else:
                 if into is not None and into.numel() == store.layout.total_bytes:
                     payload = store.snapshot_into(into)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import logging
 import pathlib
 import queue
@@ -77,6 +79,8 @@ class StepStream:
         self.shm_job = ""
         #: ``shm_job``'s parameters as the server keeps them (psgrid.shm.SharedStore), if offered.
         self.store: shm.SharedStore | None = None
+        #: The last read of them was torn by a write: the next pull asks for a copy.
+        self.torn = False
 
     @property
     def ended(self) -> bool:
@@ -179,7 +183,21 @@ class StepStream:
             alarm.disarm()
         if isinstance(reply, PsgridError):  # that request failed; the stream goes on
             raise reply
+        if isinstance(reply, Pulled) and reply.intact is not None:
+            return dataclasses.replace(reply, intact=functools.partial(self._intact, reply.intact))
         return reply
+
+    def _intact(self, check: Callable[[], bool]) -> bool:
+        ok = check()
+        self.torn = self.torn or not ok
+        return ok
+
+    def pull_frame(self, job_id: str, worker_id: str, clock: int, final: bool, max_wait_s: float) -> bytes:
+        """A pull request on this stream (in shared memory when it has it; a copy after a torn read)."""
+        frame = stepframes.pull_request(job_id, worker_id, clock, final, max_wait_s,
+                                        shm=self.shm is not None and self.shm_job == job_id, copy=self.torn)
+        self.torn = False
+        return frame
 
     def open_shm(self, job_id: str, worker_id: str, timeout: float) -> None:
         """Ask for the shared-memory path; on any failure say why once and stay on the stream."""
@@ -382,8 +400,7 @@ class ParameterServerClient(rpc.ServiceClient):
                 else:
                     if stream.prefetched:  # an answer nobody will read: start afresh
                         stream.reset()
-                    stream.send([stepframes.pull_request(job_id, worker_id, clock, final, slice_s,
-                                                         shm=stream.shm is not None)])
+                    stream.send([stream.pull_frame(job_id, worker_id, clock, final, slice_s)])
                 pulled = stream.answer(buffer_for, timeout)
                 if self.shared_memory and stream.shm_job != job_id and pulled.layout is not None:
                     stream.open_shm(job_id, worker_id, self.timeout_s)
@@ -424,8 +441,8 @@ class ParameterServerClient(rpc.ServiceClient):
                 else:
                     frames = list(codec.encode_push(frames_header, payload, pieces=stream.on_channel))
                 if then_pull_s is not None:  # in the same send: one wake-up of the server, not two
-                    frames.append(stepframes.pull_request(header.job_id, header.worker_id, header.seq + 1, False,
-                                                          then_pull_s, shm=segments is not None))
+                    frames.append(stream.pull_frame(header.job_id, header.worker_id, header.seq + 1, False,
+                                                    then_pull_s))
                 stream.send(frames)
                 if then_pull_s is not None:
                     stream.prefetched = (header.job_id, False)

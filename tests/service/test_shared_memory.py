@@ -104,7 +104,9 @@ def test_weights_written_while_a_worker_read_them_are_not_taken_as_read(server_f
     rig.push(1, 0, grads(0.2))
     assert not held.intact()
     fresh = rig.pull(0, 1)
-    assert fresh.intact() and torch.equal(fresh.buffer, held.buffer)  # the same memory, now at step 1
+    assert fresh.intact is None  # after a torn read, a copy
+    again = rig.pull(0, 1)
+    assert again.intact() and torch.equal(again.buffer, fresh.buffer)  # in place again, at step 1
 
 
 @pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
@@ -174,3 +176,27 @@ def test_segments_a_worker_cannot_map_are_dropped_at_once(server_factory, monkey
 def test_shared_memory_is_only_asked_of_a_server_on_this_host(address, local):
     assert shm.is_local(address) is local
     assert ParameterServerClient(address, shared_memory=True).shared_memory is local
+
+
+@pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
+def test_an_async_worker_reads_in_place_and_after_a_torn_read_gets_a_copy(server_factory):
+    """An async job's parameters change while a worker reads them: it reads them in place
+    all the same, checks its copy, and the pull after a torn read is a copy (then in
+    place again)."""
+    server = server_factory()
+    rig = make_rig(server.port, spec(num_workers=2, staleness=None))
+    for worker in (0, 1):
+        rig.pull(worker, 0)  # the first pull opens the shared-memory path
+    stream = rig.ps.stream(rig.workers[0])
+    held = rig.pull(0, 0)
+    assert held.intact is not None and held.buffer.data_ptr() == stream.store.data.data_ptr()
+    expected = held.buffer.clone()
+    assert held.intact()
+    rig.push(1, 0, grads(0.1))  # applied at once: the weights change under worker 0's feet
+    assert not held.intact() and stream.torn
+    copied = rig.pull(0, 0)
+    assert copied.intact is None and copied.buffer.data_ptr() == stream.shm[1].data.data_ptr()
+    assert not torch.equal(copied.buffer, expected) and not stream.torn
+    assert all(torch.equal(v, rig.layout.views(copied.buffer)[k]) for k, v in rig.params().items())
+    again = rig.pull(0, 0)
+    assert again.intact is not None and again.intact()

@@ -92,20 +92,22 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., job_state: _Optional[_Union[_job_pb2.JobState, str]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("job_id", "worker_id", "clock", "final", "max_wait_s", "shm")
+    __slots__ = ("job_id", "worker_id", "clock", "final", "max_wait_s", "shm", "copy")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    COPY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker_id: str
     clock: int
     final: bool
     max_wait_s: float
     shm: bool
-    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., final: _Optional[bool] = ..., max_wait_s: _Optional[float] = ..., shm: _Optional[bool] = ...) -> None: ...
+    copy: bool
+    def __init__(self, job_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., clock: _Optional[int] = ..., final: _Optional[bool] = ..., max_wait_s: _Optional[float] = ..., shm: _Optional[bool] = ..., copy: _Optional[bool] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("job_state", "version", "step", "tensors", "clock", "ranks", "lineage", "payload", "shm", "shm_store", "store_seq")
