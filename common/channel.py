@@ -99,6 +99,19 @@ def _recv_exact(sock: socket.socket, n: int, buffer: bytearray | None = None,
     return buffer
 
 
+def _send_parts(sock: socket.socket, parts: list) -> None:
+    """Send ``parts`` one after the other, gathered by the kernel (``sendmsg``), however
+    many calls a large one takes."""
+    views = [memoryview(part).cast("B") for part in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+
+
 class Connection:
     """One end of a channel: frames in, frames out.
 
@@ -128,9 +141,8 @@ class Connection:
                 for frame in frames:
                     if isinstance(frame, Pieces):  # a payload's view: sent where it lies, not copied
                         small += (frame.nbytes.to_bytes(4, "little"), *frame[:-1])
-                        self._sock.sendall(b"".join(small))
+                        _send_parts(self._sock, [b"".join(small), frame[-1]])  # one system call for both
                         small = []
-                        self._sock.sendall(frame[-1])
                         continue
                     small.append(len(frame).to_bytes(4, "little"))
                     if len(frame) < LARGE_FRAME:
