@@ -177,6 +177,11 @@ def psgrid_rig(address: str, nbytes: int, shared_memory: bool = False, direct_ch
     pull()
     pull()  # the shared-memory path, when asked for, opens after the first pull
     _check_path(links, shared_memory, direct_channel)
+    for shard, layout in enumerate(layouts):
+        # As a worker computes its gradient: in its push segment when it has one (the runner's
+        # GradientStep.gradients_into), so that a push copies nothing on this side.
+        if (buffer := links.push_buffer(job_id, shard, layout.total_bytes)) is not None:
+            grads[shard] = buffer.copy_(grads[shard])
     return push, pull, step, full.total_bytes
 
 

@@ -377,6 +377,14 @@ class ParameterServerClient(rpc.ServiceClient):
                                     a.start_step, tuple(a.shards), tuple(a.worker_names))
         return assignment, messages.state_from_proto(reply.job_state)
 
+    def push_segment(self, job_id: str, worker_id: str) -> torch.Tensor | None:
+        """The push segment of the worker's step stream in shared memory (psgrid.shm) for
+        ``job_id``, if it has one now: a gradient written there is pushed without a copy.
+        The server reads it only while it answers a push, so the worker writes the next
+        one once the push was answered."""
+        stream = self.stream(worker_id)
+        return stream.shm[0].data if stream.shm is not None and stream.shm_job == job_id else None
+
     def pull(self, job_id: str, worker_id: str, clock: int, final: bool,
              buffer_for: Callable[[int], torch.Tensor], wait_s: float | None = None) -> Pulled:
         """Weights for step ``clock``; waits until they may be had, or until stopping (Stopping).
@@ -433,7 +441,8 @@ class ParameterServerClient(rpc.ServiceClient):
                     stream.reset()
                 segments = stream.shm if stream.shm_job == header.job_id else None
                 if segments is not None and nbytes <= segments[0].data.numel():
-                    segments[0].data[:nbytes].copy_(payload[:nbytes])
+                    if payload.data_ptr() != segments[0].data.data_ptr():  # else computed in place
+                        segments[0].data[:nbytes].copy_(payload[:nbytes])
                     frames_header = ps.PushHeader()
                     frames_header.CopyFrom(header)
                     frames_header.shm = True

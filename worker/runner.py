@@ -357,6 +357,10 @@ class Worker:
                     break
             if pulled[0].ranks and pulled[0].ranks != (a.rank,):
                 logger.debug("%s step %d also covers ranks %s", tag, clock, pulled[0].ranks[1:])
+            if box.encoder is None:  # the gradient is the push: computed where it is sent from
+                for shard, layout in enumerate(step.layouts):
+                    if (buffer := self.shards.push_buffer(a.job_id, shard, layout.total_bytes)) is not None:
+                        step.gradients_into(shard, buffer)
             loss, rows, seen = box.compute(clock, pulled[0].ranks, pulled)
             payloads = box.payloads()
             evaluate = a.rank == 0 and box.evaluate_due(clock, spec.eval_every)

@@ -95,6 +95,12 @@ class ShardLinks:
             return [one(first)]
         return list(self._pool.map(one, range(first, self.count)))
 
+    def push_buffer(self, job_id: str, shard: int, nbytes: int) -> torch.Tensor | None:
+        """Where shard ``shard``'s next push of ``nbytes`` is best written: its step stream's
+        push segment in shared memory, when it has one that large (None: anywhere)."""
+        segment = self.client(shard).push_segment(job_id, self.worker_id(shard))
+        return segment[:nbytes] if segment is not None and segment.numel() >= nbytes else None
+
     def push(self, job_id: str, seq: int, pulled: list[Pulled], layouts: tuple[Layout, ...],
              payloads: list[torch.Tensor], init: bool = False, samples: int = 0,
              ranks: tuple[int, ...] = (), then_pull_s: float | None = None,

@@ -48,8 +48,10 @@ class GradientStep:
         #: Per shard, the buffer the model's parameters are views of, laid out as the
         #: shard's payload (None: they are not; see _bind_to_buffers).
         self._model_buffers: list[torch.Tensor | None] = [None] * len(self.layouts)
-        #: (parameter, its view in the gradient buffers) while gradients land there directly.
+        #: (parameter, its view in the gradient buffers) while gradients land there directly;
+        #: and the (parameter, shard, piece name) they were made from.
         self._grad_binds: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._grad_bind_keys: list[tuple[nn.Parameter, int, str]] = []
         self._bind_to_buffers()
         x, y = dataset.train_x, dataset.train_y
         self._x, self._y = x.to(device), y.to(device)
@@ -79,7 +81,20 @@ class GradientStep:
                 param.data = views[piece.name]
                 if self.full_layout.total_bytes <= DIRECT_GRADS_BYTES:
                     self._grad_binds.append((param, grads[piece.name]))
+                    self._grad_bind_keys.append((param, shard, piece.name))
             self._model_buffers[shard] = flat
+
+    def gradients_into(self, shard: int, buffer: torch.Tensor) -> None:
+        """Compute shard ``shard``'s gradients into ``buffer`` from now on: the push segment
+        of the worker's step stream in shared memory (psgrid.shm), which a push then need
+        not copy into. ``buffer`` is as large as the shard's payload; on the CPU only (a
+        GPU's copies want the pinned buffer)."""
+        if self.device.type != "cpu" or buffer.data_ptr() == self.grad_buffers[shard].data_ptr():
+            return
+        buffer.zero_()  # its padding too, as in the worker's own buffers: the same bytes go out
+        self.grad_buffers[shard] = buffer
+        self._grad_views[shard] = self.layouts[shard].views(buffer)
+        self._grad_binds = [(param, self._grad_views[s][name]) for param, s, name in self._grad_bind_keys]
 
     def buffer_for(self, shard: int) -> Callable[[int], torch.Tensor]:
         """Where a pull of shard ``shard`` lands (its reused weight buffer)."""

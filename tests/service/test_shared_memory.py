@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from psgrid import shm
-from psgrid.worker.ps_client import ParameterServerClient
+from psgrid.worker.ps_client import ParameterServerClient, push_header
 
 from helpers.inproc import make_rig, spec
 
@@ -200,3 +200,27 @@ def test_an_async_worker_reads_in_place_and_after_a_torn_read_gets_a_copy(server
     assert all(torch.equal(v, rig.layout.views(copied.buffer)[k]) for k, v in rig.params().items())
     again = rig.pull(0, 0)
     assert again.intact is not None and again.intact()
+
+
+@pytest.mark.skipif(not shm.ROOT.is_dir(), reason="no /dev/shm on this system")
+def test_a_gradient_written_into_the_push_segment_is_pushed_as_it_is(server_factory):
+    """A worker computes its gradient into its stream's push segment (push_segment): the
+    push sends only the header, and the server takes the same gradient as from a copy."""
+    results = {}
+    for in_place in (True, False):
+        server = server_factory()
+        rig = make_rig(server.port, spec(num_workers=1, staleness=0))
+        rig.pull(0, 0)  # opens the shared-memory path
+        segment = rig.ps.push_segment(rig.job_id, rig.workers[0])
+        assert segment is not None and rig.ps.push_segment("another-job", rig.workers[0]) is None
+        for seq in range(3):
+            rig.pull(0, seq)
+            packed = rig.layout.pack(grads(0.1 * (seq + 1)))
+            if in_place:
+                segment[: packed.numel()].copy_(packed)  # as backward leaves it there
+                packed = segment[: packed.numel()]
+            header = push_header(rig.job_id, rig.workers[0], seq, 0, seq, rig.layout)
+            assert rig.ps.push(header, packed) == (seq + 1, False)
+        results[in_place] = rig.params()
+        rig.ps.close()
+    assert all(torch.equal(results[True][k], results[False][k]) for k in results[True])

@@ -70,3 +70,25 @@ def test_gradients_straight_in_the_push_buffers_are_the_copied_ones(monkeypatch)
                 buf.fill_(0)
                 step.load(shard, layout, buf)
             assert all(not p.detach().any() for _, p in step.params)
+
+
+def test_gradients_computed_into_another_buffer_are_the_same_bytes(monkeypatch):
+    """A worker with a push segment in shared memory computes its gradients there
+    (GradientStep.gradients_into), directly (a small model) or copied: the same bytes as
+    in its own buffers, and the old buffer is left alone."""
+    import psgrid.worker.step as step_module
+
+    torch.set_num_threads(1)
+    for direct_bytes in (step_module.DIRECT_GRADS_BYTES, 0):
+        monkeypatch.setattr(step_module, "DIRECT_GRADS_BYTES", direct_bytes)
+        own, moved = step_for(0, 1), step_for(0, 1)
+        assert bool(moved._grad_binds) is bool(direct_bytes)
+        old = moved.grad_buffers[0]
+        segment = torch.full((own.layouts[0].total_bytes + 64,), 7, dtype=torch.uint8)
+        moved.gradients_into(0, segment[: own.layouts[0].total_bytes])
+        assert moved.grad_buffers[0].data_ptr() == segment.data_ptr()
+        for step in (3, 4):
+            own.run(step)
+            moved.run(step)
+            assert torch.equal(own.grad_buffers[0], segment[: own.layouts[0].total_bytes])
+        assert not old.any() and (segment[own.layouts[0].total_bytes:] == 7).all()
