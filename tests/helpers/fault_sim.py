@@ -306,6 +306,9 @@ class CoreClient:
         self.sim.pause()
         return self.core.heartbeat(worker_id, job_id)
 
+    def push_segment(self, job_id, worker_id):
+        return None  # calls into the core: no step stream, no shared memory
+
     def pull(self, job_id, worker_id, clock, final, buffer_for, wait_s=None):
         started = self.cluster.t
         self.sim.pause()
