@@ -16,17 +16,18 @@ gradient, then sends the push; the server reads it before it answers. The server
 writes the weights, then answers the pull; the worker reads them before its next
 request. So nobody ever reads a half-written buffer.
 
-A synchronous (BSP) job's parameters themselves move into shared memory once a
-worker on this host asks for it (:class:`SharedStore`): the server's parameter
-buffer, which workers read their weights from directly, so a pull copies
-nothing on the server. It is a file without a name (``O_TMPFILE``), so nothing
-is left in ``/dev/shm`` whatever way the server ends; each offer links it under
-a fresh ``psgrid-<pid>-<random>`` name that the worker unlinks once it mapped
-it (read-only), like the segments above. Nothing writes a BSP job's
-parameters between a pull's answer and the worker's next push, except a round
-applied without a worker dropped from the barrier: a sequence number in the
-file's header (odd while the server writes, bumped around every write) tells
-such a worker that what it read may be torn, and it pulls again.
+A job's parameters themselves move into shared memory once a worker on this
+host asks for it (:class:`SharedStore`): the server's parameter buffer, which
+workers read their weights from directly, so a pull copies nothing on the
+server. It is a file without a name (``O_TMPFILE``), so nothing is left in
+``/dev/shm`` whatever way the server ends; each offer links it under a fresh
+``psgrid-<pid>-<random>`` name that the worker unlinks once it mapped it
+(read-only), like the segments above. Here an answer does not order every
+access: an async job's parameters change whenever another worker's push is
+applied, and a BSP job's when a round is applied without a worker dropped from
+the barrier. So a sequence number in the file's header (odd while the server
+writes, bumped around every write) tells a worker that what it copied out may
+be torn: it pulls again, and that pull asks for a copy.
 """
 from __future__ import annotations
 
