@@ -314,10 +314,11 @@ class Worker:
                 step.load(shard, p.layout, p.buffer)
             if all(p.intact is None or p.intact() for p in pulled):
                 return pulled
-            # Read where the server keeps them, and it wrote them meanwhile (a round applied
-            # without this worker, dropped from the barrier): what was copied may be torn.
-            logger.info("job %s: the weights of step %d changed while they were read; pulling again",
-                        a.job_id, clock)
+            # Read where the server keeps them, and it wrote them meanwhile (another worker's
+            # push in an async job; a round applied without this worker, dropped from the
+            # barrier): what was copied may be torn. The next pull asks for a copy.
+            logger.debug("job %s: the weights of step %d changed while they were read; pulling again",
+                         a.job_id, clock)
 
     def _pull_watching(self, a: Assignment, clock: int, step: GradientStep, first: int = 0) -> list:
         """Pull every shard; a sharded BSP job's pull that waits past SPLIT_CHECK_S checks
